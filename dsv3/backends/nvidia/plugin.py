@@ -1,0 +1,34 @@
+"""NVIDIA backend plugin: backend `cuda` (alias `nvidia`). Triton FP8 kernels, imported only when chosen."""
+from dsv3.plugins import hookimpl
+from dsv3.plugins.hookspecs import BackendSpec
+
+
+def probe() -> str | None:
+    import torch
+    if torch.version.hip is not None:
+        return "this torch is a ROCm build; use --backend rocm"
+    if not torch.cuda.is_available():
+        return "no CUDA device visible to torch (torch.cuda.is_available() is False)"
+    return None
+
+
+@hookimpl
+def dsv3_register_backends():
+    return [BackendSpec(
+        name="cuda", aliases=("nvidia",), device_type="cuda", probe=probe,
+        default_profile="cuda-fp8", weight_formats=("dense", "fp8-block"),
+        description="NVIDIA GPUs: Triton FP8 block-scaled kernels, cuBLAS where it is at the floor",
+        cache_dtypes=("bfloat16", "float16", "float32", "float8_e4m3fn"))]
+
+
+@hookimpl
+def dsv3_backend_ops(backend):
+    if backend != "cuda":
+        return None
+    from dsv3.backends.nvidia.ops import cuda_ops
+    return cuda_ops()
+
+
+@hookimpl
+def dsv3_distributed_backend(backend):
+    return "nccl" if backend == "cuda" else None

@@ -1,0 +1,162 @@
+"""The stable Python API: `LLM(model_path, backend=..., dtype=..., profile=...)`.
+
+    from dsv3 import LLM
+    llm = LLM("path/to/DeepSeek-V3", backend="cpu", dtype="float32")
+    llm.generate(["Hello"], max_new_tokens=32)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dsv3.core.batch import Batch, Chunk
+from dsv3.core.cache import LatentCache
+from dsv3.core.config import ModelConfig
+from dsv3.core.engine import Engine, StepOutput
+from dsv3.core.errors import ProfileError, RequestError
+from dsv3.core.loader import Checkpoint, checkpoint_format, has_mtp, load_weights
+from dsv3.core.model import DeepseekV3
+from dsv3.core.profile import Profile, load_profile, validate_for_backend, with_overrides
+from dsv3.core.sampling import SamplingParams
+from dsv3.core.tokenizer import Tokenizer
+from dsv3.plugins.manager import Registry, create_registry, resolve_ops
+
+
+def build_runtime(profile: Profile, registry: Registry, warn: Callable[[str], None] | None = None):
+    """Backend spec, device, op table and dtypes for a profile; fails before touching weights."""
+    spec = registry.backend(profile.backend)
+    validate_for_backend(profile, spec)
+    problems = [p for ps in registry.pm.hook.dsv3_validate_profile(profile=profile) if ps for p in ps]
+    if problems:
+        raise ProfileError(f"{profile.source}: " + "; ".join(problems))
+    missing = spec.probe()
+    if missing:
+        raise ProfileError(f"backend {spec.name!r} cannot run here: {missing}. `dsv3-run backends` lists what "
+                           f"this machine has; --backend cpu runs anywhere")
+    kwargs = {"warn": warn} if warn else {}
+    ops = resolve_ops(registry, spec.name, profile.ops, profile.strict, **kwargs)
+    device = torch.device(profile.device or spec.device_type)
+    return spec, device, ops
+
+
+class LLM:
+    def __init__(self, model_path: str | Path | None = None, backend: str | None = None, dtype: str | None = None,
+                 profile: str | Profile | None = None, registry: Registry | None = None, **overrides):
+        if model_path is None:
+            from dsv3.core.demo import demo_model_path
+            model_path = demo_model_path()
+        self.registry = registry or create_registry()
+        if isinstance(profile, Profile):
+            prof = profile
+        else:
+            name = profile or self.registry.backend(backend or "cpu").default_profile
+            prof = load_profile(name)
+        if backend is not None and self.registry.backend(backend).name != prof.backend:
+            if profile is not None:
+                raise ProfileError(f"--backend {backend} contradicts profile {prof.source} (backend "
+                                   f"{prof.backend!r}); give one or the other")
+        self.profile = with_overrides(prof, {"dtype": dtype, **overrides})
+        self.spec, self.device, self.ops = build_runtime(self.profile, self.registry)
+
+        self.ckpt = Checkpoint(model_path)
+        self.path = self.ckpt.path
+        self.config = ModelConfig.from_file(self.path / "config.json")
+        self.dtype = getattr(torch, self.profile.dtype)
+        fmt = self.profile.weight_format
+        self.weight_format = checkpoint_format(self.ckpt) if fmt == "auto" else fmt
+        if self.weight_format not in self.spec.weight_formats:
+            raise ProfileError(f"the checkpoint's weight format {self.weight_format!r} cannot run on backend "
+                               f"{self.spec.name!r}; set weight_format to one of {', '.join(self.spec.weight_formats)}")
+        with_mtp = self.config.num_nextn_predict_layers > 0 and has_mtp(self.ckpt, self.config.num_hidden_layers)
+        with torch.device(self.device):
+            self.model = DeepseekV3(self.config, self.ops, self.weight_format, self.dtype, with_mtp=with_mtp)
+        ue8m0 = self.profile.ue8m0 if self.profile.ue8m0 is not None else bool(
+            self.config.quantization and self.config.quantization.scale_fmt == "ue8m0")
+        load_weights(self.model, self.ckpt, ue8m0=ue8m0)
+        self.ckpt.close()
+        self.registry.pm.hook.dsv3_prepare_weights(backend=self.spec.name, model=self.model, profile=self.profile)
+        self.tokenizer = Tokenizer(self.path) if (self.path / "tokenizer.json").is_file() else None
+        kv = self.profile.kv_cache
+        self.cache_dtype = self.dtype if kv.dtype == "auto" else getattr(torch, kv.dtype)
+        self.cache = LatentCache(self.model.num_cache_layers, -(-kv.max_tokens // kv.block_size), kv.block_size,
+                                 self.config.latent_dim, self.cache_dtype, self.device)
+        self.engine = Engine(self.model, self.cache, self.tokenizer, self.profile.max_batch_tokens)
+
+    # -- generation ---------------------------------------------------------------------------------
+    def _tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise RequestError(f"{self.path} has no tokenizer.json; text generation needs the checkpoint's tokenizer")
+        return self.tokenizer
+
+    def generate(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int | None = None, stop: list[str] | tuple[str, ...] = (),
+                 on_output: Callable[[int, StepOutput], None] | None = None) -> list[str]:
+        """Complete each prompt; `on_output(index, out)` sees text as it is produced (streaming)."""
+        tok = self._tokenizer()
+        return self.generate_ids([tok.encode(p) for p in prompts], max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+                                 on_output=on_output)[1]
+
+    def generate_ids(self, prompts: list[list[int]], on_output=None, seed: int | None = None,
+                     stop=(), **params) -> tuple[list[list[int]], list[str]]:
+        """Token-level generation: returns (output token ids, output texts) per prompt."""
+        seqs = [self.engine.add(ids, SamplingParams(seed=None if seed is None else seed + i, stop=tuple(stop or ()),
+                                                    **params)) for i, ids in enumerate(prompts)]
+        index = {s.id: i for i, s in enumerate(seqs)}
+        try:
+            self.engine.run_to_completion(None if on_output is None else lambda o: on_output(index[o.seq.id], o))
+        finally:
+            for s in seqs:
+                if not s.finished:
+                    self.engine.release(s)
+        return [s.output_ids for s in seqs], [s.text for s in seqs]
+
+    # -- scoring ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _prefill(self, token_ids: list[list[int]]):
+        """Full-sequence forward without reusing any cache: (hidden [T, D], batch, scratch cache)."""
+        if not token_ids or any(len(t) == 0 for t in token_ids):
+            raise RequestError("every sequence needs at least one token")
+        longest = max(len(t) for t in token_ids)
+        if longest > self.config.max_position_embeddings:
+            raise RequestError(f"sequence of {longest} tokens exceeds the context of "
+                               f"{self.config.max_position_embeddings} (max_position_embeddings)")
+        bs = self.cache.block_size
+        blocks_per = [-(-len(t) // bs) for t in token_ids]
+        scratch = LatentCache(self.model.num_cache_layers, sum(blocks_per), bs, self.config.latent_dim,
+                              self.cache_dtype, self.device)
+        chunks, start = [], 0
+        for ids, nb in zip(token_ids, blocks_per):
+            chunks.append(Chunk(list(ids), 0, list(range(start, start + nb))))
+            start += nb
+        batch = Batch.build(chunks, bs, self.device)
+        return self.model(batch, scratch.layers), batch, scratch, chunks
+
+    def _pad(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        out = torch.zeros(len(rows), max(r.shape[0] for r in rows), rows[0].shape[-1], dtype=torch.float32)
+        for i, r in enumerate(rows):
+            out[i, : r.shape[0]] = r.float().cpu()
+        return out
+
+    def logits(self, token_ids: list[list[int]]) -> torch.Tensor:
+        """[B, T, vocab] float32 logits of the main model; ragged batches are right-padded with zeros."""
+        hidden, batch, _, _ = self._prefill(token_ids)
+        with torch.inference_mode():
+            return self._pad([self.model.logits(hidden[rows]) for rows in batch.token_rows])
+
+    def mtp_logits(self, token_ids: list[list[int]]) -> torch.Tensor:
+        """[B, T-1, vocab]: at position i, the MTP module's logits for token i+2 given tokens up to i+1."""
+        if not self.model.has_mtp:
+            raise RequestError(f"{self.path} has no MTP layer (num_nextn_predict_layers = 0 or its tensors are absent)")
+        if any(len(t) < 2 for t in token_ids):
+            raise RequestError("mtp_logits needs sequences of at least 2 tokens")
+        hidden, batch, scratch, chunks = self._prefill(token_ids)
+        with torch.inference_mode():
+            mtp_chunks = [Chunk(list(ids[1:]), 0, c.blocks) for ids, c in zip(token_ids, chunks)]
+            mtp_batch = Batch.build(mtp_chunks, scratch.block_size, self.device)
+            prev = torch.cat([hidden[rows[:-1]] for rows in batch.token_rows])    # h_0 .. h_{n-2} per sequence
+            h = self.model.mtp_hidden(mtp_batch.input_ids, prev, mtp_batch, scratch.layers)
+            return self._pad([self.model.mtp.logits(h[rows]) for rows in mtp_batch.token_rows])
+

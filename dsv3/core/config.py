@@ -1,0 +1,203 @@
+"""ModelConfig: what the checkpoint's config.json says the model is.
+
+Reads HF config.json in transformers 4.x style (`rope_scaling` + top-level `rope_theta`,
+`torch_dtype`) and 5.x style (`rope_parameters`, `dtype`). Unknown HF keys are ignored; values the
+model cannot run are a ConfigError naming the key.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from dsv3.core.errors import ConfigError
+
+SUPPORTED_MODEL_TYPES = ("deepseek_v3",)
+
+
+@dataclass(frozen=True)
+class YarnConfig:
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+
+    def attention_factor(self) -> float:
+        """Scale on cos/sin (transformers' and DeepSeek's HF code): 1.0 for V3, where mscale == mscale_all_dim."""
+        if self.mscale and self.mscale_all_dim:
+            return _yarn_mscale(self.factor, self.mscale) / _yarn_mscale(self.factor, self.mscale_all_dim)
+        return _yarn_mscale(self.factor, 1.0)
+
+
+def _yarn_mscale(factor: float, mscale: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """quantization_config of an FP8 checkpoint."""
+    fmt: str = "e4m3"
+    weight_block_size: tuple[int, int] = (128, 128)
+    scale_fmt: str | None = None      # "ue8m0" in V3.1: power-of-two activation scales
+    activation_scheme: str = "dynamic"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    n_routed_experts: int
+    num_experts_per_tok: int
+    q_lora_rank: int | None = None
+    n_shared_experts: int = 1
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    first_k_dense_replace: int = 0
+    num_nextn_predict_layers: int = 0
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: YarnConfig | None = None
+    max_position_embeddings: int = 4096
+    bos_token_id: int | None = 0
+    eos_token_ids: tuple[int, ...] = (1,)
+    tie_word_embeddings: bool = False
+    torch_dtype: str = "bfloat16"
+    quantization: QuantConfig | None = None
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_dim(self) -> int:
+        """Values cached per token per layer: normed latent + shared rope key (512 + 64 in V3)."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        scale = self.qk_head_dim ** -0.5
+        y = self.rope_scaling
+        if y is not None and y.mscale_all_dim:
+            scale *= _yarn_mscale(y.factor, y.mscale_all_dim) ** 2
+        return scale
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.first_k_dense_replace
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no config.json; a model directory needs the HF config.json "
+                              f"next to its safetensors files")
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object at the top level")
+        return cls.from_hf(raw, source=str(path))
+
+    @classmethod
+    def from_hf(cls, raw: dict, source: str = "config.json") -> "ModelConfig":
+        def bad(key, value, allowed):
+            return ConfigError(f"{source}: {key} = {value!r} is not supported; {allowed}")
+
+        model_type = raw.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise bad("model_type", model_type, f"dsv3 runs {', '.join(SUPPORTED_MODEL_TYPES)} checkpoints")
+        for key, allowed in (("scoring_func", ("sigmoid",)), ("topk_method", ("noaux_tc",)),
+                             ("hidden_act", ("silu",))):
+            if key in raw and raw[key] not in allowed:
+                raise bad(key, raw[key], f"allowed: {', '.join(allowed)}")
+        if raw.get("attention_bias"):
+            raise bad("attention_bias", raw["attention_bias"], "DeepSeek-V3 projections have no bias")
+        if raw.get("moe_layer_freq", 1) != 1:
+            raise bad("moe_layer_freq", raw["moe_layer_freq"], "only 1 (every layer after the dense ones)")
+
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in raw.items() if k in known and k not in
+                  ("rope_scaling", "quantization", "eos_token_ids", "torch_dtype", "rope_theta")}
+        if raw.get("q_lora_rank") is None:
+            values["q_lora_rank"] = None
+        values["torch_dtype"] = raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"
+        eos = raw.get("eos_token_id", 1)
+        values["eos_token_ids"] = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise bad("rope_scaling", rope, "expected an object")
+        values["rope_theta"] = float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type == "yarn":
+            try:
+                values["rope_scaling"] = YarnConfig(
+                    factor=float(rope["factor"]),
+                    original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+                    beta_fast=float(rope.get("beta_fast") or 32), beta_slow=float(rope.get("beta_slow") or 1),
+                    mscale=rope.get("mscale"), mscale_all_dim=rope.get("mscale_all_dim"))
+            except KeyError as e:
+                raise ConfigError(f"{source}: rope_scaling of type yarn needs {e.args[0]!r}") from e
+        elif rope_type not in ("default", None):
+            raise bad("rope_scaling.type", rope_type, "allowed: yarn, or none")
+
+        q = raw.get("quantization_config")
+        if q is not None:
+            if q.get("quant_method") != "fp8":
+                raise bad("quantization_config.quant_method", q.get("quant_method"),
+                          "dsv3 reads fp8 block-quantised checkpoints (others: convert with `dsv3-run convert`)")
+            block = tuple(q.get("weight_block_size", (128, 128)))
+            if block != (128, 128):
+                raise bad("quantization_config.weight_block_size", list(block), "only [128, 128]")
+            if q.get("scale_fmt") not in (None, "ue8m0"):
+                raise bad("quantization_config.scale_fmt", q.get("scale_fmt"), "allowed: ue8m0, or absent")
+            values["quantization"] = QuantConfig(fmt=q.get("fmt", "e4m3"), weight_block_size=block,
+                                                 scale_fmt=q.get("scale_fmt"),
+                                                 activation_scheme=q.get("activation_scheme", "dynamic"))
+        try:
+            cfg = cls(**values)
+        except TypeError as e:
+            missing = str(e).split("argument")[-1].strip(": ")
+            raise ConfigError(f"{source}: missing required key(s) {missing}") from e
+        cfg._validate(source)
+        return cfg
+
+    def _validate(self, source: str) -> None:
+        def need(cond, key, msg):
+            if not cond:
+                raise ConfigError(f"{source}: {key} = {getattr(self, key)!r}: {msg}")
+
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
+                    "num_experts_per_tok", "moe_intermediate_size", "intermediate_size"):
+            value = getattr(self, key)
+            need(isinstance(value, int) and not isinstance(value, bool) and value > 0, key, "must be a positive integer")
+        need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even (RoPE rotates pairs)")
+        need(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
+             "q_lora_rank", "must be a positive integer or null")
+        need(self.n_group >= 1 and self.n_routed_experts % self.n_group == 0, "n_group",
+             f"must divide n_routed_experts ({self.n_routed_experts})")
+        need(1 <= self.topk_group <= self.n_group, "topk_group", f"must be in 1..n_group ({self.n_group})")
+        per_group = self.n_routed_experts // self.n_group
+        need(1 <= self.num_experts_per_tok <= self.topk_group * per_group, "num_experts_per_tok",
+             f"must be in 1..topk_group * experts per group ({self.topk_group * per_group})")
+        need(0 <= self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",
+             "must be in 0..num_hidden_layers")
+        need(self.num_nextn_predict_layers in (0, 1), "num_nextn_predict_layers",
+             "dsv3 runs 0 or 1 MTP modules (DeepSeek-V3 ships 1)")
+        need(self.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")
+        need(self.torch_dtype in ("bfloat16", "float16", "float32"), "torch_dtype",
+             "allowed: bfloat16, float16, float32")

@@ -1,0 +1,150 @@
+"""The engine: sequences in, tokens out, one flat batch per step.
+
+step() = schedule (decodes first, then prompt chunks up to the token budget: chunked prefill),
+run the model, sample, post-process (EOS, max tokens, stop strings, context limit).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from dsv3.core.batch import Batch, Chunk
+from dsv3.core.cache import LatentCache
+from dsv3.core.errors import RequestError
+from dsv3.core.model import DeepseekV3
+from dsv3.core.sampling import SamplingParams, sample
+from dsv3.core.tokenizer import Tokenizer
+
+_ids = itertools.count()
+
+
+@dataclass
+class Sequence:
+    token_ids: list[int]
+    prompt_len: int
+    params: SamplingParams
+    id: int = field(default_factory=lambda: next(_ids))
+    blocks: list[int] = field(default_factory=list)
+    num_cached: int = 0
+    generator: torch.Generator | None = None
+    finish_reason: str | None = None   # "stop" (EOS or stop string), "length"
+    text: str = ""                     # detokenised output, cut at a stop string
+    emitted: int = 0                   # characters of `text` already streamed
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class StepOutput:
+    seq: Sequence
+    delta: str          # new text safe to show (held back while it may start a stop string)
+    finished: bool
+
+
+class Engine:
+    def __init__(self, model: DeepseekV3, cache: LatentCache, tokenizer: Tokenizer | None = None,
+                 max_batch_tokens: int = 2048):
+        self.model, self.cache, self.tokenizer = model, cache, tokenizer
+        self.max_batch_tokens = max_batch_tokens
+        self.max_context = model.cfg.max_position_embeddings
+        self.running: list[Sequence] = []
+        self.device = cache.layers[0].device
+
+    def add(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        if not prompt_ids:
+            raise RequestError("empty prompt: give at least one token")
+        if len(prompt_ids) >= self.max_context:
+            raise RequestError(f"prompt is {len(prompt_ids)} tokens but the model's context is "
+                               f"{self.max_context} (max_position_embeddings); shorten the prompt")
+        gen = None
+        if not params.greedy:
+            gen = torch.Generator().manual_seed(params.seed if params.seed is not None
+                                                else int(torch.randint(0, 2**62, ())))
+        seq = Sequence(list(prompt_ids), len(prompt_ids), params, generator=gen)
+        self.running.append(seq)
+        return seq
+
+    def has_work(self) -> bool:
+        return bool(self.running)
+
+    def release(self, seq: Sequence) -> None:
+        self.cache.allocator.free(seq.blocks)
+        seq.blocks = []
+        if seq in self.running:
+            self.running.remove(seq)
+
+    def schedule(self) -> list[tuple[Sequence, Chunk]]:
+        plan, budget = [], self.max_batch_tokens
+        decoding = [s for s in self.running if s.num_cached == len(s.token_ids) - 1]
+        prefilling = [s for s in self.running if s.num_cached < len(s.token_ids) - 1]
+        for s in decoding + prefilling:
+            n = min(len(s.token_ids) - s.num_cached, budget)
+            if n <= 0:
+                break
+            self.cache.grow(s.blocks, s.num_cached + n)
+            plan.append((s, Chunk(s.token_ids[s.num_cached: s.num_cached + n], s.num_cached, list(s.blocks),
+                                  decode=s.num_cached > 0 and n == 1)))
+            budget -= n
+        return plan
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        plan = self.schedule()
+        if not plan:
+            return []
+        batch = Batch.build([c for _, c in plan], self.cache.block_size, self.device)
+        hidden = self.model(batch, self.cache.layers)
+        outputs = []
+        ready = [(i, s) for i, (s, c) in enumerate(plan) if s.num_cached + len(c.token_ids) == len(s.token_ids)]
+        logits = self.model.logits(hidden[[batch.last_rows[i] for i, _ in ready]]) if ready else None
+        for s, c in plan:
+            s.num_cached += len(c.token_ids)
+        for row, (_, s) in enumerate(ready):
+            token = sample(logits[row], s.params, s.generator)
+            outputs.append(self._append(s, token))
+        return outputs
+
+    def _append(self, s: Sequence, token: int) -> StepOutput:
+        s.token_ids.append(token)
+        p = s.params
+        if not p.ignore_eos and token in self.model.cfg.eos_token_ids:
+            s.token_ids.pop()  # EOS ends the text; it is not part of it
+            s.finish_reason = "stop"
+        elif len(s.output_ids) >= p.max_new_tokens or len(s.token_ids) >= self.max_context:
+            s.finish_reason = "length"
+        delta = self._detokenize(s)
+        if s.finished:
+            self.release(s)
+        return StepOutput(s, delta, s.finished)
+
+    def _detokenize(self, s: Sequence) -> str:
+        """Update s.text; return the newly visible part. Stops at (and drops) the first stop string."""
+        if self.tokenizer is None:
+            return ""
+        text = self.tokenizer.decode(s.output_ids)
+        hits = [text.find(stop) for stop in s.params.stop if stop and stop in text]
+        if hits:
+            text, s.finish_reason = text[: min(hits)], "stop"
+        if not s.finished:
+            if text.endswith("\ufffd"):          # an incomplete UTF-8 sequence: wait for its next byte
+                text = text.rstrip("\ufffd")
+            hold = max((k for stop in s.params.stop for k in range(1, len(stop))
+                        if text.endswith(stop[:k])), default=0)
+            text = text[: len(text) - hold]
+        s.text = text if s.finished or len(text) > len(s.text) else s.text
+        delta, s.emitted = s.text[s.emitted:], max(s.emitted, len(s.text))
+        return delta
+
+    def run_to_completion(self, on_output=None) -> None:
+        while self.has_work():
+            for out in self.step():
+                if on_output is not None:
+                    on_output(out)

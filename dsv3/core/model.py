@@ -1,0 +1,339 @@
+"""DeepSeek-V3: MLA, DeepSeekMoE and multi-token prediction, top-down, in plain PyTorch.
+
+Every hot op goes through `self.ops` (dsv3.core.ops), resolved once when the model is built; no
+vendor code here. Parameter names are the checkpoint's (HF layout), so loading is an identity map
+plus one rename: routed experts are stored per expert in the checkpoint and stacked here.
+
+Shapes: T tokens of a flat batch (prefill chunks and decode tokens of many sequences together),
+D hidden, H heads, C kv_lora_rank, R qk_rope_head_dim, E routed experts, V vocab.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dsv3.core.batch import Batch
+from dsv3.core.config import ModelConfig
+from dsv3.core.ops import ExpertWeights, GateSpec, Ops
+from dsv3.core.weights import STORAGE_DTYPE, QuantWeight, dequantize, scale_shape
+
+
+class Linear(nn.Module):
+    """y = x W^T with W in one weight format; `weight` (+ scale) named as in the checkpoint."""
+
+    def __init__(self, ops: Ops, in_features: int, out_features: int, fmt: str, dtype: torch.dtype,
+                 experts: int | None = None):
+        super().__init__()
+        self.ops, self.format = ops, fmt
+        lead = () if experts is None else (experts,)
+        self.weight = nn.Parameter(torch.empty(*lead, out_features, in_features,
+                                               dtype=STORAGE_DTYPE.get(fmt, dtype)), requires_grad=False)
+        shape = scale_shape(fmt, out_features, in_features)
+        self.scale_name = "weight_scale" if fmt == "int8-w8a8" else "weight_scale_inv"
+        if shape is not None:
+            self.register_parameter(self.scale_name, nn.Parameter(
+                torch.empty(*lead, *shape, dtype=torch.float32), requires_grad=False))
+
+    @property
+    def qweight(self) -> QuantWeight:
+        return QuantWeight(self.weight, getattr(self, self.scale_name, None), self.format)
+
+    def forward(self, x):
+        return self.ops.linear(x, self.qweight)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, ops: Ops, dim: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.ops, self.eps = ops, eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, x):
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+    def add(self, x, residual):
+        """(norm(x + residual), x + residual): the pre-norm residual stream, fused."""
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
+
+
+def yarn_rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_position_embeddings, R/2] float32 for RoPE with YaRN frequency blending."""
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
+    attention_factor = 1.0
+    y = cfg.rope_scaling
+    if y is not None:
+        def correction_dim(rotations):  # the dim whose wavelength fits `rotations` turns in the original context
+            return dim * math.log(y.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+        low = max(math.floor(correction_dim(y.beta_fast)), 0)
+        high = min(math.ceil(correction_dim(y.beta_slow)), dim - 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low)
+                / max(high - low, 1e-3)).clamp(0, 1)
+        extrapolate = 1 - ramp            # 1: keep the original frequency (high-frequency dims)
+        inv_freq = inv_freq / y.factor * (1 - extrapolate) + inv_freq * extrapolate
+        attention_factor = y.attention_factor()
+    angles = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention.
+
+    q = q_b(norm(q_a(x))) per head [nope | rope]; kv_a(x) = [latent C | k_rope R], the latent normed.
+    Only (latent, k_rope) are cached. Prefill expands the cached latents with kv_b into per-head
+    k_nope and v (naive). Decode absorbs kv_b: q_nope @ W_UK moves the query into latent space, the
+    attention runs over the cache directly, and W_UV maps the result back (absorbed).
+    """
+
+    def __init__(self, ops: Ops, cfg: ModelConfig, fmt: str, dtype: torch.dtype):
+        super().__init__()
+        self.ops, self.cfg = ops, cfg
+        self.n_heads, self.nope, self.rope_dim = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.kv_rank, self.v_dim = cfg.kv_lora_rank, cfg.v_head_dim
+        q_out = self.n_heads * cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = Linear(ops, cfg.hidden_size, q_out, fmt, dtype)
+        else:
+            self.q_a_proj = Linear(ops, cfg.hidden_size, cfg.q_lora_rank, fmt, dtype)
+            self.q_a_layernorm = RMSNorm(ops, cfg.q_lora_rank, cfg.rms_norm_eps, dtype)
+            self.q_b_proj = Linear(ops, cfg.q_lora_rank, q_out, fmt, dtype)
+        self.kv_a_proj_with_mqa = Linear(ops, cfg.hidden_size, cfg.latent_dim, fmt, dtype)
+        self.kv_a_layernorm = RMSNorm(ops, cfg.kv_lora_rank, cfg.rms_norm_eps, dtype)
+        self.kv_b_proj = Linear(ops, cfg.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), fmt, dtype)
+        self.o_proj = Linear(ops, self.n_heads * self.v_dim, cfg.hidden_size, fmt, dtype)
+        self.softmax_scale = cfg.softmax_scale
+        self._absorbed = None  # (W_UK [H, nope, C], W_UV [H, v, C]) in the activation dtype, made on first decode
+
+    def absorbed_weights(self, dtype):
+        if self._absorbed is None or self._absorbed[0].dtype != dtype:
+            w = dequantize(self.kv_b_proj.qweight, dtype).view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
+            self._absorbed = (w[:, : self.nope].contiguous(), w[:, self.nope:].contiguous())
+        return self._absorbed
+
+    def forward(self, x, batch: Batch, cache: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        ops, t = self.ops, x.shape[0]
+        q = self.q_proj(x) if self.cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(t, self.n_heads, self.nope + self.rope_dim)
+        q_nope, q_rope = q.split([self.nope, self.rope_dim], dim=-1)
+        q_rope = ops.rope(q_rope, batch.positions, *rope)                          # [T, H, R]
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)                                        # [T, C]
+        k_rope = ops.rope(k_rope.unsqueeze(1), batch.positions, *rope).squeeze(1)   # [T, R], one head shared
+        ops.write_latent_cache(cache, latent, k_rope, batch.slots)
+
+        out = x.new_empty(t, self.n_heads, self.v_dim)
+        nd = batch.num_decode_tokens
+        if nd:  # absorbed: attend in latent space over the paged cache
+            w_uk, w_uv = self.absorbed_weights(x.dtype)
+            q_latent = torch.einsum("thn,hnc->thc", q_nope[:nd], w_uk)             # [Td, H, C]
+            o_latent = ops.mla_decode(q_latent, q_rope[:nd].contiguous(), cache, batch.decode_block_table,
+                                      batch.decode_context_lens, self.softmax_scale)
+            out[:nd] = torch.einsum("thc,hvc->thv", o_latent, w_uv)
+        if nd < t:  # naive: expand every cached latent of the prefilling sequences into keys and values
+            kv = cache.view(-1, cache.shape[-1])[batch.prefill_gather_slots].to(x.dtype)   # [Tk, C + R]
+            ctx_latent, ctx_rope = kv.split([self.kv_rank, self.rope_dim], dim=-1)
+            k_nope, v = self.kv_b_proj(ctx_latent).view(-1, self.n_heads, self.nope + self.v_dim).split(
+                [self.nope, self.v_dim], dim=-1)
+            k = torch.cat((k_nope, ctx_rope.unsqueeze(1).expand(-1, self.n_heads, -1)), dim=-1)
+            qp = torch.cat((q_nope[nd:], q_rope[nd:]), dim=-1)
+            out[nd:] = ops.mla_prefill(qp, k, v.contiguous(), batch.cu_seqlens_q, batch.cu_seqlens_k,
+                                       self.softmax_scale)
+        return self.o_proj(out.view(t, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
+
+    def __init__(self, ops: Ops, dim: int, inter: int, fmt: str, dtype: torch.dtype):
+        super().__init__()
+        self.ops = ops
+        self.gate_proj = Linear(ops, dim, inter, fmt, dtype)
+        self.up_proj = Linear(ops, dim, inter, fmt, dtype)
+        self.down_proj = Linear(ops, inter, dim, fmt, dtype)
+
+    def forward(self, x):
+        return self.down_proj(self.ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+class Gate(nn.Module):
+    """noaux_tc router: sigmoid affinities; the bias steers only which experts are chosen."""
+
+    def __init__(self, ops: Ops, cfg: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        self.ops = ops
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=dtype), requires_grad=False)
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts, dtype=torch.float32),
+                                                    requires_grad=False)
+        self.spec = GateSpec(cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob,
+                             cfg.routed_scaling_factor)
+
+    def forward(self, x):
+        return self.ops.moe_gate(x, self.weight, self.e_score_correction_bias, self.spec)  # [T, k], [T, k]
+
+
+class Experts(nn.Module):
+    """The routed experts, stacked: gate/up [E, I, D], down [E, D, I] (checkpoint: experts.{e}.*)."""
+
+    def __init__(self, ops: Ops, cfg: ModelConfig, fmt: str, dtype: torch.dtype,
+                 num_local: int | None = None, first_expert: int = 0):
+        super().__init__()
+        n, d, inter = num_local or cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.first_expert = first_expert
+        self.gate_proj = Linear(ops, d, inter, fmt, dtype, experts=n)
+        self.up_proj = Linear(ops, d, inter, fmt, dtype, experts=n)
+        self.down_proj = Linear(ops, inter, d, fmt, dtype, experts=n)
+
+    @property
+    def weights(self) -> ExpertWeights:
+        return ExpertWeights(self.gate_proj.qweight, self.up_proj.qweight, self.down_proj.qweight, self.first_expert)
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE: sum_k w_k expert_k(x) over the routed top-k, plus the always-on shared experts."""
+
+    def __init__(self, ops: Ops, cfg: ModelConfig, fmt: str, dtype: torch.dtype):
+        super().__init__()
+        self.ops = ops
+        self.gate = Gate(ops, cfg, dtype)
+        self.experts = Experts(ops, cfg, fmt, dtype)
+        self.shared_experts = (MLP(ops, cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, fmt, dtype)
+                               if cfg.n_shared_experts else None)
+
+    def forward(self, x):
+        weights, ids = self.gate(x)
+        y = self.ops.moe_experts(x, weights, ids, self.experts.weights)
+        return y if self.shared_experts is None else y + self.shared_experts(x)
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer: x + MLA(norm(x)), then + FFN(norm(.)); FFN is MLP or MoE by layer index."""
+
+    def __init__(self, ops: Ops, cfg: ModelConfig, layer: int, fmt: str, dtype: torch.dtype):
+        super().__init__()
+        self.self_attn = MLA(ops, cfg, fmt, dtype)
+        self.mlp = MoE(ops, cfg, fmt, dtype) if cfg.is_moe_layer(layer) else MLP(
+            ops, cfg.hidden_size, cfg.intermediate_size, fmt, dtype)
+        self.input_layernorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def forward(self, x, residual, batch: Batch, cache, rope):
+        """Returns (ffn output, residual stream before it); the next norm adds them (fused)."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm.add(x, residual)
+        x = self.self_attn(x, batch, cache, rope)
+        x, residual = self.post_attention_layernorm.add(x, residual)
+        return self.mlp(x), residual
+
+
+class SharedHead(nn.Module):
+    def __init__(self, ops: Ops, cfg: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        self.norm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.head = Linear(ops, cfg.hidden_size, cfg.vocab_size, "dense", dtype)
+
+
+class MTPLayer(Block):
+    """Multi-token prediction module (layer index num_hidden_layers).
+
+    h' = eh_proj([enorm(emb(t_{i+1})) ; hnorm(h_i)]), one decoder layer with its own latent cache,
+    then shared_head -> logits for t_{i+2}. h_i is the main model's final hidden state (after norm).
+    """
+
+    def __init__(self, ops: Ops, cfg: ModelConfig, fmt: str, dtype: torch.dtype):
+        super().__init__(ops, cfg, cfg.num_hidden_layers, fmt, dtype)
+        self.ops = ops
+        self.embed_tokens = Embedding(ops, cfg.vocab_size, cfg.hidden_size, dtype)
+        self.enorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.hnorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.eh_proj = Linear(ops, 2 * cfg.hidden_size, cfg.hidden_size, "dense", dtype)
+        self.shared_head = SharedHead(ops, cfg, dtype)
+
+    def hidden(self, next_ids, prev_hidden, batch: Batch, cache, rope):
+        """next_ids [T] (token i+1), prev_hidden [T, D] (main model's h_i) -> normed hidden [T, D]."""
+        x = self.eh_proj(torch.cat((self.enorm(self.embed_tokens(next_ids)), self.hnorm(prev_hidden)), dim=-1))
+        x, residual = super().forward(x, None, batch, cache, rope)
+        x, _ = self.shared_head.norm.add(x, residual)
+        return x
+
+    def logits(self, hidden):
+        return self.shared_head.head(hidden).float()
+
+
+class Embedding(nn.Module):
+    def __init__(self, ops: Ops, vocab: int, dim: int, dtype: torch.dtype):
+        super().__init__()
+        self.ops = ops
+        self.weight = nn.Parameter(torch.empty(vocab, dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, ids):
+        return self.ops.embedding(ids, self.weight)
+
+
+class Decoder(nn.Module):
+    """`model.*` in the checkpoint: embeddings, the decoder layers (then the MTP layer), final norm."""
+
+    def __init__(self, ops: Ops, cfg: ModelConfig, fmt: str, dtype: torch.dtype, with_mtp: bool):
+        super().__init__()
+        self.embed_tokens = Embedding(ops, cfg.vocab_size, cfg.hidden_size, dtype)
+        layers = [Block(ops, cfg, i, fmt, dtype) for i in range(cfg.num_hidden_layers)]
+        if with_mtp:
+            layers.append(MTPLayer(ops, cfg, fmt, dtype))
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+
+class DeepseekV3(nn.Module):
+    """The whole model. forward() runs one flat batch through the main layers; mtp_hidden() the MTP layer."""
+
+    def __init__(self, cfg: ModelConfig, ops: Ops, weight_format: str = "dense",
+                 dtype: torch.dtype = torch.float32, with_mtp: bool | None = None):
+        super().__init__()
+        self.cfg, self.ops, self.weight_format, self.dtype = cfg, ops, weight_format, dtype
+        self.has_mtp = cfg.num_nextn_predict_layers > 0 if with_mtp is None else with_mtp
+        self.model = Decoder(ops, cfg, weight_format, dtype, self.has_mtp)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Linear(ops, cfg.hidden_size, cfg.vocab_size, "dense", dtype)
+        self._rope = None
+
+    @property
+    def num_cache_layers(self) -> int:
+        return self.cfg.num_hidden_layers + int(self.has_mtp)
+
+    @property
+    def mtp(self) -> MTPLayer:
+        return self.model.layers[self.cfg.num_hidden_layers]
+
+    def rope_tables(self, device):
+        if self._rope is None or self._rope[0].device != torch.device(device):
+            self._rope = yarn_rope_tables(self.cfg, device)
+        return self._rope
+
+    def forward(self, batch: Batch, caches: list[torch.Tensor]) -> torch.Tensor:
+        """Main model over a flat batch -> final normed hidden states [T, D]."""
+        rope = self.rope_tables(batch.input_ids.device)
+        x, residual = self.model.embed_tokens(batch.input_ids), None
+        for i in range(self.cfg.num_hidden_layers):
+            x, residual = self.model.layers[i](x, residual, batch, caches[i], rope)
+        x, _ = self.model.norm.add(x, residual) if residual is not None else (self.model.norm(x), None)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.lm_head if not self.cfg.tie_word_embeddings else None
+        if head is None:
+            return self.ops.linear(hidden, QuantWeight(self.model.embed_tokens.weight, None, "dense")).float()
+        return head(hidden).float()                                              # [T, V]
+
+    def mtp_hidden(self, next_ids, prev_hidden, batch: Batch, caches: list[torch.Tensor]) -> torch.Tensor:
+        rope = self.rope_tables(batch.input_ids.device)
+        return self.mtp.hidden(next_ids, prev_hidden, batch, caches[self.cfg.num_hidden_layers], rope)
+
+    def set_ops(self, ops: Ops) -> None:
+        """Rebind every module to a new op table (e.g. after a backend's weight preparation)."""
+        self.ops = ops
+        for m in self.modules():
+            if hasattr(m, "ops"):
+                m.ops = ops

@@ -1,0 +1,132 @@
+"""The ops contract: the one seam between the model graph and the hardware.
+
+The model calls only these functions. A backend provides some or all of them; the op table is
+resolved once when a model is built (profile pin > backend > reference) and then called directly,
+so no plugin machinery runs per token. Shapes use T = tokens in the flat batch, H = heads,
+D = hidden size, C = kv_lora_rank (512), R = qk_rope_head_dim (64), E = routed experts, k = experts
+per token. Every op must accept tensors on its backend's device and return new tensors unless it
+says it writes in place. The reference backend (`dsv3.backends.reference.ops`) is the executable
+definition of each op; `dsv3-run check` compares a backend against it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable, Protocol
+
+import torch
+
+from dsv3.core.weights import QuantWeight
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """Routed experts stacked along a leading expert dim: gate/up [E, I, D], down [E, D, I].
+
+    `first_expert` is the global id of local expert 0 (expert parallelism holds a slice); token
+    routes to experts outside [first_expert, first_expert + E) contribute nothing on this rank.
+    """
+    gate: QuantWeight
+    up: QuantWeight
+    down: QuantWeight
+    first_expert: int = 0
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """The noaux_tc router's constants, from config.json."""
+    top_k: int
+    n_group: int
+    topk_group: int
+    norm_topk_prob: bool
+    routed_scaling_factor: float
+
+
+class OpSpecs(Protocol):
+    """Signatures and meaning of every op (documentation; the reference backend implements them)."""
+
+    def embedding(self, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """ids [T] int64, weight [V, D] -> [T, D] in weight's dtype."""
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x [T, D] -> x * rsqrt(mean(x^2) + eps) * weight, computed in float32, returned in x's dtype."""
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """h = x + residual; returns (rms_norm(h), h). Fusing the add saves one pass over [T, D]."""
+
+    def rope(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+             sin: torch.Tensor) -> torch.Tensor:
+        """x [T, H, R], positions [T], cos/sin [P, R/2] float32 -> x rotated in interleaved pairs
+        (x[2i], x[2i+1]) by angle index i at each token's position; output in x's dtype."""
+
+    def linear(self, x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+        """x [T, K] @ dequantize(w)^T -> [T, N] in x's dtype. FP8/INT8 backends may quantise x
+        dynamically (1x128 groups for fp8, per token for int8); tolerances in `check` allow for it."""
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up, elementwise, [T, I]."""
+
+    def quantize_act(self, x: torch.Tensor, dtype: torch.dtype, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, K] -> (fp8 [T, K], float32 scale [T, ceil(K/128)]), scale = amax/fp8_max per 1x128 group."""
+
+    def write_latent_cache(self, cache: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
+                           slots: torch.Tensor) -> None:
+        """In place: cache [num_blocks, block_size, C + R] viewed as [num_slots, C + R];
+        cache[slots[t]] = concat(latent[t], k_rope[t]). latent [T, C] is already normed, k_rope [T, R] rotated."""
+
+    def mla_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                    cu_seqlens_k: torch.Tensor, scale: float) -> torch.Tensor:
+        """Naive (expanded) causal attention over ragged sequences. q [Tq, H, Dqk], k [Tk, H, Dqk],
+        v [Tk, H, Dv]; sequence b owns q rows cu_seqlens_q[b]:cu_seqlens_q[b+1] and k/v rows
+        cu_seqlens_k[b]:cu_seqlens_k[b+1], with its queries aligned to the END of its keys (a chunk
+        after a cached prefix). Returns [Tq, H, Dv]."""
+
+    def mla_decode(self, q_latent: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor,
+                   block_table: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+        """Absorbed attention in latent space over the paged cache. q_latent [T, H, C] (q_nope @ W_UK),
+        q_rope [T, H, R], cache [num_blocks, block_size, C + R], block_table [T, max_blocks] int32
+        (row t lists the blocks of token t's sequence), context_lens [T] int32 (token t attends to
+        its sequence's first context_lens[t] cached tokens). score = (q_latent.latent + q_rope.k_rope)
+        * scale; returns softmax(score) @ latent, [T, H, C] in q's dtype."""
+
+    def moe_gate(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 spec: GateSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """noaux_tc routing. x [T, D], weight [E, D], bias [E] float32 (e_score_correction_bias).
+        Returns (weights [T, k] float32, expert ids [T, k] int64); see DESIGN.md for the rule."""
+
+    def moe_experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                    experts: ExpertWeights) -> torch.Tensor:
+        """sum_j topk_weights[t, j] * down(silu(gate(x_t)) * up(x_t)) over the experts topk_ids[t, j]
+        that this rank holds. x [T, D] -> [T, D] in x's dtype."""
+
+
+OP_NAMES: tuple[str, ...] = tuple(
+    name for name in OpSpecs.__dict__ if not name.startswith("_") and callable(OpSpecs.__dict__[name]))
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The resolved op table: plain callables, one per op, plus where each came from."""
+    embedding: Callable
+    rms_norm: Callable
+    add_rms_norm: Callable
+    rope: Callable
+    linear: Callable
+    silu_mul: Callable
+    quantize_act: Callable
+    write_latent_cache: Callable
+    mla_prefill: Callable
+    mla_decode: Callable
+    moe_gate: Callable
+    moe_experts: Callable
+    providers: dict  # op name -> "plugin:backend" that supplied it
+
+    @classmethod
+    def from_mapping(cls, impls: dict[str, Callable], providers: dict[str, str]) -> "Ops":
+        missing = [n for n in OP_NAMES if n not in impls]
+        if missing:
+            raise ValueError(f"op table is missing {missing}")
+        return cls(**{n: impls[n] for n in OP_NAMES}, providers=dict(providers))
+
+
+assert set(OP_NAMES) == {f.name for f in fields(Ops)} - {"providers"}, "Ops and OpSpecs disagree"

@@ -1,0 +1,168 @@
+"""Profiles: how to run (backend, precision, cache, parallelism, speculation, op pins), from YAML.
+
+The checkpoint's config.json says what the model is; a profile says how to run it. Shipped
+profiles live in dsv3/configs/NAME.yaml. Unknown keys, wrong types and impossible combinations are
+ProfileErrors naming the file, the key, the bad value and what is allowed.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+
+import yaml
+
+from dsv3.core.errors import ProfileError
+from dsv3.core.ops import OP_NAMES
+from dsv3.core.weights import WEIGHT_FORMATS
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DTYPES = ("float32", "bfloat16", "float16")
+CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "float8_e4m3fn")
+
+
+@dataclass(frozen=True)
+class KVCache:
+    dtype: str = "auto"          # auto = the activation dtype
+    block_size: int = 64         # tokens per block (FlashMLA's size)
+    max_tokens: int = 32768      # cache capacity in tokens, all sequences together
+
+
+@dataclass(frozen=True)
+class Parallel:
+    tp: int = 1
+    ep: int = 1
+
+
+@dataclass(frozen=True)
+class Speculative:
+    method: str = "none"         # none | mtp
+    num_draft_tokens: int = 1
+
+
+@dataclass(frozen=True)
+class Profile:
+    backend: str = "cpu"
+    device: str | None = None    # default: the backend's device type (e.g. "cuda")
+    dtype: str = "float32"       # activation dtype
+    weight_format: str = "auto"  # auto = the checkpoint's; else converted at load
+    ue8m0: bool | None = None    # power-of-two activation scales; None = as the checkpoint says
+    kv_cache: KVCache = field(default_factory=KVCache)
+    max_batch_tokens: int = 2048  # tokens per step (chunked prefill budget)
+    parallel: Parallel = field(default_factory=Parallel)
+    speculative: Speculative = field(default_factory=Speculative)
+    cuda_graphs: bool = False
+    ops: dict = field(default_factory=dict)  # op name -> plugin name
+    strict: bool = False         # a missing backend op is an error, not a reference fallback
+    description: str = ""
+    source: str = "<defaults>"   # where it came from, for error messages
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("source")
+        return d
+
+
+_CHOICES = {"dtype": DTYPES, "weight_format": ("auto",) + WEIGHT_FORMATS, "kv_cache.dtype": CACHE_DTYPES,
+            "speculative.method": ("none", "mtp")}
+_MIN = {"kv_cache.block_size": 1, "kv_cache.max_tokens": 1, "max_batch_tokens": 1, "parallel.tp": 1,
+        "parallel.ep": 1, "speculative.num_draft_tokens": 1}
+
+
+def _build(cls, data, source: str, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ProfileError(f"{source}: {prefix.rstrip('.') or 'profile'} must be a mapping, got {data!r}")
+    known = {f.name: f for f in fields(cls) if f.name != "source"}
+    values = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in known:
+            raise ProfileError(f"{source}: unknown key {path!r}; allowed keys: {', '.join(known)}")
+        default = known[key].default_factory() if callable(known[key].default_factory) else known[key].default
+        if is_dataclass(default):
+            values[key] = _build(type(default), value, source, f"{path}.")
+            continue
+        values[key] = _check_value(path, value, default, source)
+    return cls(**values)
+
+
+def _check_value(path: str, value, default, source: str):
+    def bad(allowed):
+        return ProfileError(f"{source}: {path} = {value!r} is invalid; {allowed}")
+
+    if path == "ops":
+        if not isinstance(value, dict):
+            raise bad("expected a mapping of op name to plugin name")
+        for op, plugin in value.items():
+            if op not in OP_NAMES:
+                raise ProfileError(f"{source}: ops.{op}: unknown op; known ops: {', '.join(OP_NAMES)}")
+            if not isinstance(plugin, str):
+                raise ProfileError(f"{source}: ops.{op} = {plugin!r}: expected a plugin name")
+        return dict(value)
+    if isinstance(default, bool) or (path == "ue8m0"):
+        if value is None and path == "ue8m0":
+            return None
+        if not isinstance(value, bool):
+            raise bad("expected true or false")
+        return value
+    if isinstance(default, int):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad("expected an integer")
+        if value < _MIN.get(path, 0):
+            raise bad(f"must be >= {_MIN.get(path, 0)}")
+        return value
+    if path == "device" and value is None:
+        return None
+    if not isinstance(value, str):
+        raise bad("expected a string")
+    if path in _CHOICES and value not in _CHOICES[path]:
+        raise bad(f"allowed: {', '.join(_CHOICES[path])}")
+    return value
+
+
+def profile_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """A shipped profile by name (`cuda-fp8`) or a YAML file by path."""
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise ProfileError(f"unknown profile {name_or_path!r}; shipped profiles: {', '.join(profile_names())} "
+                               f"(or pass a path to a YAML file)")
+    if not path.is_file():
+        raise ProfileError(f"{path}: no such profile file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ProfileError(f"{path}: not valid YAML ({e})") from e
+    return replace(_build(Profile, data, str(path)), source=str(path))
+
+
+def with_overrides(profile: Profile, overrides: dict) -> Profile:
+    """Apply dotted-key overrides (CLI flags: {"kv_cache.dtype": "bfloat16"}) and re-validate."""
+    data = profile.to_dict()
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        node, *rest = key.split(".")
+        if rest:
+            data.setdefault(node, {})[rest[0]] = value
+        else:
+            data[key] = value
+    return replace(_build(Profile, data, f"{profile.source} + command-line overrides"), source=profile.source)
+
+
+def validate_for_backend(profile: Profile, spec) -> None:
+    """Checks that need the backend's declaration; run before any weight is loaded."""
+    if profile.weight_format != "auto" and profile.weight_format not in spec.weight_formats:
+        raise ProfileError(f"{profile.source}: weight_format = {profile.weight_format!r} cannot run on backend "
+                           f"{spec.name!r}; it runs: {', '.join(spec.weight_formats)}")
+    cache = profile.kv_cache.dtype
+    if cache != "auto" and cache not in spec.cache_dtypes:
+        raise ProfileError(f"{profile.source}: kv_cache.dtype = {cache!r} is not supported by backend "
+                           f"{spec.name!r}; it supports: {', '.join(spec.cache_dtypes)}")
+    if profile.cuda_graphs and spec.device_type != "cuda":
+        raise ProfileError(f"{profile.source}: cuda_graphs = true needs a CUDA device; backend {spec.name!r} "
+                           f"runs on {spec.device_type!r}")

@@ -1,0 +1,68 @@
+"""Weights that carry their format into `linear`.
+
+The model never multiplies a quantised weight itself: it hands a `QuantWeight` to the backend's
+`linear` / `moe_experts`, and the backend knows how to use (data, scale, format).
+
+Formats (the names profiles and `dsv3-run convert` use):
+  dense      data in the activation dtype (bf16 / fp16 / fp32), no scale
+  fp8-block  float8_e4m3fn data, float32 `scale` = weight_scale_inv of shape
+             [ceil(out/128), ceil(in/128)]; dequantised = data * scale per 128x128 block
+  fp8-fnuz   as fp8-block with float8_e4m3fnuz data (AMD MI300); same scale layout
+  int8-w8a8  int8 data, float32 per-output-channel scale [out] (Ascend); dequantised = data * scale[:, None]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+WEIGHT_FORMATS = ("dense", "fp8-block", "fp8-fnuz", "int8-w8a8")
+BLOCK = 128  # DeepSeek-V3's weight_block_size, both dimensions
+
+STORAGE_DTYPE = {
+    "fp8-block": torch.float8_e4m3fn,
+    "fp8-fnuz": torch.float8_e4m3fnuz,
+    "int8-w8a8": torch.int8,
+}
+
+
+@dataclass(frozen=True)
+class QuantWeight:
+    data: torch.Tensor            # [..., out, in]; leading dims stack experts
+    scale: torch.Tensor | None    # see module docstring; None for dense
+    format: str
+
+    @property
+    def out_features(self) -> int:
+        return self.data.shape[-2]
+
+    @property
+    def in_features(self) -> int:
+        return self.data.shape[-1]
+
+
+def scale_shape(fmt: str, out_features: int, in_features: int) -> tuple[int, ...] | None:
+    if fmt in ("fp8-block", "fp8-fnuz"):
+        return (-(-out_features // BLOCK), -(-in_features // BLOCK))
+    if fmt == "int8-w8a8":
+        return (out_features,)
+    return None
+
+
+def expand_block_scale(scale: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """[..., ceil(o/128), ceil(i/128)] -> [..., o, i]: each block's scale over its (possibly partial) block."""
+    s = scale.repeat_interleave(BLOCK, dim=-2)[..., :out_features, :]
+    return s.repeat_interleave(BLOCK, dim=-1)[..., :in_features]
+
+
+def dequantize(w: QuantWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The real-valued weight a QuantWeight stands for, in `dtype` (math in float32, or float64 if asked)."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if w.format == "dense":
+        return w.data.to(dtype)
+    if w.format in ("fp8-block", "fp8-fnuz"):
+        s = expand_block_scale(w.scale.to(acc), w.out_features, w.in_features)
+        return (w.data.to(acc) * s).to(dtype)
+    if w.format == "int8-w8a8":
+        return (w.data.to(acc) * w.scale.to(acc).unsqueeze(-1)).to(dtype)
+    raise ValueError(f"unknown weight format {w.format!r}; known: {', '.join(WEIGHT_FORMATS)}")
