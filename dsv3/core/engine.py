@@ -6,6 +6,7 @@ run the model, sample, post-process (EOS, max tokens, stop strings, context limi
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +50,19 @@ class StepOutput:
     finished: bool
 
 
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        rate = self.generated_tokens / self.seconds if self.seconds else 0.0
+        return (f"{self.generated_tokens} tokens generated in {self.seconds:.2f} s ({rate:.1f} tok/s), "
+                f"{self.prefill_tokens} prompt tokens, {self.steps} steps")
+
+
 class Engine:
     def __init__(self, model: DeepseekV3, cache: LatentCache, tokenizer: Tokenizer | None = None,
                  max_batch_tokens: int = 2048):
@@ -57,6 +71,7 @@ class Engine:
         self.max_context = model.cfg.max_position_embeddings
         self.running: list[Sequence] = []
         self.device = cache.layers[0].device
+        self.stats = EngineStats()
 
     def add(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         if not prompt_ids:
@@ -100,6 +115,7 @@ class Engine:
         plan = self.schedule()
         if not plan:
             return []
+        t0 = time.perf_counter()
         batch = Batch.build([c for _, c in plan], self.cache.block_size, self.device)
         hidden = self.model(batch, self.cache.layers)
         outputs = []
@@ -110,6 +126,10 @@ class Engine:
         for row, (_, s) in enumerate(ready):
             token = sample(logits[row], s.params, s.generator)
             outputs.append(self._append(s, token))
+        self.stats.steps += 1
+        self.stats.prefill_tokens += sum(len(c.token_ids) for _, c in plan if not c.decode)
+        self.stats.generated_tokens += len(outputs)
+        self.stats.seconds += time.perf_counter() - t0
         return outputs
 
     def _append(self, s: Sequence, token: int) -> StepOutput:

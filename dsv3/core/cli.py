@@ -1,0 +1,95 @@
+"""`dsv3-run`: generate text (the default), or one of the subcommands listed in COMMANDS.
+
+Each subcommand is a module in dsv3.commands with `register(subparsers)` that adds its parser and
+sets `func`; heavy imports happen inside the command, so `dsv3-run --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from dsv3.core.errors import Dsv3Error
+
+COMMANDS = ("backends", "profiles", "check", "convert", "bench", "serve", "eval", "plan")
+EPILOG = """subcommands (dsv3-run COMMAND --help for each):
+  backends   list backends, their hardware, default profiles and op coverage
+  profiles   list the shipped YAML profiles
+  check      run a backend's ops against the reference (conformance suite)
+  convert    convert a checkpoint between weight formats (bf16, fp8-block, fp8-fnuz, int8-w8a8)
+  bench      benchmark ops and end-to-end decode/prefill
+  serve      OpenAI-compatible HTTP server
+  eval       perplexity and MTP acceptance of a checkpoint
+  plan       how many GPUs a checkpoint needs and how memory splits
+
+examples:
+  dsv3-run --prompt "def fib(n):"                      # the embedded demo model on the CPU
+  dsv3-run --model ~/DeepSeek-V3 --backend cuda --prompt "Hello" --max-new-tokens 64
+  dsv3-run --model DIR --interactive                   # chat; /clear forgets, /exit quits
+  dsv3-run --model DIR --input-file prompts.txt        # one prompt per line, completions in order
+"""
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that builds a model: model, backend, profile, plugins, overrides."""
+    g = p.add_argument_group("model and runtime")
+    g.add_argument("--model", metavar="DIR", help="HF checkpoint directory (default: the embedded demo model)")
+    g.add_argument("--backend", metavar="NAME", help="backend or alias: cpu, cuda/nvidia, rocm/amd, ascend/npu, "
+                   "or a plugin's; uses its default profile")
+    g.add_argument("--profile", metavar="NAME|PATH", help="a shipped profile name (see `dsv3-run profiles`) or a YAML file")
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="activation dtype (overrides the profile)")
+    g.add_argument("--weight-format", choices=("auto", "dense", "fp8-block", "fp8-fnuz", "int8-w8a8"),
+                   help="run weights in this format, converting at load (overrides the profile)")
+    g.add_argument("--kv-cache-dtype", help="latent cache dtype (overrides the profile)")
+    g.add_argument("--max-cache-tokens", type=int, help="latent cache capacity in tokens (overrides the profile)")
+    g.add_argument("--device", help="torch device, e.g. cuda:1 (overrides the profile)")
+    g.add_argument("--speculative", choices=("none", "mtp"), help="speculative decoding method")
+    g.add_argument("--num-draft-tokens", type=int, help="MTP draft tokens per step (k)")
+    g.add_argument("-p", dest="plugins", action="append", default=[], metavar="NAME",
+                   help="load the installed plugin with this entry-point name (even with autoload off)")
+    g.add_argument("--plugin", dest="plugin_modules", action="append", default=[], metavar="MODULE",
+                   help="import MODULE and register it as a plugin")
+    g.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+
+def profile_overrides(args) -> dict:
+    return {"dtype": args.dtype, "weight_format": args.weight_format, "kv_cache.dtype": args.kv_cache_dtype,
+            "kv_cache.max_tokens": args.max_cache_tokens, "device": args.device,
+            "speculative.method": getattr(args, "speculative", None),
+            "speculative.num_draft_tokens": getattr(args, "num_draft_tokens", None)}
+
+
+def build_llm(args):
+    from dsv3.core.api import LLM
+    from dsv3.plugins.manager import create_registry
+    registry = create_registry(plugins=args.plugins, modules=args.plugin_modules)
+    return LLM(args.model, backend=args.backend, profile=args.profile, registry=registry,
+               **{k: v for k, v in profile_overrides(args).items() if k != "dtype"}, dtype=args.dtype)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        parser = argparse.ArgumentParser(prog="dsv3-run")
+        sub = parser.add_subparsers(dest="command", required=True)
+        importlib.import_module(f"dsv3.commands.{argv[0]}").register(sub)
+    else:
+        parser = argparse.ArgumentParser(
+            prog="dsv3-run", description="Run DeepSeek-V3-family models on any backend.", epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+        importlib.import_module("dsv3.commands.generate").configure(parser)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except Dsv3Error as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
