@@ -82,7 +82,8 @@ class LLM:
         self.cache_dtype = self.dtype if kv.dtype == "auto" else getattr(torch, kv.dtype)
         self.cache = LatentCache(self.model.num_cache_layers, -(-kv.max_tokens // kv.block_size), kv.block_size,
                                  self.config.latent_dim, self.cache_dtype, self.device)
-        self.engine = Engine(self.model, self.cache, self.tokenizer, self.profile.max_batch_tokens)
+        runner = self.registry.pm.hook.dsv3_model_runner(backend=self.spec.name, model=self.model, profile=self.profile)
+        self.engine = Engine(self.model, self.cache, self.tokenizer, self.profile.max_batch_tokens, runner)
 
     # -- generation ---------------------------------------------------------------------------------
     def _tokenizer(self) -> Tokenizer:

@@ -65,8 +65,9 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model: DeepseekV3, cache: LatentCache, tokenizer: Tokenizer | None = None,
-                 max_batch_tokens: int = 2048):
+                 max_batch_tokens: int = 2048, runner=None):
         self.model, self.cache, self.tokenizer = model, cache, tokenizer
+        self.runner = runner or model   # runner(batch, caches) -> hidden; e.g. CUDA-graph replay
         self.max_batch_tokens = max_batch_tokens
         self.max_context = model.cfg.max_position_embeddings
         self.running: list[Sequence] = []
@@ -117,7 +118,7 @@ class Engine:
             return []
         t0 = time.perf_counter()
         batch = Batch.build([c for _, c in plan], self.cache.block_size, self.device)
-        hidden = self.model(batch, self.cache.layers)
+        hidden = self.runner(batch, self.cache.layers)
         outputs = []
         ready = [(i, s) for i, (s, c) in enumerate(plan) if s.num_cached + len(c.token_ids) == len(s.token_ids)]
         logits = self.model.logits(hidden[[batch.last_rows[i] for i, _ in ready]]) if ready else None

@@ -62,5 +62,14 @@ def dsv3_validate_profile(profile) -> list[str] | None:
 
 
 @hookspec(firstresult=True)
+def dsv3_model_runner(backend: str, model, profile):
+    """Optionally wrap the model's forward for `backend` (e.g. CUDA-graph replay of decode steps).
+
+    Return a callable `runner(batch, caches) -> hidden` with the semantics of `model(batch, caches)`,
+    or None to run the model eagerly. Called once per model build, after weight preparation.
+    """
+
+
+@hookspec(firstresult=True)
 def dsv3_distributed_backend(backend: str) -> str | None:
     """The torch.distributed backend for `backend` ("nccl", "hccl", "gloo"), or None if not ours."""
