@@ -1,0 +1,67 @@
+"""Shared test helpers: tiny configs, checkpoints written to temp dirs, the transformers oracle."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from dsv3.core.config import ModelConfig
+from dsv3.core.synthetic import TINY_CONFIG, random_weights, to_checkpoint_format, write_checkpoint, write_tokenizer
+
+CORPUS = ["def add(a, b):\n    return a + b\n", "Beautiful is better than ugly.", "hello world " * 20]
+
+
+def tiny_config(**changes) -> dict:
+    cfg = copy.deepcopy(TINY_CONFIG)
+    cfg.update(changes)
+    return cfg
+
+
+def make_checkpoint(path, hf_config=None, seed=0, fmt="dense", num_shards=1, std=0.1, dtype=torch.float32,
+                    tokenizer=True):
+    """A random checkpoint on disk; returns (path, float32 checkpoint-named weights)."""
+    hf_config = hf_config or tiny_config()
+    weights = random_weights(ModelConfig.from_hf(hf_config), seed, std=std)
+    write_checkpoint(path, hf_config, to_checkpoint_format(weights, fmt, dtype), num_shards, fmt)
+    if tokenizer:
+        write_tokenizer(path, hf_config["vocab_size"], CORPUS)
+    return path, weights
+
+
+def hf_oracle(hf_config: dict, weights: dict[str, torch.Tensor]):
+    """transformers' DeepseekV3ForCausalLM (fp32, eager) holding the same weights."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    cfg_dict = {k: v for k, v in hf_config.items() if k not in ("architectures",)}
+    config = DeepseekV3Config(**cfg_dict)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(config).float().eval()
+    n_layers = hf_config["num_hidden_layers"]
+    state = {}
+    for name, t in weights.items():
+        if name.startswith(f"model.layers.{n_layers}."):
+            continue  # transformers has no MTP module
+        state[name] = t
+    for i in range(n_layers):
+        pre = f"model.layers.{i}.mlp.experts"
+        if f"{pre}.0.gate_proj.weight" not in weights:
+            continue
+        e = hf_config["n_routed_experts"]
+        gate = torch.stack([state.pop(f"{pre}.{j}.gate_proj.weight") for j in range(e)])
+        up = torch.stack([state.pop(f"{pre}.{j}.up_proj.weight") for j in range(e)])
+        state[f"{pre}.gate_up_proj"] = torch.cat([gate, up], dim=1)
+        state[f"{pre}.down_proj"] = torch.stack([state.pop(f"{pre}.{j}.down_proj.weight") for j in range(e)])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if "rotary_emb" not in m]
+    assert not missing and not unexpected, (missing, unexpected)
+    return model
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|: the issue's relative error."""
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def random_prompts(vocab: int, lengths: list[int], seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in lengths]
