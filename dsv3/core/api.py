@@ -83,7 +83,9 @@ class LLM:
         self.cache = LatentCache(self.model.num_cache_layers, -(-kv.max_tokens // kv.block_size), kv.block_size,
                                  self.config.latent_dim, self.cache_dtype, self.device)
         runner = self.registry.pm.hook.dsv3_model_runner(backend=self.spec.name, model=self.model, profile=self.profile)
-        self.engine = Engine(self.model, self.cache, self.tokenizer, self.profile.max_batch_tokens, runner)
+        spec = self.profile.speculative
+        self.engine = Engine(self.model, self.cache, self.tokenizer, self.profile.max_batch_tokens, runner,
+                             num_draft_tokens=spec.num_draft_tokens if spec.method == "mtp" else 0)
 
     # -- generation ---------------------------------------------------------------------------------
     def _tokenizer(self) -> Tokenizer:

@@ -16,6 +16,7 @@ from dsv3.core.cache import LatentCache
 from dsv3.core.errors import RequestError
 from dsv3.core.model import DeepseekV3
 from dsv3.core.sampling import SamplingParams, sample
+from dsv3.core.speculative import MTPDrafter, SpecStats, accept
 from dsv3.core.tokenizer import Tokenizer
 
 _ids = itertools.count()
@@ -33,6 +34,8 @@ class Sequence:
     finish_reason: str | None = None   # "stop" (EOS or stop string), "length"
     text: str = ""                     # detokenised output, cut at a stop string
     emitted: int = 0                   # characters of `text` already streamed
+    drafts: list[int] = field(default_factory=list)   # MTP proposals for the positions after the last token
+    draft_probs: list = field(default_factory=list)   # their draft distributions (sampling only)
 
     @property
     def output_ids(self) -> list[int]:
@@ -48,6 +51,7 @@ class StepOutput:
     seq: Sequence
     delta: str          # new text safe to show (held back while it may start a stop string)
     finished: bool
+    new_tokens: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -57,15 +61,18 @@ class EngineStats:
     generated_tokens: int = 0
     seconds: float = 0.0
 
+    spec: SpecStats = field(default_factory=SpecStats)
+
     def summary(self) -> str:
         rate = self.generated_tokens / self.seconds if self.seconds else 0.0
-        return (f"{self.generated_tokens} tokens generated in {self.seconds:.2f} s ({rate:.1f} tok/s), "
+        text = (f"{self.generated_tokens} tokens generated in {self.seconds:.2f} s ({rate:.1f} tok/s), "
                 f"{self.prefill_tokens} prompt tokens, {self.steps} steps")
+        return text + (f"; {self.spec.summary()}" if self.spec.verify_steps else "")
 
 
 class Engine:
     def __init__(self, model: DeepseekV3, cache: LatentCache, tokenizer: Tokenizer | None = None,
-                 max_batch_tokens: int = 2048, runner=None):
+                 max_batch_tokens: int = 2048, runner=None, num_draft_tokens: int = 0):
         self.model, self.cache, self.tokenizer = model, cache, tokenizer
         self.runner = runner or model   # runner(batch, caches) -> hidden; e.g. CUDA-graph replay
         self.max_batch_tokens = max_batch_tokens
@@ -73,6 +80,10 @@ class Engine:
         self.running: list[Sequence] = []
         self.device = cache.layers[0].device
         self.stats = EngineStats()
+        self.drafter = MTPDrafter(model, cache, num_draft_tokens) if num_draft_tokens else None
+        if self.drafter and not model.has_mtp:
+            raise RequestError("speculative decoding with MTP needs the checkpoint's MTP layer "
+                               "(num_nextn_predict_layers = 1 and its tensors); this model has none")
 
     def add(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         if not prompt_ids:
@@ -102,12 +113,13 @@ class Engine:
         decoding = [s for s in self.running if s.num_cached == len(s.token_ids) - 1]
         prefilling = [s for s in self.running if s.num_cached < len(s.token_ids) - 1]
         for s in decoding + prefilling:
-            n = min(len(s.token_ids) - s.num_cached, budget)
-            if n <= 0:
+            tokens = s.token_ids[s.num_cached:] + s.drafts
+            n = min(len(tokens), budget)
+            if n <= 0 or (s.drafts and n < len(tokens)):
                 break
             self.cache.grow(s.blocks, s.num_cached + n)
-            plan.append((s, Chunk(s.token_ids[s.num_cached: s.num_cached + n], s.num_cached, list(s.blocks),
-                                  decode=s.num_cached > 0 and n == 1)))
+            plan.append((s, Chunk(tokens[:n], s.num_cached, list(s.blocks),
+                                  decode=s.num_cached > 0 and s in decoding)))
             budget -= n
         return plan
 
@@ -119,32 +131,67 @@ class Engine:
         t0 = time.perf_counter()
         batch = Batch.build([c for _, c in plan], self.cache.block_size, self.device)
         hidden = self.runner(batch, self.cache.layers)
-        outputs = []
-        ready = [(i, s) for i, (s, c) in enumerate(plan) if s.num_cached + len(c.token_ids) == len(s.token_ids)]
-        logits = self.model.logits(hidden[[batch.last_rows[i] for i, _ in ready]]) if ready else None
-        for s, c in plan:
-            s.num_cached += len(c.token_ids)
-        for row, (_, s) in enumerate(ready):
-            token = sample(logits[row], s.params, s.generator)
-            outputs.append(self._append(s, token))
+        # rows whose logits are needed: every row of a verify chunk, the last row of a finished prompt
+        needed = []
+        for i, (s, c) in enumerate(plan):
+            if s.drafts:
+                needed.append(batch.token_rows[i])
+            elif s.num_cached + len(c.token_ids) == len(s.token_ids):
+                needed.append(batch.token_rows[i][-1:])
+            else:
+                needed.append([])
+        flat = [r for rows in needed for r in rows]
+        logits = self.model.logits(hidden[flat]) if flat else None
+        outputs, drafting, offset = [], [], 0
+        for i, (s, c) in enumerate(plan):
+            rows, start = needed[i], s.num_cached
+            if s.drafts:                                   # verify [last, d_1..d_k]
+                tokens, a = accept(logits[offset: offset + len(rows)], s.drafts, s.draft_probs, s.params, s.generator)
+                self.stats.spec.record(len(s.drafts), a)
+                s.num_cached += a + 1                       # roll back: positions after the accepted drafts are void
+            elif rows:
+                tokens = [sample(logits[offset], s.params, s.generator)]
+                s.num_cached += len(c.token_ids)
+            else:                                          # a prompt chunk that does not finish the prompt
+                tokens = []
+                s.num_cached += len(c.token_ids)
+            offset += len(rows)
+            s.drafts, s.draft_probs = [], []
+            out = self._append_all(s, tokens)
+            if out is not None:
+                outputs.append(out)
+            if self.drafter and not s.finished:
+                drafting.append((s, start, s.num_cached, hidden[batch.token_rows[i][: s.num_cached - start]]))
+        if drafting:
+            room = [(s, a, e, h) for s, a, e, h in drafting if e + self.drafter.k < self.max_context]
+            for s, *_ in room:
+                self.cache.grow(s.blocks, s.num_cached + self.drafter.k + 1)
+            if room:
+                self.drafter.draft(room, self.device)
         self.stats.steps += 1
         self.stats.prefill_tokens += sum(len(c.token_ids) for _, c in plan if not c.decode)
-        self.stats.generated_tokens += len(outputs)
+        self.stats.generated_tokens += sum(len(o.new_tokens) for o in outputs)
         self.stats.seconds += time.perf_counter() - t0
         return outputs
 
-    def _append(self, s: Sequence, token: int) -> StepOutput:
-        s.token_ids.append(token)
+    def _append_all(self, s: Sequence, tokens: list[int]) -> StepOutput | None:
+        """Append this step's tokens (one, or several after speculative verification) and post-process."""
+        if not tokens:
+            return None
+        before = len(s.output_ids)
         p = s.params
-        if not p.ignore_eos and token in self.model.cfg.eos_token_ids:
-            s.token_ids.pop()  # EOS ends the text; it is not part of it
-            s.finish_reason = "stop"
-        elif len(s.output_ids) >= p.max_new_tokens or len(s.token_ids) >= self.max_context:
-            s.finish_reason = "length"
+        for token in tokens:
+            if not p.ignore_eos and token in self.model.cfg.eos_token_ids:
+                s.finish_reason = "stop"       # EOS ends the text; it is not part of it
+                break
+            s.token_ids.append(token)
+            if len(s.output_ids) >= p.max_new_tokens or len(s.token_ids) >= self.max_context:
+                s.finish_reason = "length"
+                break
         delta = self._detokenize(s)
         if s.finished:
             self.release(s)
-        return StepOutput(s, delta, s.finished)
+        return StepOutput(s, delta, s.finished, s.output_ids[before:])
 
     def _detokenize(self, s: Sequence) -> str:
         """Update s.text; return the newly visible part. Stops at (and drops) the first stop string."""

@@ -1,0 +1,132 @@
+"""MTP speculative decoding: greedy equality, distribution-preserving rejection sampling, cache rollback."""
+import random
+
+import pytest
+import torch
+
+from dsv3 import LLM
+from dsv3.core.batch import Batch, Chunk
+from dsv3.core.cache import LatentCache
+from dsv3.core.sampling import SamplingParams, target_probs
+from dsv3.core.speculative import MTPDrafter, accept
+
+from helpers import make_checkpoint, random_prompts, tiny_config
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path, _ = make_checkpoint(tmp_path_factory.mktemp("m") / "tiny", tiny_config(vocab_size=96), seed=3, std=0.3)
+    return path
+
+
+def _oracle_drafts(monkeypatch, reference: dict, wrong_rate: float, rng: random.Random):
+    """Make the drafter propose the true greedy continuation, corrupted at `wrong_rate`: exercises
+    full acceptance, partial acceptance and rejection deterministically against a known answer."""
+    def propose(seq, logits):
+        truth = reference[tuple(seq.token_ids[: seq.prompt_len])]
+        j = len(seq.output_ids) + len(seq.drafts)
+        tok = truth[j] if j < len(truth) else 5
+        if rng.random() < wrong_rate:
+            tok = (tok + 1 + rng.randrange(90)) % 96
+        seq.drafts.append(tok)
+    monkeypatch.setattr(MTPDrafter, "_propose", staticmethod(propose))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_greedy_speculation_equals_plain_decoding(ckpt, monkeypatch, k):
+    seed = random.randrange(2**31)
+    plain = LLM(ckpt, backend="cpu", **{"kv_cache.block_size": 8})
+    spec = LLM(ckpt, backend="cpu", **{"kv_cache.block_size": 8, "speculative.method": "mtp",
+                                       "speculative.num_draft_tokens": k})
+    prompts = random_prompts(96, [1, 7, 3, 20, 9, 2], seed)
+    for batch in (prompts[:1], prompts[1:4], prompts):            # several batch compositions
+        want, _ = plain.generate_ids(batch, max_new_tokens=17, ignore_eos=True)
+        got, _ = spec.generate_ids(batch, max_new_tokens=17, ignore_eos=True)   # the real (random) MTP drafts
+        assert got == want
+        reference = {tuple(p): w for p, w in zip(batch, want)}
+        _oracle_drafts(monkeypatch, reference, wrong_rate=0.3, rng=random.Random(seed))
+        spec.engine.stats.spec.__init__()
+        got, _ = spec.generate_ids(batch, max_new_tokens=17, ignore_eos=True)
+        monkeypatch.undo()
+        assert got == want, f"k={k} seed={seed}"
+        acc = spec.engine.stats.spec
+        assert 0 < sum(acc.accepted) < sum(acc.proposed)            # both paths were taken
+    assert spec.cache.allocator.num_free == spec.cache.num_blocks
+
+
+def _chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    keep = probs > 0
+    assert counts[~keep].sum() == 0, "sampled a token the target excludes"
+    n = counts.sum()
+    expected = probs[keep] * n
+    stat = ((counts[keep] - expected) ** 2 / expected).sum()
+    df = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), stat.double() / 2))
+
+
+def test_rejection_sampling_preserves_the_target_distribution():
+    """First emitted token ~ p_0 and, after an accepted first draft, the second ~ p_1, with top-k applied
+    to draft and target alike. Chi-square test per position at significance 1e-4 (fresh distributions)."""
+    torch.manual_seed(random.randrange(2**31))
+    vocab, k, n = 8, 2, 40_000
+    params = SamplingParams(temperature=0.8, top_k=6)
+    target_logits = torch.randn(k + 1, vocab) * 2
+    draft_logits = torch.randn(k, vocab) * 2
+    q = [target_probs(draft_logits[j], params) for j in range(k)]
+    p = target_probs(target_logits, params)
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    first, second = torch.zeros(vocab), torch.zeros(vocab)
+    for _ in range(n):
+        drafts = [int(torch.multinomial(q[j], 1, generator=gen)) for j in range(k)]
+        tokens, a = accept(target_logits, drafts, q, params, gen)
+        first[tokens[0]] += 1
+        if a >= 1:
+            second[tokens[1]] += 1
+    assert _chi2_pvalue(first, p[0]) > 1e-4
+    assert _chi2_pvalue(second, p[1]) > 1e-4
+    # the plain sampler, for scale: the same test on direct draws from p_0
+    direct = torch.bincount(torch.multinomial(p[0], n, replacement=True, generator=gen), minlength=vocab).float()
+    assert _chi2_pvalue(direct, p[0]) > 1e-4
+
+
+def test_sampled_speculation_runs_and_is_seeded(ckpt):
+    spec = LLM(ckpt, backend="cpu", **{"speculative.method": "mtp", "speculative.num_draft_tokens": 2})
+    prompts = random_prompts(96, [5, 9], random.randrange(2**31))
+    a, _ = spec.generate_ids(prompts, max_new_tokens=12, temperature=0.9, top_p=0.9, seed=4, ignore_eos=True)
+    b, _ = spec.generate_ids(prompts, max_new_tokens=12, temperature=0.9, top_p=0.9, seed=4, ignore_eos=True)
+    assert a == b and all(len(x) == 12 for x in a)
+
+
+def test_cache_rollback_matches_plain_decoding(ckpt, monkeypatch):
+    """After steps with rejections, the main cache equals plain decoding's over the accepted tokens, and
+    the MTP cache equals a fresh MTP pass over them."""
+    plain = LLM(ckpt, backend="cpu", **{"kv_cache.block_size": 4})
+    spec = LLM(ckpt, backend="cpu", **{"kv_cache.block_size": 4, "speculative.method": "mtp",
+                                       "speculative.num_draft_tokens": 3})
+    prompt = random_prompts(96, [6], random.randrange(2**31))[0]
+    want, _ = plain.generate_ids([prompt], max_new_tokens=30, ignore_eos=True)
+    _oracle_drafts(monkeypatch, {tuple(prompt): want[0]}, wrong_rate=0.4, rng=random.Random(1))
+    eng = spec.engine
+    seq = eng.add(prompt, SamplingParams(max_new_tokens=30, ignore_eos=True))
+    for _ in range(6):
+        eng.step()
+    assert not seq.finished and sum(eng.stats.spec.accepted) < sum(eng.stats.spec.proposed)
+    n = seq.num_cached
+    assert seq.token_ids == prompt + want[0][: len(seq.output_ids)]
+
+    def slots(blocks, count):
+        return torch.tensor([blocks[i // 4] * 4 + i % 4 for i in range(count)])
+
+    # the same tokens through a fresh cache without speculation: main layers over positions 0..n-1,
+    # the MTP layer over slots 0..n-1 with the true hidden states
+    cache = LatentCache(plain.model.num_cache_layers, 32, 4, plain.config.latent_dim, torch.float32, "cpu")
+    blocks = cache.allocator.allocate(cache.blocks_needed(n + 1))
+    with torch.inference_mode():
+        b = Batch.build([Chunk(seq.token_ids[:n], 0, blocks)], 4, "cpu")
+        hidden = plain.model(b, cache.layers)
+        m = Batch.build([Chunk(seq.token_ids[1:n + 1], 0, blocks)], 4, "cpu")
+        plain.model.mtp_hidden(m.input_ids, hidden, m, cache.layers)
+    for layer in range(plain.model.num_cache_layers):
+        ours = spec.cache.layers[layer].view(-1, plain.config.latent_dim)[slots(seq.blocks, n)]
+        theirs = cache.layers[layer].view(-1, plain.config.latent_dim)[slots(blocks, n)]
+        assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5), f"cache layer {layer}"
