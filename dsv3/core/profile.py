@@ -154,6 +154,20 @@ def with_overrides(profile: Profile, overrides: dict) -> Profile:
     return replace(_build(Profile, data, f"{profile.source} + command-line overrides"), source=profile.source)
 
 
+def select_profile(registry, backend: str | None = None, profile: str | None = None,
+                   overrides: dict | None = None) -> Profile:
+    """The profile a command runs with: `profile` (a name or path) if given, else `backend`'s default
+    profile, else `cpu`; then `overrides` (CLI flags, dotted keys, None = not given) on top."""
+    if profile is not None:
+        chosen = load_profile(profile)
+        if backend is not None and registry.backend(backend).name != registry.backend(chosen.backend).name:
+            raise ProfileError(f"--backend {backend} contradicts profile {chosen.source} (backend {chosen.backend!r}); "
+                               f"give one or the other, or override the profile's backend with a profile of your own")
+    else:
+        chosen = load_profile(registry.backend(backend or "cpu").default_profile)
+    return with_overrides(chosen, overrides or {})
+
+
 def validate_for_backend(profile: Profile, spec) -> None:
     """Checks that need the backend's declaration; run before any weight is loaded."""
     if profile.weight_format != "auto" and profile.weight_format not in spec.weight_formats:

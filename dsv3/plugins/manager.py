@@ -154,17 +154,23 @@ def _collect_backends(reg: Registry) -> None:
                 reg.aliases[n.lower()] = spec.name
 
 
-def resolve_ops(reg: Registry, backend: str, pins: dict[str, str] | None = None,
-                strict: bool = False, warn: Callable[[str], None] = _warn) -> Ops:
-    """The op table for `backend`: per op, the pinned plugin's, else the first plugin's that
-    provides it for this backend, else the reference backend's (one warning per op; an error
-    if `strict`). Runs once per model build."""
+@dataclass(frozen=True)
+class OpChoice:
+    """Where one op of a backend's table comes from."""
+    plugin: str          # the plugin whose implementation is used
+    fn: Callable
+    fallback: bool       # True: the backend has none, the reference implementation stands in
+
+
+def plan_ops(reg: Registry, backend: str, pins: dict[str, str] | None = None) -> dict[str, OpChoice]:
+    """Per op: the pinned plugin's implementation, else the latest-registered plugin's that provides
+    it for `backend`, else the reference one (marked as a fallback)."""
     from dsv3.backends.reference.ops import OPS as REFERENCE_OPS
     spec = reg.backend(backend)
     offers = reg.op_impls(spec.name)
     offered = dict(offers)
-    offered.setdefault("cpu", REFERENCE_OPS)  # pinning an op to "cpu" means the reference op
-    impls, providers, fallbacks = {}, {}, []
+    offered.setdefault(REFERENCE_BACKEND, REFERENCE_OPS)  # pinning an op to "cpu" means the reference op
+    plan = {}
     for op in OP_NAMES:
         if op in (pins or {}):
             source = offered.get(pins[op], {})
@@ -172,17 +178,27 @@ def resolve_ops(reg: Registry, backend: str, pins: dict[str, str] | None = None,
                 raise PluginError(f"profile pins op {op!r} to plugin {pins[op]!r}, which provides no {op!r} "
                                   f"for backend {spec.name!r}; plugins offering it: "
                                   f"{[n for n, o in offers if op in o] or 'none'}")
-            impls[op], providers[op] = source[op], pins[op]
+            plan[op] = OpChoice(pins[op], source[op], fallback=False)
             continue
         chosen = next(((n, o[op]) for n, o in offers if op in o), None)
-        if chosen is None:
-            fallbacks.append(op)
-            chosen = ("cpu", REFERENCE_OPS[op])
-        providers[op], impls[op] = chosen
-    if fallbacks and spec.name != REFERENCE_BACKEND:
-        if strict:
-            raise PluginError(f"backend {spec.name!r} has no implementation of {fallbacks} and the profile "
-                              f"is strict; drop `strict: true` to use the reference ops for them")
-        for op in fallbacks:
-            warn(f"backend {spec.name!r} has no {op!r}; using the reference implementation")
-    return Ops.from_mapping(impls, providers)
+        plan[op] = (OpChoice(*chosen, fallback=False) if chosen
+                    else OpChoice(REFERENCE_BACKEND, REFERENCE_OPS[op], fallback=True))
+    return plan
+
+
+def resolve_ops(reg: Registry, backend: str, pins: dict[str, str] | None = None,
+                strict: bool = False, warn: Callable[[str], None] = _warn) -> Ops:
+    """The op table for `backend` (see `plan_ops`): one warning line per op that falls back to the
+    reference, or a PluginError listing them all if `strict`. Runs once per model build."""
+    spec = reg.backend(backend)
+    plan = plan_ops(reg, spec.name, pins)
+    fallbacks = [op for op, c in plan.items() if c.fallback]
+    if fallbacks and strict:
+        raise PluginError(f"backend {spec.name!r} has no implementation of {', '.join(fallbacks)} and the profile "
+                          f"is strict; drop `strict: true` to run the reference ops for them, or pin them "
+                          f"(`ops: {{{fallbacks[0]}: cpu}}`)")
+    for op in fallbacks:
+        warn(f"backend {spec.name!r} has no {op!r}; using the reference implementation")
+    return Ops.from_mapping({op: c.fn for op, c in plan.items()},
+                           {op: f"{c.plugin} (reference fallback)" if c.fallback else c.plugin
+                            for op, c in plan.items()})
