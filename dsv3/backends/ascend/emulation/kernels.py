@@ -43,6 +43,12 @@ def _undefined_like(t: torch.Tensor) -> torch.Tensor:
     return torch.full_like(t, float("nan")) if t.is_floating_point() else torch.zeros_like(t)
 
 
+def _int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 @ int8 with the exact int32 result the NPU accumulates. Computed in float64 (BLAS-fast on
+    CPU): every product is <= 2^14 and K <= 65535, so each sum is an integer below 2^31 < 2^53, exact."""
+    return (a.double() @ b.double()).to(torch.int32)
+
+
 _HALF = (torch.float16, torch.bfloat16)
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -96,7 +102,7 @@ def npu_quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=No
     else:
         raise EmulationError(f"{op}: with pertoken_scale the output dtype must be bfloat16 or float16, "
                              f"got {output_dtype}")
-    acc = x1.to(torch.int32) @ x2.to(torch.int32)                      # exact int32 accumulation
+    acc = _int_matmul(x1, x2)                                           # exact int32 accumulation
     out = acc.float() * scale.float() * pertoken_scale.float().unsqueeze(-1)
     if bias is not None:
         _require(bias.dim() == 1 and bias.shape[0] == n and bias.dtype in _FLOAT, op,
@@ -307,7 +313,7 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
         if s1 == s0:
             continue
         if quantised:
-            acc = a[s0:s1].to(torch.int32) @ w[g].to(torch.int32)                 # exact int32 sums
+            acc = _int_matmul(a[s0:s1], w[g])                                     # exact int32 sums
             yg = acc.float() * scale[0][g].float() * per_token_scale[0][s0:s1].unsqueeze(-1)
         else:
             yg = a[s0:s1].float() @ w[g].float()
