@@ -21,15 +21,15 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
 from dsv3.backends.reference import ops as reference
 from dsv3.core.ops import ExpertWeights, GateSpec
-from dsv3.core.quant import FP8_MAX, fp8_fn_to_fnuz, quantize_fp8_block, quantize_int8_channel
-from dsv3.core.weights import BLOCK, QuantWeight, expand_block_scale
+from dsv3.core.quant import fp8_fn_to_fnuz, quantize_fp8_block, quantize_int8_channel
+from dsv3.core.weights import BLOCK, QuantWeight
 
 # DeepSeek-V3 (671B) per-layer dimensions, from its config.json.
 V3 = dict(hidden=7168, q_lora_rank=1536, kv_lora_rank=512, heads=128, qk_nope=128, qk_rope=64, v_head=128,
@@ -38,21 +38,21 @@ V3 = dict(hidden=7168, q_lora_rank=1536, kv_lora_rank=512, heads=128, qk_nope=12
 
 FP8_UNIT_ROUNDOFF = 2.0 ** -4    # e4m3: 3 mantissa bits, round to nearest -> |relative error| <= 2^-4
 FP8_ULP = 2.0 ** -3              # one e4m3 step, relative to the top of its binade
-INT8_STEP = 1.0 / 127            # per-token int8: one step relative to the row's amax
+INT8_BOUND = 3.0 / 127           # per-token int8: 3 steps relative to the row's amax
 
 
 def tolerance(op: str, dtype: torch.dtype, weight_format: str = "dense", cache_dtype: torch.dtype | None = None) -> float:
     """The largest acceptable max|error| / max|reference| for `op` with activations in `dtype`.
 
-    eps = torch.finfo(dtype).eps (bf16 2^-7, fp16 2^-10, fp32 2^-23). Elementwise ops round once
-    into `dtype` (<= eps/2 of an element, so of the max): 2 eps. Reductions (GEMMs, attention) may
-    also round intermediates (FlashAttention rounds P to bf16) and sum in another order: 4 eps,
-    never below 2e-6 (fp32 sums of thousands of terms). Dynamic activation quantisation adds, per
-    product, a relative error up to the format's unit roundoff u (fp8 e4m3: 2^-4 per element;
-    int8 per token: amax/254 absolute); those errors have random signs, so the error of a dot
-    product relative to the output's max stays near u/sqrt(3) in theory and ~u/2 in practice:
-    the bound is u (fp8) or 4/127 (int8, allowing activations up to 8x their rms), doubled for
-    the expert MLP, which quantises twice (gate/up input, then down input).
+    eps = torch.finfo(dtype).eps (bf16 2^-7, fp16 2^-10, fp32 2^-23). Elementwise ops round once or
+    twice into `dtype` (each <= eps/2 of an element, so of the max): 2 eps. Reductions (GEMMs,
+    attention) also sum in another order and may round intermediates (FlashAttention rounds P to
+    bf16): 2 eps too, never below 2e-6 (fp32 sums of thousands of terms). Dynamic activation
+    quantisation adds, per product, a random-signed error: fp8 e4m3 rounds each element to within
+    u = 2^-4 of itself, and the dot product's error relative to the output's max stays below u
+    (measured ~0.45 u at V3's shapes); int8 per token rounds to within amax/254, bounded by 3/127
+    (measured ~1/90). The expert MLP quantises twice (gate/up input, then the down input): 2x.
+    Gathers and cache writes must be exact (one fp8 step for an fp8 cache).
     """
     eps = torch.finfo(dtype).eps
     if op == "embedding":
@@ -61,13 +61,11 @@ def tolerance(op: str, dtype: torch.dtype, weight_format: str = "dense", cache_d
         return FP8_ULP if cache_dtype is not None and cache_dtype.is_floating_point and cache_dtype.itemsize == 1 else 0.0
     if op == "quantize_act":
         return FP8_ULP   # dequantised values may differ by one fp8 step (rounding mode); scales must match to 1e-5
-    if op in ("rms_norm", "add_rms_norm", "rope", "silu_mul", "moe_gate"):
-        return max(2 * eps, 2e-6)
-    reduction = max(4 * eps, 2e-6)
+    base = max(2 * eps, 2e-6)
     if op in ("linear", "moe_experts") and weight_format != "dense":
-        quant = FP8_UNIT_ROUNDOFF if weight_format.startswith("fp8") else 4 * INT8_STEP
-        return reduction + quant * (2 if op == "moe_experts" else 1)
-    return reduction
+        quant = FP8_UNIT_ROUNDOFF if weight_format.startswith("fp8") else INT8_BOUND
+        return base + quant * (2 if op == "moe_experts" else 1)
+    return base
 
 
 @dataclass(frozen=True)
@@ -77,6 +75,7 @@ class CheckSetting:
     dtype: torch.dtype = torch.float32
     weight_formats: tuple[str, ...] = ("dense",)   # each is checked at small shapes; the first at real shapes
     cache_dtype: torch.dtype | None = None         # None: the activation dtype
+    block_size: int = 64                           # latent cache tokens per block
     ue8m0: bool = False
 
     @classmethod
@@ -87,7 +86,8 @@ class CheckSetting:
         formats += tuple(f for f in spec.weight_formats if f not in formats)
         cache = None if profile.kv_cache.dtype == "auto" else getattr(torch, profile.kv_cache.dtype)
         return cls(device=torch.device(device or profile.device or spec.device_type), dtype=getattr(torch, profile.dtype),
-                   weight_formats=formats, cache_dtype=cache, ue8m0=bool(profile.ue8m0))
+                   weight_formats=formats, cache_dtype=cache, block_size=profile.kv_cache.block_size,
+                   ue8m0=bool(profile.ue8m0))
 
 
 @dataclass(frozen=True)
@@ -353,8 +353,8 @@ def _cases_for(ops, setting: CheckSetting, inp: Inputs, d: dict, formats, real: 
                            (inp.randn(t, in_f, dtype=dt), inp.weight(out_f, in_f, fmt, dt)), tol("linear", fmt),
                            compare_tensors)
     if "write_latent_cache" in ops:
-        block_size, width = (64, d["kv_lora_rank"] + d["qk_rope"])
-        num_blocks = 40 if real else 3
+        block_size, width = setting.block_size, d["kv_lora_rank"] + d["qk_rope"]
+        num_blocks = max(2560 // block_size, 2) if real else 3
         n = min(t * 4, num_blocks * block_size)
         slots = inp.randperm(num_blocks * block_size)[:n]
         yield Case("write_latent_cache", f"cache[{num_blocks},{block_size},{width}] {n} slots",
@@ -369,8 +369,9 @@ def _cases_for(ops, setting: CheckSetting, inp: Inputs, d: dict, formats, real: 
                     _cu(q_lens, dev), _cu(k_lens, dev), dqk ** -0.5), tol("mla_prefill"), compare_tensors)
     if "mla_decode" in ops:
         h, c, r = d["heads"], d["kv_lora_rank"], d["qk_rope"]
-        block_size = 64
-        context = [1, 63, 64, 65, 1000, 2048] if real else [1, 5, 64, 130]
+        block_size = setting.block_size
+        context = ([1, block_size - 1, block_size, block_size + 1, 1000, 2048] if real
+                   else [1, 5, block_size, 2 * block_size + 2])
         cache, table = _paged(inp, context, block_size, c + r, cache_dtype)
         n = len(context)
         yield Case("mla_decode", f"q[{n},{h},{c}+{r}] cache[{cache.shape[0]},{block_size},{c + r}] ctx{context}",
