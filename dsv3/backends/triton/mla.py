@@ -1,0 +1,194 @@
+"""MLA attention kernels.
+
+Decode (absorbed): each query head attends in latent space over the paged cache
+[num_blocks, block_size, C + R]; one program owns BLOCK_H heads of one token and one split of its
+context, so the cached latent rows it streams are shared by BLOCK_H heads (the cache is read
+H / BLOCK_H times in total, adjacent programs read the same rows while they are in L2). Splits
+write fp32 partial outputs with their log-sum-exp, `mla_decode_combine_kernel` merges them. The
+cache may be bf16 or fp8 (e4m3, unscaled, as the reference casts it); rows are converted to the
+query's dtype before the dot. Softmax runs in base 2 (scale pre-multiplied by log2 e).
+
+Prefill (naive, expanded): flash attention over ragged sequences, qk head dim = nope + rope
+(128 + 64: two dots, no padding to 256), v head dim 128, causal with queries aligned to the end
+of their keys.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from dsv3.backends.triton.tuning import Target, mla_decode_config, mla_decode_splits, mla_prefill_config
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def mla_decode_kernel(ql_ptr, qr_ptr, cache_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, H, tokens_per_split, scale,
+                      stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_cb, stride_cs, stride_bt,
+                      stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
+                      C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+                      PAGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr):
+    hb, t, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    c = tl.arange(0, BLOCK_C)
+    r = tl.arange(0, BLOCK_R)
+    hmask = heads < H
+    ql = tl.load(ql_ptr + t * stride_qlt + heads[:, None] * stride_qlh + c[None, :],
+                 mask=hmask[:, None] & (c[None, :] < C), other=0.0)                           # [BH, BC]
+    qr = tl.load(qr_ptr + t * stride_qrt + heads[:, None] * stride_qrh + r[None, :],
+                 mask=hmask[:, None] & (r[None, :] < R), other=0.0)                           # [BH, BR]
+    ctx = tl.load(lens_ptr + t)
+    start = s * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, ctx)
+    m_i = tl.full((BLOCK_H,), -1.0e30, dtype=tl.float32)  # finite: fully masked rows give 0, not NaN
+    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < end
+        page = tl.load(bt_ptr + t * stride_bt + n // PAGE, mask=nmask, other=0).to(tl.int64)
+        row = cache_ptr + page * stride_cb + (n % PAGE) * stride_cs                          # [BN]
+        kv = tl.load(row[:, None] + c[None, :], mask=nmask[:, None] & (c[None, :] < C), other=0.0).to(ql.dtype)
+        kr = tl.load(row[:, None] + C + r[None, :], mask=nmask[:, None] & (r[None, :] < R), other=0.0).to(qr.dtype)
+        score = tl.dot(ql, tl.trans(kv)) + tl.dot(qr, tl.trans(kr))                           # [BH, BN]
+        score = tl.where(nmask[None, :], score * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(score, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(score - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv)
+        m_i = m_new
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    omask = hmask[:, None] & (c[None, :] < C)
+    if DIRECT:
+        tl.store(o_ptr + t * stride_ot + heads[:, None] * stride_oh + c[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=omask)
+    else:
+        tl.store(o_ptr + t * stride_ot + heads[:, None] * stride_oh + s * stride_os + c[None, :], out, mask=omask)
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + t * stride_lt + heads * stride_lh + s, lse, mask=hmask)
+
+
+@triton.jit
+def mla_decode_combine_kernel(o_part_ptr, lse_ptr, out_ptr, H, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
+                              stride_ot, stride_oh, S, C: tl.constexpr, BLOCK_S: tl.constexpr,
+                              BLOCK_C: tl.constexpr):
+    t, h = tl.program_id(0), tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    c = tl.arange(0, BLOCK_C)
+    lse = tl.load(lse_ptr + t * stride_lt + h * stride_lh + s, mask=s < S, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, axis=0))                                                   # [BS]
+    part = tl.load(o_part_ptr + t * stride_pt + h * stride_ph + s[:, None] * stride_ps + c[None, :],
+                   mask=(s[:, None] < S) & (c[None, :] < C), other=0.0)
+    out = tl.sum(part * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + c, out.to(out_ptr.dtype.element_ty), mask=c < C)
+
+
+def mla_decode(target: Target, q_latent, q_rope, cache, block_table, context_lens, scale):
+    t, nh, c = q_latent.shape
+    r = q_rope.shape[-1]
+    out = torch.empty((t, nh, c), dtype=q_latent.dtype, device=q_latent.device)
+    if t == 0:
+        return out
+    if q_latent.stride(-1) != 1:
+        q_latent = q_latent.contiguous()
+    if q_rope.stride(-1) != 1:
+        q_rope = q_rope.contiguous()
+    cfg = mla_decode_config(target, nh)
+    page = cache.shape[1]
+    head_blocks = triton.cdiv(nh, cfg.block_h)
+    # splits from the block table's width: an upper bound known on the host (no sync, graph-safe)
+    max_ctx = block_table.shape[1] * page
+    splits = mla_decode_splits(target, t, head_blocks, max_ctx, cfg.block_n)
+    per_split = triton.cdiv(triton.cdiv(max_ctx, splits), cfg.block_n) * cfg.block_n
+    splits = triton.cdiv(max_ctx, per_split)
+    direct = splits == 1
+    if direct:
+        o, lse = out, out
+        so = (out.stride(0), out.stride(1), 0)
+        sl = (0, 0)
+    else:
+        o = torch.empty((t, nh, splits, c), dtype=torch.float32, device=q_latent.device)
+        lse = torch.empty((t, nh, splits), dtype=torch.float32, device=q_latent.device)
+        so = (o.stride(0), o.stride(1), o.stride(2))
+        sl = (lse.stride(0), lse.stride(1))
+    mla_decode_kernel[(head_blocks, t, splits)](
+        q_latent, q_rope, cache, block_table, context_lens, o, lse, nh, per_split, scale * LOG2E,
+        q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1), cache.stride(0), cache.stride(1),
+        block_table.stride(0), *so, *sl,
+        C=c, R=r, BLOCK_C=triton.next_power_of_2(c), BLOCK_R=max(16, triton.next_power_of_2(r)), PAGE=page,
+        BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, DIRECT=direct,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.extra)
+    if not direct:
+        mla_decode_combine_kernel[(t, nh)](
+            o, lse, out, nh, o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+            out.stride(0), out.stride(1), splits, C=c, BLOCK_S=max(2, triton.next_power_of_2(splits)),
+            BLOCK_C=triton.next_power_of_2(c), num_warps=4)
+    return out
+
+
+@triton.jit
+def mla_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_q_ptr, cu_k_ptr, scale,
+                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                       DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr, BLOCK_DN: tl.constexpr,
+                       BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    mb, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q0 = tl.load(cu_q_ptr + b)
+    lq = tl.load(cu_q_ptr + b + 1) - q0
+    k0 = tl.load(cu_k_ptr + b)
+    lk = tl.load(cu_k_ptr + b + 1) - k0
+    i = mb * BLOCK_M + tl.arange(0, BLOCK_M)                    # query index within the sequence
+    imask = i < lq
+    last_key = lk - lq + i                                      # query i sees keys 0..last_key
+    dn, dr, dv = tl.arange(0, BLOCK_DN), tl.arange(0, BLOCK_DR), tl.arange(0, BLOCK_DV)
+    q_rows = q_ptr + (q0 + i)[:, None].to(tl.int64) * stride_qt + h * stride_qh
+    qn = tl.load(q_rows + dn[None, :], mask=imask[:, None] & (dn[None, :] < DN), other=0.0)
+    qr = tl.load(q_rows + DN + dr[None, :], mask=imask[:, None] & (dr[None, :] < DR), other=0.0)
+    m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+    hi = tl.where(mb * BLOCK_M < lq, tl.minimum(lk, lk - lq + (mb + 1) * BLOCK_M), 0)
+    for n0 in range(0, hi, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < lk
+        k_rows = k_ptr + (k0 + n)[:, None].to(tl.int64) * stride_kt + h * stride_kh
+        kn = tl.load(k_rows + dn[None, :], mask=nmask[:, None] & (dn[None, :] < DN), other=0.0)
+        kr = tl.load(k_rows + DN + dr[None, :], mask=nmask[:, None] & (dr[None, :] < DR), other=0.0)
+        v = tl.load(v_ptr + (k0 + n)[:, None].to(tl.int64) * stride_vt + h * stride_vh + dv[None, :],
+                    mask=nmask[:, None] & (dv[None, :] < DV), other=0.0)
+        score = tl.dot(qn, tl.trans(kn)) + tl.dot(qr, tl.trans(kr))
+        visible = (n[None, :] <= last_key[:, None]) & nmask[None, :]
+        score = tl.where(visible, score * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(score, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(score - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(o_ptr + (q0 + i)[:, None].to(tl.int64) * stride_ot + h * stride_oh + dv[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=imask[:, None] & (dv[None, :] < DV))
+
+
+def mla_prefill(target: Target, q, k, v, cu_seqlens_q, cu_seqlens_k, scale):
+    tq, nh, dqk = q.shape
+    dv = v.shape[-1]
+    out = torch.empty((tq, nh, dv), dtype=q.dtype, device=q.device)
+    if tq == 0:
+        return out
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    # q.k over 192 dims = two dots, over the largest power of two (128: nope) and the rest (64: rope);
+    # any split gives the same sum, this one wastes no lanes on V3's shapes
+    dn = 1 << (dqk.bit_length() - 1)
+    dr = dqk - dn
+    cfg = mla_prefill_config(target)
+    lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+    max_q = int(lens.max())   # one host sync per prefill call: the grid's height (prefill is never graph-captured)
+    grid = (triton.cdiv(max_q, cfg.block_h), nh, lens.shape[0])
+    mla_prefill_kernel[grid](
+        q, k, v, out, cu_seqlens_q, cu_seqlens_k, scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        DN=dn, DR=dr, DV=dv, BLOCK_DN=max(16, triton.next_power_of_2(dn)), BLOCK_DR=max(16, triton.next_power_of_2(dr)),
+        BLOCK_DV=max(16, triton.next_power_of_2(dv)), BLOCK_M=cfg.block_h, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.extra)
+    return out

@@ -1,0 +1,86 @@
+"""The op table built from the shared Triton kernels for one target (cuda, gfx942, gfx950).
+
+`make_ops(target)` returns {op name: callable} in the signatures of dsv3.core.ops.OpSpecs. The
+NVIDIA backend adds its cuBLAS dispatch for large-M FP8 GEMMs on top (dsv3.backends.nvidia.ops).
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from dsv3.backends.reference import ops as reference
+from dsv3.backends.triton import elementwise, gate, mla, moe, norm
+from dsv3.backends.triton.gemm import fp8_gemm
+from dsv3.backends.triton.quant import act_quant
+from dsv3.backends.triton.tuning import QUANT_IN_GEMM_MAX_M, Target, gemm_config
+from dsv3.core.quant import FP8_MAX
+from dsv3.core.weights import QuantWeight
+
+FP8_FORMATS = ("fp8-block", "fp8-fnuz")
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        print(f"dsv3: warning: {msg}", file=sys.stderr)
+
+
+def triton_linear(target: Target, x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+    """FP8 block-scaled linear through the Triton GEMM alone (what AMD runs; NVIDIA below its cuBLAS threshold).
+    The activation is quantised per 1x128 group in the weight's FP8 dtype (fnuz's max on MI300)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    m, k = x2.shape
+    n = w.out_features
+    cfg = gemm_config(target, m, n, k)
+    fmax = FP8_MAX[w.data.dtype]
+    if m <= QUANT_IN_GEMM_MAX_M:   # quantised inside the GEMM: one launch
+        y = fp8_gemm(x2 if x2.stride(-1) == 1 else x2.contiguous(), None, w.data, w.scale, x.dtype, cfg, fp8_max=fmax)
+    else:
+        xq, xs = act_quant(x2, w.data.dtype)
+        y = fp8_gemm(xq, xs, w.data, w.scale, x.dtype, cfg, fp8_max=fmax)
+    return y.view(*shape[:-1], n)
+
+
+def make_ops(target: Target, fp8_linear=None) -> dict:
+    """The shared op table. `fp8_linear(x, w)` overrides the FP8 GEMM dispatch (NVIDIA's cuBLAS/Triton choice)."""
+    fp8_linear = fp8_linear or (lambda x, w: triton_linear(target, x, w))
+
+    def linear(x, w: QuantWeight):
+        if w.format in FP8_FORMATS:
+            return fp8_linear(x, w)
+        if w.format == "dense":   # BF16 GEMM: cuBLAS / hipBLASLt already run these at the floor
+            return F.linear(x, w.data if w.data.dtype == x.dtype else w.data.to(x.dtype))
+        raise ValueError(f"backend {target.name!r} cannot run weight format {w.format!r}; "
+                         f"convert the checkpoint to fp8-block or dense")
+
+    def quantize_act(x, dtype, ue8m0):
+        return act_quant(x, dtype, ue8m0)
+
+    def moe_experts(x, topk_weights, topk_ids, experts):
+        if experts.gate.format not in FP8_FORMATS:
+            # unquantised experts (cuda-bf16 profile) are not what the fused kernel is built for: the
+            # reference's per-expert torch loop runs them (correct, host-synchronising, not fast)
+            _warn_once("moe_experts on dense weights uses the reference per-expert loop; "
+                       "weight_format fp8-block runs the fused Triton MoE")
+            return reference.moe_experts(x, topk_weights, topk_ids, experts)
+        return moe.moe_experts(target, x, topk_weights, topk_ids, experts)
+
+    return {
+        # a row gather at copy bandwidth: torch's embedding kernel is already at the floor
+        "embedding": F.embedding,
+        "rms_norm": norm.rms_norm,
+        "add_rms_norm": norm.add_rms_norm,
+        "rope": elementwise.rope,
+        "linear": linear,
+        "silu_mul": elementwise.silu_mul,
+        "quantize_act": quantize_act,
+        "write_latent_cache": elementwise.write_latent_cache,
+        "mla_prefill": lambda q, k, v, cu_q, cu_k, scale: mla.mla_prefill(target, q, k, v, cu_q, cu_k, scale),
+        "mla_decode": lambda ql, qr, cache, bt, lens, scale: mla.mla_decode(target, ql, qr, cache, bt, lens, scale),
+        "moe_gate": gate.moe_gate,
+        "moe_experts": moe_experts,
+    }

@@ -1,0 +1,131 @@
+"""Per-vendor tuning tables: the only place NVIDIA and AMD differ besides the FP8 dtype.
+
+A `Target` names the hardware a table is for: "cuda" (Hopper, sm_90), "gfx942" (MI300X/MI325X),
+"gfx950" (MI350X/MI355X). Each function maps a problem shape to launch parameters. AMD entries
+add the ROCm compiler knobs: `waves_per_eu` (occupancy hint), `matrix_instr_nonkdim` (16 -> the
+16x16 MFMA, better for FP8 than 32x32 at these tile sizes) and `kpack` (2 packs two K-steps per
+MFMA on gfx942; gfx950 takes only 1). AMD numbers follow the shapes AMD's own Triton GEMM tables
+use (num_stages 2: the AMD stream pipeliner's depth); they are compiled in CI but never timed here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import triton
+
+AMD_ARCHS = ("gfx942", "gfx950")
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str                   # "cuda", "gfx942", "gfx950"
+    fp8_dtype: torch.dtype      # float8_e4m3fn (Hopper, gfx950) or float8_e4m3fnuz (gfx942)
+    num_sms: int = 132          # streaming multiprocessors / compute units, for split decisions
+
+    @property
+    def is_amd(self) -> bool:
+        return self.name in AMD_ARCHS
+
+    def amd_knobs(self, waves_per_eu: int = 2, nonkdim: int = 16) -> dict:
+        if not self.is_amd:
+            return {}
+        return {"waves_per_eu": waves_per_eu, "matrix_instr_nonkdim": nonkdim,
+                "kpack": 2 if self.name == "gfx942" else 1}
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    split_k: int = 1
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+    extra: dict = field(default_factory=dict)
+
+
+def _split_for(target: Target, tiles: int, k_steps: int, waves: float, min_steps: int) -> int:
+    """Split K until the grid covers `waves` x the SMs, keeping >= min_steps K steps per program."""
+    want = triton.cdiv(int(target.num_sms * waves), tiles)
+    return max(1, min(want, k_steps // min_steps))
+
+
+def gemm_config(target: Target, m: int, n: int, k: int) -> GemmConfig:
+    k_steps = triton.cdiv(k, 128)
+    if target.is_amd:
+        stages, knobs = 2, target.amd_knobs()
+        if m <= 16:
+            bn = 64
+            split = _split_for(target, triton.cdiv(n, bn), k_steps, 2, 4)
+            return GemmConfig(16, bn, split, 1, 4, stages, target.amd_knobs(waves_per_eu=0))
+        if m <= 64:
+            tiles = triton.cdiv(m, 64) * triton.cdiv(n, 64)
+            return GemmConfig(64, 64, _split_for(target, tiles, k_steps, 1, 8), 4, 4, stages, knobs)
+        if m <= 256:
+            return GemmConfig(64, 128, 1, 8, 4, stages, knobs)
+        return GemmConfig(128, 128, 1, 8, 8, stages, knobs)
+    # Hopper (sm_90). Small M streams the weight: narrow N tiles, split K to fill 132 SMs twice.
+    if m <= 16:
+        bn = 64 if n >= 4096 else 32
+        split = _split_for(target, triton.cdiv(n, bn), k_steps, 2, 4)
+        return GemmConfig(16, bn, split, 1, 4, 4)
+    if m <= 64:
+        tiles = triton.cdiv(m, 64) * triton.cdiv(n, 64)
+        return GemmConfig(64, 64, _split_for(target, tiles, k_steps, 1.5, 4), 4, 4, 4)
+    if m <= 256:
+        tiles = triton.cdiv(m, 64) * triton.cdiv(n, 128)
+        return GemmConfig(64, 128, _split_for(target, tiles, k_steps, 1, 8), 8, 4, 4)
+    return GemmConfig(128, 128, 1, 8, 8, 3)
+
+
+# Activations up to this many rows are quantised inside the GEMM (one launch instead of two).
+QUANT_IN_GEMM_MAX_M = 64
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    block_m: int        # routed rows per program (one expert per block of rows)
+    block_n_up: int     # gate+up output columns per program; 128 = one requantisation group
+    block_n_down: int
+    num_warps: int
+    num_stages: int
+    extra: dict = field(default_factory=dict)
+
+
+def moe_config(target: Target, num_routed_rows: int, num_experts: int) -> MoeConfig:
+    rows_per_expert = num_routed_rows / max(1, min(num_experts, num_routed_rows))
+    bm = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 48 else 64 if rows_per_expert <= 160 else 128
+    if target.is_amd:
+        return MoeConfig(bm, 128, 64 if bm <= 32 else 128, 4 if bm <= 64 else 8, 2, target.amd_knobs())
+    return MoeConfig(bm, 128, 64 if bm <= 32 else 128, 4 if bm <= 64 else 8, 4 if bm <= 64 else 3)
+
+
+@dataclass(frozen=True)
+class AttnConfig:
+    block_h: int        # query heads per program (decode) / query rows per program (prefill)
+    block_n: int        # keys per step
+    num_warps: int
+    num_stages: int
+    extra: dict = field(default_factory=dict)
+
+
+def mla_decode_config(target: Target, num_heads: int) -> AttnConfig:
+    bh = min(triton.next_power_of_2(num_heads), 16 if target.is_amd else 32)
+    bh = max(bh, 16)
+    if target.is_amd:
+        return AttnConfig(bh, 32, 4, 1, target.amd_knobs(waves_per_eu=1))
+    return AttnConfig(bh, 32, 8, 2)
+
+
+def mla_decode_splits(target: Target, tokens: int, head_blocks: int, max_context: int, block_n: int) -> int:
+    """KV splits per (token, head block): enough programs for ~2 waves, >= 4 key steps per split."""
+    programs = tokens * head_blocks
+    want = triton.cdiv(2 * target.num_sms, programs)
+    return max(1, min(want, triton.cdiv(max_context, 4 * block_n), 64))
+
+
+def mla_prefill_config(target: Target) -> AttnConfig:
+    if target.is_amd:
+        return AttnConfig(64, 64, 4, 1, target.amd_knobs(waves_per_eu=2))
+    return AttnConfig(64, 64, 4, 2)
