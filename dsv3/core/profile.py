@@ -6,6 +6,8 @@ ProfileErrors naming the file, the key, the bad value and what is allowed.
 """
 from __future__ import annotations
 
+import difflib
+import re
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
@@ -76,7 +78,10 @@ def _build(cls, data, source: str, prefix: str = ""):
     for key, value in data.items():
         path = f"{prefix}{key}"
         if key not in known:
-            raise ProfileError(f"{source}: unknown key {path!r}; allowed keys: {', '.join(known)}")
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else ""
+            raise ProfileError(f"{source}: unknown key {path!r}{hint}; allowed keys"
+                               f"{' under ' + prefix.rstrip('.') if prefix else ''}: {', '.join(known)}")
         default = known[key].default_factory() if callable(known[key].default_factory) else known[key].default
         if is_dataclass(default):
             values[key] = _build(type(default), value, source, f"{path}.")
@@ -114,6 +119,8 @@ def _check_value(path: str, value, default, source: str):
         return None
     if not isinstance(value, str):
         raise bad("expected a string")
+    if path == "device" and not re.fullmatch(r"[a-z_]+(:\d+)?", value):
+        raise bad("expected a torch device such as cpu, cuda, cuda:1, npu:0")
     if path in _CHOICES and value not in _CHOICES[path]:
         raise bad(f"allowed: {', '.join(_CHOICES[path])}")
     return value
@@ -160,11 +167,14 @@ def select_profile(registry, backend: str | None = None, profile: str | None = N
     profile, else `cpu`; then `overrides` (CLI flags, dotted keys, None = not given) on top."""
     if profile is not None:
         chosen = load_profile(profile)
-        if backend is not None and registry.backend(backend).name != registry.backend(chosen.backend).name:
+        if backend is not None and registry.backend(backend).name != registry.aliases.get(chosen.backend.lower()):
             raise ProfileError(f"--backend {backend} contradicts profile {chosen.source} (backend {chosen.backend!r}); "
                                f"give one or the other, or override the profile's backend with a profile of your own")
     else:
         chosen = load_profile(registry.backend(backend or "cpu").default_profile)
+    if chosen.backend.lower() not in registry.aliases:
+        raise ProfileError(f"{chosen.source}: backend = {chosen.backend!r} is not a known backend; known: "
+                           f"{', '.join(sorted(registry.aliases))} (a plugin's backend needs its package installed)")
     return with_overrides(chosen, overrides or {})
 
 

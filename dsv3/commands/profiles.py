@@ -1,0 +1,53 @@
+"""`dsv3-run profiles [NAME|PATH]`: list the profiles, or show one with every field resolved."""
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "profiles", help="list the shipped YAML profiles, or show one in full",
+        description="Without an argument: the profiles shipped in dsv3/configs and the default profiles of plugin "
+                    "backends. With NAME or PATH: that profile with every field (defaults filled in), validated "
+                    "against its backend.")
+    p.add_argument("profile", nargs="?", metavar="NAME|PATH", help="a profile to show in full")
+    p.add_argument("-p", dest="plugins", action="append", default=[], metavar="NAME",
+                   help="load the installed plugin with this entry-point name (even with autoload off); no:NAME blocks one")
+    p.add_argument("--plugin", dest="plugin_modules", action="append", default=[], metavar="MODULE",
+                   help="import MODULE and register it as a plugin")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import yaml
+
+    from dsv3.core.profile import CONFIG_DIR, load_profile, profile_names, validate_for_backend
+    from dsv3.plugins.manager import create_registry
+
+    registry = create_registry(plugins=args.plugins, modules=args.plugin_modules)
+    if args.profile:
+        profile = load_profile(args.profile)
+        validate_for_backend(profile, registry.backend(profile.backend))
+        print(f"# {profile.source}")
+        print(yaml.safe_dump(profile.to_dict(), sort_keys=False).rstrip())
+        return 0
+
+    entries = [(name, load_profile(name)) for name in profile_names()]
+    shipped = {str(CONFIG_DIR / f"{n}.yaml") for n, _ in entries}
+    for backend, spec in registry.backends.items():   # plugins may ship their default profile as a file
+        if spec.default_profile not in profile_names():
+            profile = load_profile(spec.default_profile)
+            if profile.source not in shipped:
+                entries.append((f"{spec.default_profile} (plugin {registry.backend_plugin[backend]})", profile))
+    defaults = {spec.default_profile: name for name, spec in registry.backends.items()}
+    rows = [("profile", "backend", "dtype", "weights", "kv cache", "default for", "description")]
+    for name, p in entries:
+        key = name.split(" (plugin ")[0]
+        rows.append((name, p.backend, p.dtype, p.weight_format, f"{p.kv_cache.dtype}/{p.kv_cache.block_size}",
+                     f"--backend {defaults[key]}" if key in defaults else "", p.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for i, r in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+        if i == 0:
+            print("  ".join("-" * w for w in widths) + "  " + "-" * 11)
+    print("\nuse one with --profile NAME (or a path to your own YAML); `dsv3-run profiles NAME` shows every field")
+    return 0
