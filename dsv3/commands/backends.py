@@ -23,6 +23,12 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _profile_label(profile: str) -> str:
+    from pathlib import Path
+    path = Path(profile)
+    return f"{path.stem} (plugin's file)" if path.suffix in (".yaml", ".yml") else profile
+
+
 def _probe(spec) -> str | None:
     try:
         return spec.probe()
@@ -44,7 +50,7 @@ def run(args) -> int:
         plugin = registry.backend_plugin[name]
         missing = _probe(spec)
         rows.append([name, ", ".join(spec.aliases) or "-", spec.device_type, "no" if missing else "yes",
-                     spec.default_profile if len(spec.default_profile) < 40 else "..." + spec.default_profile[-37:],
+                     _profile_label(spec.default_profile),
                      f"{plugin} ({registry.versions.get(plugin, 'package unknown')})"])
         if missing:
             absent.append(f"  {name}: {missing}.\n    where it is present: dsv3-run --backend {name} "
