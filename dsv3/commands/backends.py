@@ -72,7 +72,8 @@ def run(args) -> int:
           "another name: that plugin overrides it):")
     print(_table(op_rows))
     if unknown_ops:
-        print("\nop coverage could not be read (the backend's ops need its SDK):")
+        print("\nop coverage could not be read on this machine (building the backend's op table failed; "
+              "usually its SDK or device is missing):")
         print("\n".join(unknown_ops))
     if registry.failures:
         print("\nplugins that failed to load:")
