@@ -14,7 +14,6 @@ import random
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import dsv3.core.convert as convert_mod
 import dsv3.core.loader as loader_mod
