@@ -79,7 +79,7 @@ def _build(cls, data, source: str, prefix: str = ""):
         path = f"{prefix}{key}"
         if key not in known:
             close = difflib.get_close_matches(str(key), list(known), n=1)
-            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else ""
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             raise ProfileError(f"{source}: unknown key {path!r}{hint}; allowed keys"
                                f"{' under ' + prefix.rstrip('.') if prefix else ''}: {', '.join(known)}")
         default = known[key].default_factory() if callable(known[key].default_factory) else known[key].default
