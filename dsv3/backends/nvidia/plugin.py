@@ -30,5 +30,20 @@ def dsv3_backend_ops(backend):
 
 
 @hookimpl
+def dsv3_model_runner(backend, model, profile):
+    """CUDA-graph replay of decode steps when the profile asks for it (cuda-fp8 does).
+
+    Padding rows rely on the cuda write_latent_cache skipping slot -1, so graphs are used only
+    when that op is this backend's own."""
+    if backend != "cuda" or not profile.cuda_graphs:
+        return None
+    if model.ops.providers.get("write_latent_cache") != "cuda":
+        return None
+    from dsv3.backends.nvidia.graphs import CudaGraphRunner
+    max_context = min(model.cfg.max_position_embeddings, profile.kv_cache.max_tokens)
+    return CudaGraphRunner(model, profile.kv_cache.block_size, max_context)
+
+
+@hookimpl
 def dsv3_distributed_backend(backend):
     return "nccl" if backend == "cuda" else None

@@ -66,15 +66,18 @@ def silu_mul(gate, up):
 @triton.jit
 def write_latent_cache_kernel(cache_ptr, lat_ptr, rope_ptr, slot_ptr, stride_slot, stride_lat, stride_rope,
                               C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """A negative slot writes nothing: CUDA-graph padding rows use it (dsv3.backends.nvidia.graphs)."""
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
-    dst = cache_ptr + slot * stride_slot
+    dst = cache_ptr + tl.maximum(slot, 0) * stride_slot
     c = tl.arange(0, BLOCK_C)
     r = tl.arange(0, BLOCK_R)
-    lat = tl.load(lat_ptr + t * stride_lat + c, mask=c < C)
-    rp = tl.load(rope_ptr + t * stride_rope + r, mask=r < R)
-    tl.store(dst + c, lat.to(cache_ptr.dtype.element_ty), mask=c < C)
-    tl.store(dst + C + r, rp.to(cache_ptr.dtype.element_ty), mask=r < R)
+    cm = c < tl.where(slot >= 0, C, 0)
+    rm = r < tl.where(slot >= 0, R, 0)
+    lat = tl.load(lat_ptr + t * stride_lat + c, mask=cm)
+    rp = tl.load(rope_ptr + t * stride_rope + r, mask=rm)
+    tl.store(dst + c, lat.to(cache_ptr.dtype.element_ty), mask=cm)
+    tl.store(dst + C + r, rp.to(cache_ptr.dtype.element_ty), mask=rm)
 
 
 def write_latent_cache(cache, latent, k_rope, slots):

@@ -22,11 +22,12 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def mla_decode_kernel(ql_ptr, qr_ptr, cache_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, H, tokens_per_split, scale,
+def mla_decode_kernel(ql_ptr, qr_ptr, cache_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, H, scale,
                       stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_cb, stride_cs, stride_bt,
                       stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
                       C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-                      PAGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr):
+                      PAGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+                      DIRECT: tl.constexpr):
     hb, t, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     c = tl.arange(0, BLOCK_C)
@@ -37,8 +38,11 @@ def mla_decode_kernel(ql_ptr, qr_ptr, cache_ptr, bt_ptr, lens_ptr, o_ptr, lse_pt
     qr = tl.load(qr_ptr + t * stride_qrt + heads[:, None] * stride_qrh + r[None, :],
                  mask=hmask[:, None] & (r[None, :] < R), other=0.0)                           # [BH, BR]
     ctx = tl.load(lens_ptr + t)
-    start = s * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, ctx)
+    # each token's context is cut into SPLITS equal runs (read on the device: no host sync, and a
+    # short context leaves trailing splits empty instead of idling on a long block table)
+    per_split = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N
+    start = s * per_split
+    end = tl.minimum(start + per_split, ctx)
     m_i = tl.full((BLOCK_H,), -1.0e30, dtype=tl.float32)  # finite: fully masked rows give 0, not NaN
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
@@ -64,7 +68,8 @@ def mla_decode_kernel(ql_ptr, qr_ptr, cache_ptr, bt_ptr, lens_ptr, o_ptr, lse_pt
         tl.store(o_ptr + t * stride_ot + heads[:, None] * stride_oh + c[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=omask)
     else:
-        tl.store(o_ptr + t * stride_ot + heads[:, None] * stride_oh + s * stride_os + c[None, :], out, mask=omask)
+        tl.store(o_ptr + t * stride_ot + heads[:, None] * stride_oh + s * stride_os + c[None, :], out,
+                 mask=omask & has[:, None])                 # empty splits write only their lse
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + t * stride_lt + heads * stride_lh + s, lse, mask=hmask)
 
@@ -78,8 +83,9 @@ def mla_decode_combine_kernel(o_part_ptr, lse_ptr, out_ptr, H, stride_pt, stride
     c = tl.arange(0, BLOCK_C)
     lse = tl.load(lse_ptr + t * stride_lt + h * stride_lh + s, mask=s < S, other=float("-inf"))
     w = tl.exp2(lse - tl.max(lse, axis=0))                                                   # [BS]
+    live = (s < S) & (lse > float("-inf"))                                                  # empty splits wrote no rows
     part = tl.load(o_part_ptr + t * stride_pt + h * stride_ph + s[:, None] * stride_ps + c[None, :],
-                   mask=(s[:, None] < S) & (c[None, :] < C), other=0.0)
+                   mask=live[:, None] & (c[None, :] < C), other=0.0)
     out = tl.sum(part * w[:, None], axis=0) / tl.sum(w, axis=0)
     tl.store(out_ptr + t * stride_ot + h * stride_oh + c, out.to(out_ptr.dtype.element_ty), mask=c < C)
 
@@ -97,11 +103,9 @@ def mla_decode(target: Target, q_latent, q_rope, cache, block_table, context_len
     cfg = mla_decode_config(target, nh)
     page = cache.shape[1]
     head_blocks = triton.cdiv(nh, cfg.block_h)
-    # splits from the block table's width: an upper bound known on the host (no sync, graph-safe)
+    # how many splits: from the grid size and the block table width (a host-known bound on context)
     max_ctx = block_table.shape[1] * page
     splits = mla_decode_splits(target, t, head_blocks, max_ctx, cfg.block_n)
-    per_split = triton.cdiv(triton.cdiv(max_ctx, splits), cfg.block_n) * cfg.block_n
-    splits = triton.cdiv(max_ctx, per_split)
     direct = splits == 1
     if direct:
         o, lse = out, out
@@ -113,11 +117,11 @@ def mla_decode(target: Target, q_latent, q_rope, cache, block_table, context_len
         so = (o.stride(0), o.stride(1), o.stride(2))
         sl = (lse.stride(0), lse.stride(1))
     mla_decode_kernel[(head_blocks, t, splits)](
-        q_latent, q_rope, cache, block_table, context_lens, o, lse, nh, per_split, scale * LOG2E,
+        q_latent, q_rope, cache, block_table, context_lens, o, lse, nh, scale * LOG2E,
         q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1), cache.stride(0), cache.stride(1),
         block_table.stride(0), *so, *sl,
         C=c, R=r, BLOCK_C=triton.next_power_of_2(c), BLOCK_R=max(16, triton.next_power_of_2(r)), PAGE=page,
-        BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, DIRECT=direct,
+        BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, SPLITS=splits, DIRECT=direct,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.extra)
     if not direct:
         mla_decode_combine_kernel[(t, nh)](

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One device call: GPU tests, conformance check, then `dsv3-run bench`; everything lands in $OUT.
+#   run: bash benchmarks/gpu_session.sh [tests|check|bench|all]   (default all)
+set -u
+OUT=${OUT:-/tmp/dsv3-gpu}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+unset TRITON_INTERPRET
+what=${1:-all}
+{
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+  git rev-parse --short HEAD 2>/dev/null || true
+} 2>&1 | tee "$OUT/env.txt"
+if [[ $what == tests || $what == all ]]; then
+  timeout 420 python3 -m pytest tests/test_cuda_backend.py -x -q -p no:cacheprovider 2>&1 | tail -40 | tee "$OUT/gpu_tests.txt"
+fi
+if [[ $what == check || $what == all ]]; then
+  timeout 300 python3 -m dsv3.core.cli check --backend cuda 2>&1 | tail -60 | tee "$OUT/check.txt"
+fi
+if [[ $what == bench || $what == all ]]; then
+  timeout 540 python3 -m dsv3.core.cli bench ${BENCH_ARGS:-} --out "$OUT/bench.md" 2>&1 | tail -150 > "$OUT/bench_log.txt"
+  cat "$OUT/bench.md" 2>/dev/null || tail -40 "$OUT/bench_log.txt"
+fi

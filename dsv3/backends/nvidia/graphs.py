@@ -1,0 +1,80 @@
+"""CUDA graphs for decode steps: one graph per batch-size bucket, captured on first use.
+
+A decode-only batch (every token a single decode token after its cached context) of T tokens is
+padded to the smallest captured bucket >= T and replayed; anything else (prefill, mixed batches,
+more tokens than the largest bucket, a block table wider than the captured one) runs eagerly.
+Padding rows carry token 0 at position 0, context length 1, and slot -1, which the cuda
+write_latent_cache kernel skips, so they never touch a sequence's cache; their outputs are dropped.
+"""
+from __future__ import annotations
+
+import torch
+
+from dsv3.core.batch import Batch
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class CudaGraphRunner:
+    def __init__(self, model, block_size: int, max_context: int, buckets=BUCKETS):
+        self.model, self.block_size, self.buckets = model, block_size, tuple(sorted(buckets))
+        self.max_blocks = -(-max_context // block_size)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Batch, torch.Tensor]] = {}
+        self.pool = None
+        self.caches = None
+        self.replays = 0
+
+    def _fits(self, batch: Batch, caches) -> int | None:
+        t = batch.input_ids.shape[0]
+        if batch.num_decode_tokens != t or t > self.buckets[-1] or batch.decode_block_table.shape[1] > self.max_blocks:
+            return None
+        if self.caches is not None and any(a is not b for a, b in zip(self.caches, caches)):
+            return None          # graphs hold the cache tensors they were captured with
+        return next(b for b in self.buckets if b >= t)
+
+    def _capture(self, bucket: int, caches):
+        dev = caches[0].device
+        static = Batch(
+            input_ids=torch.zeros(bucket, dtype=torch.int64, device=dev),
+            positions=torch.zeros(bucket, dtype=torch.int64, device=dev),
+            slots=torch.full((bucket,), -1, dtype=torch.int64, device=dev),
+            num_decode_tokens=bucket,
+            decode_block_table=torch.zeros(bucket, self.max_blocks, dtype=torch.int32, device=dev),
+            decode_context_lens=torch.ones(bucket, dtype=torch.int32, device=dev),
+            cu_seqlens_q=torch.zeros(1, dtype=torch.int32, device=dev),
+            cu_seqlens_k=torch.zeros(1, dtype=torch.int32, device=dev),
+            prefill_gather_slots=torch.zeros(0, dtype=torch.int64, device=dev),
+            token_rows=[])
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):          # warm-up: compiles kernels, builds absorbed weights
+            for _ in range(2):
+                self.model(static, caches)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.model(static, caches)
+        self.graphs[bucket] = (graph, static, out)
+        self.caches = list(caches)
+
+    @torch.inference_mode()
+    def __call__(self, batch: Batch, caches) -> torch.Tensor:
+        bucket = self._fits(batch, caches)
+        if bucket is None:
+            return self.model(batch, caches)
+        if bucket not in self.graphs:
+            self._capture(bucket, caches)
+        graph, s, out = self.graphs[bucket]
+        t, w = batch.input_ids.shape[0], batch.decode_block_table.shape[1]
+        s.input_ids[:t].copy_(batch.input_ids)
+        s.positions[:t].copy_(batch.positions)
+        s.slots[:t].copy_(batch.slots)
+        s.slots[t:].fill_(-1)
+        s.decode_context_lens[:t].copy_(batch.decode_context_lens)
+        s.decode_context_lens[t:].fill_(1)
+        s.decode_block_table[:t, :w].copy_(batch.decode_block_table)
+        graph.replay()
+        self.replays += 1
+        return out[:t].clone()
