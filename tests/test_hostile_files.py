@@ -110,6 +110,17 @@ def test_overlapping_tensors(good, tmp_path):
     _rejected(bad, tmp_path, ST, "overlap", a if a < b else b)
 
 
+def test_gap_between_tensors(good, tmp_path):
+    """Moved past 8 unused bytes: in bounds and not overlapping, but safetensors' own parser refuses it."""
+    bad = _copy(good, tmp_path)
+    name = "model.norm.weight"
+    header, data = _split(bad / ST)
+    b, e = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [len(data) + 8, len(data) + 8 + (e - b)]
+    _join(bad / ST, header, data + bytes(8 + e - b))
+    _rejected(bad, tmp_path, ST, "safetensors rejects this file", "invalid offset for tensor")
+
+
 def test_byte_count_disagrees_with_dtype_and_shape(good, tmp_path):
     bad = _copy(good, tmp_path)
     name = "model.norm.weight"

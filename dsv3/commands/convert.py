@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 EPILOG = """formats:
   bf16       BF16 projections (dequantised from FP8/INT8); runs on GPUs without FP8 (A100) and CPUs
@@ -38,7 +39,6 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from dsv3.core.convert import convert_checkpoint, parse_size
-    import sys
     report = convert_checkpoint(args.src, args.dst, args.to, ue8m0=args.ue8m0, device=args.device,
                                 overwrite=args.overwrite, max_shard_bytes=parse_size(args.max_shard_size),
                                 log=lambda msg: print(msg, file=sys.stderr))

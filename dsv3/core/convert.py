@@ -74,7 +74,8 @@ class ConversionError(Dsv3Error):
 # -- what gets written ----------------------------------------------------------------------------
 
 @dataclass
-class _Out:
+class TensorSpec:
+    """One tensor of an output file: what the writer's header promises."""
     name: str
     dtype: torch.dtype
     shape: list[int]
@@ -88,7 +89,7 @@ class _Out:
 class _Job:
     """One source unit (a projection with its companions, or a plain tensor) and what it becomes."""
     unit: object                    # loader._Unit
-    outputs: list[_Out]
+    outputs: list[TensorSpec]
     kind: str                       # key of BOUNDS
     projection: bool                # one of the projections the target format applies to
     quantized: bool                 # ... and its stored format changes (or it is requantised)
@@ -126,16 +127,16 @@ def _plan(ckpt: Checkpoint, cfg: ModelConfig, to: str, ue8m0: bool, source_ue8m0
             # requantise fp8-block -> fp8-block only to change the scale format
             same = src.format == fmt and src.offset is None and not (fmt == "fp8-block" and ue8m0 and not source_ue8m0)
             if fmt == "dense":
-                outs, kind = [_Out(src.data, torch.bfloat16, [out_f, in_f])], "bf16"
+                outs, kind = [TensorSpec(src.data, torch.bfloat16, [out_f, in_f])], "bf16"
             elif fmt in ("fp8-block", "fp8-fnuz"):
                 dt = torch.float8_e4m3fn if fmt == "fp8-block" else torch.float8_e4m3fnuz
-                outs = [_Out(src.data, dt, [out_f, in_f]),
-                        _Out(f"{prefix}.weight_scale_inv", torch.float32, list(scale_shape(fmt, out_f, in_f)))]
+                outs = [TensorSpec(src.data, dt, [out_f, in_f]),
+                        TensorSpec(f"{prefix}.weight_scale_inv", torch.float32, list(scale_shape(fmt, out_f, in_f)))]
                 kind = "exact" if same or (src.format == "fp8-block" and fmt == "fp8-fnuz") else "fp8"
             else:
-                outs = [_Out(src.data, torch.int8, [out_f, in_f]),
-                        _Out(f"{prefix}.weight_scale", torch.float32, [out_f, 1]),
-                        _Out(f"{prefix}.weight_offset", torch.float32, [out_f, 1])]
+                outs = [TensorSpec(src.data, torch.int8, [out_f, in_f]),
+                        TensorSpec(f"{prefix}.weight_scale", torch.float32, [out_f, 1]),
+                        TensorSpec(f"{prefix}.weight_offset", torch.float32, [out_f, 1])]
                 kind = "exact" if same else "int8"
             if src.format == "dense" and fmt == "dense" and ckpt.st_dtype(src.data) == "BF16":
                 kind = "exact"
@@ -144,7 +145,7 @@ def _plan(ckpt: Checkpoint, cfg: ModelConfig, to: str, ue8m0: bool, source_ue8m0
             st = ckpt.st_dtype(u.key)
             cast = to == "bf16" and st in ("F32", "F16", "F64") and not u.key.endswith("e_score_correction_bias")
             dtype = torch.bfloat16 if cast else _TORCH[st]
-            jobs.append(_Job(u, [_Out(u.key, dtype, ckpt.shape(u.key))], "bf16" if cast else "exact",
+            jobs.append(_Job(u, [TensorSpec(u.key, dtype, ckpt.shape(u.key))], "bf16" if cast else "exact",
                              projection=False, quantized=False))
     return jobs, dropped, with_mtp
 
@@ -167,7 +168,7 @@ class SafetensorsWriter:
     known up front, so only one tensor is in memory at a time. The format: an 8-byte little-endian
     header length, the JSON header padded with spaces to 8 bytes, then the tensors' bytes in order."""
 
-    def __init__(self, path: Path, outputs: list[_Out], metadata: dict[str, str] | None = None):
+    def __init__(self, path: Path, outputs: list[TensorSpec], metadata: dict[str, str] | None = None):
         self.path, self.outputs, self.i = path, outputs, 0
         header, offset = {"__metadata__": metadata or {"format": "pt"}}, 0
         for o in outputs:

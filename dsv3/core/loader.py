@@ -29,7 +29,6 @@ import re
 import struct
 import sys
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -181,11 +180,15 @@ class Checkpoint:
                         self.file_of[name] = f
         self.shards: list[Path] = sorted(set(self.file_of.values()))
         self.headers = {f: read_safetensors_header(f) for f in self.shards}
+        for f in self.shards:   # safetensors' own checks too (e.g. gaps between tensors), before any read
+            try:
+                safe_open(str(f), framework="pt", device="cpu").__exit__(None, None, None)
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+                raise CheckpointError(f"{f}: safetensors rejects this file ({e}); it is corrupt") from e
         for name, f in self.file_of.items():
             if name not in self.headers[f]:
                 raise CheckpointError(f"{f}: the index says it holds {name!r}, but the file has no such tensor")
         self.quant_description = self._read_quant_description()
-        self._stack = ExitStack()
         self._handles: dict[Path, object] = {}
         self.bytes_read = 0   # data bytes handed out by read(): what a rank actually pulled from disk
 
@@ -262,7 +265,6 @@ class Checkpoint:
 
     def close(self):
         self.release()
-        self._stack.close()
 
 
 def checkpoint_format(ckpt: Checkpoint) -> str:
