@@ -108,11 +108,11 @@ def time_calls(fns, calls: int = 20, reps: int = 10, graph: bool = True) -> tupl
 def measure_ceilings():
     """(copy bytes/s counting read + write, FP8 cuBLAS FLOP/s, BF16 cuBLAS FLOP/s), measured now."""
     import torch
-    n = 1 << 30
-    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
+    n = 1 << 28                                   # 1 GiB of float32
+    src = torch.randn(n, device="cuda")
     dst = torch.empty_like(src)
     t, _ = time_calls([lambda: dst.copy_(src)], calls=5, reps=10)
-    copy_bw = 2 * n / t
+    copy_bw = 2 * 4 * n / t
     del src, dst
     m = 8192
     a = torch.randn(m, m, device="cuda").to(torch.float8_e4m3fn)
@@ -423,11 +423,13 @@ def run(args) -> int:
     if spec.probe():
         raise Dsv3Error(f"backend {spec.name!r} cannot run here: {spec.probe()}")
     props = torch.cuda.get_device_properties(0)
+    import os
     import subprocess
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
-        commit = "?"
+        commit = ""
+    commit = commit or os.environ.get("DSV3_COMMIT", "?")   # the device copy of the tree may have no .git
     import triton
     head = (f"dsv3-run bench on {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
             f"triton {triton.__version__}, backend {spec.name}, commit {commit or '?'}")

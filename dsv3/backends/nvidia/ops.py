@@ -1,16 +1,16 @@
 """The `cuda` op table: the shared Triton kernels (dsv3.backends.triton) plus one NVIDIA choice.
 
-FP8 linear dispatch: at M >= CUBLAS_MIN_M rows the GEMM is compute-bound, and cuBLAS's block-scaled
+FP8 linear dispatch: from M >= CUBLAS_MIN_M rows on, cuBLAS's block-scaled
 FP8 GEMM (torch._scaled_mm with 1x128 activation and 128x128 weight scales, Hopper wgmma with
 TMA and warp specialisation) runs near the FP8 peak (1,060-1,190 TFLOP/s at M=4096 measured here),
-which Triton's `tl.dot` + per-K-step scaling does not reach; so large M goes to cuBLAS when the shape
-is one it takes. Below the threshold the step is bound by reading the weight, cuBLAS cannot do
+which Triton's `tl.dot` + per-K-step scaling does not reach (about 0.5-0.65x of it at M >= 512, see
+benchmarks/results); so M >= 32 goes to cuBLAS when the shape is one it takes (kv_a's N = 576 is not). Below the threshold the step is bound by reading the weight, cuBLAS cannot do
 M=1 and sits near 2x the weight-read floor at M<=16, and the split-K Triton kernel (activation
 quantised inside it) is the faster choice. `dsv3-run bench` measures both columns.
 """
 from __future__ import annotations
 
-CUBLAS_MIN_M = 256
+CUBLAS_MIN_M = 32   # measured (benchmarks/results): cuBLAS wins from M=64 on every V3 shape it takes
 
 
 def cublas_takes(m: int, n: int, k: int, out_dtype) -> bool:
@@ -36,6 +36,7 @@ def cuda_target():
     from dsv3.backends.triton.tuning import Target
     sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
     return Target("cuda", torch.float8_e4m3fn, num_sms=sms)
+
 
 
 def cuda_ops() -> dict:

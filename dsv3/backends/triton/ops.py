@@ -81,6 +81,6 @@ def make_ops(target: Target, fp8_linear=None) -> dict:
         "write_latent_cache": elementwise.write_latent_cache,
         "mla_prefill": lambda q, k, v, cu_q, cu_k, scale: mla.mla_prefill(target, q, k, v, cu_q, cu_k, scale),
         "mla_decode": lambda ql, qr, cache, bt, lens, scale: mla.mla_decode(target, ql, qr, cache, bt, lens, scale),
-        "moe_gate": gate.moe_gate,
+        "moe_gate": lambda x, weight, bias, spec: gate.moe_gate(x, weight, bias, spec, num_sms=target.num_sms),
         "moe_experts": moe_experts,
     }

@@ -101,12 +101,14 @@ def kernel_specs(t: tuning.Target):
          "cu_k_ptr": "*i32", "scale": F32},
         {"DN": 128, "DR": 64, "DV": 128, "BLOCK_DN": 128, "BLOCK_DR": 64, "BLOCK_DV": 128,
          "BLOCK_M": pcfg.block_h, "BLOCK_N": pcfg.block_n}, pcfg.num_warps, pcfg.num_stages, pcfg.extra)
-    add("moe_gate", gate.moe_gate_kernel, "x_ptr w_ptr bias_ptr wout_ptr iout_ptr T D stride_x stride_w routed_scale "
-        "E N_GROUP TOPK_GROUP TOP_K NORM HAS_BIAS BLOCK_T BLOCK_E BLOCK_D BLOCK_G BLOCK_K",
-        {"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*fp32", "wout_ptr": "*fp32", "iout_ptr": "*i64",
-         "routed_scale": F32},
+    add("gate_logits", gate.gate_logits_kernel, "x_ptr w_ptr part_ptr T D E d_per_split stride_x stride_w "
+        "BLOCK_T BLOCK_E BLOCK_D", {"x_ptr": "*bf16", "w_ptr": "*bf16", "part_ptr": "*fp32"},
+        {"BLOCK_T": 16, "BLOCK_E": 64, "BLOCK_D": 128})
+    add("moe_gate", gate.moe_gate_kernel, "part_ptr bias_ptr wout_ptr iout_ptr T SPLITS routed_scale "
+        "E N_GROUP TOPK_GROUP TOP_K NORM HAS_BIAS BLOCK_T BLOCK_E BLOCK_G BLOCK_K",
+        {"part_ptr": "*fp32", "bias_ptr": "*fp32", "wout_ptr": "*fp32", "iout_ptr": "*i64", "routed_scale": F32},
         {"E": 256, "N_GROUP": 8, "TOPK_GROUP": 4, "TOP_K": 8, "NORM": True, "HAS_BIAS": True, "BLOCK_T": 16,
-         "BLOCK_E": 256, "BLOCK_D": 128, "BLOCK_G": 8, "BLOCK_K": 8})
+         "BLOCK_E": 256, "BLOCK_G": 8, "BLOCK_K": 8})
     add("moe_align", moe.moe_align_kernel, "ids_ptr sorted_ptr block_expert_ptr N first_expert max_blocks E BLOCK_M "
         "BLOCK_E CHUNK", {"ids_ptr": "*i64", "sorted_ptr": "*i32", "block_expert_ptr": "*i32"},
         {"E": 256, "BLOCK_M": 16, "BLOCK_E": 512, "CHUNK": 1024})

@@ -76,11 +76,15 @@ def gemm_config(target: Target, m: int, n: int, k: int) -> GemmConfig:
     if m <= 256:
         tiles = triton.cdiv(m, 64) * triton.cdiv(n, 128)
         return GemmConfig(64, 128, _split_for(target, tiles, k_steps, 1, 8), 8, 4, 4)
-    return GemmConfig(128, 128, 1, 8, 8, 3)
+    # large M: split K only when the output tiles leave SMs idle (kv_a: N = 576 is 5 column tiles)
+    tiles = triton.cdiv(m, 128) * triton.cdiv(n, 128)
+    return GemmConfig(128, 128, _split_for(target, tiles, k_steps, 1, 8), 8, 8, 3)
 
 
-# Activations up to this many rows are quantised inside the GEMM (one launch instead of two).
-QUANT_IN_GEMM_MAX_M = 64
+# Activations up to this many rows are quantised inside the GEMM (one launch instead of two). Measured
+# on H100 (benchmarks/results): at M=64 the in-kernel quantisation of 64x128 tiles, repeated by
+# every column tile, made the GEMM 2-3x slower than act_quant + GEMM.
+QUANT_IN_GEMM_MAX_M = 16
 
 
 @dataclass(frozen=True)
