@@ -212,7 +212,7 @@ def op_table(ops, ceil) -> Table:
         tb = None
         if base is not None:
             try:
-                tb, _ = time_calls(base, calls=3, reps=3, graph=graph)
+                tb, _ = time_calls(base, calls=3, reps=3, graph=False)   # torch as users run it: eager
             except Exception:  # noqa: BLE001
                 tb = None
         tab.add(op, shape, _us(t), ach, _us(floor), t / floor, _us(tb) if tb else "-", f"{tb / t:.2f}" if tb else "-")
