@@ -1,18 +1,31 @@
 """The engine: sequences in, tokens out, one flat batch per step.
 
-step() = schedule (decodes first, then prompt chunks up to the token budget: chunked prefill),
-run the model, sample, post-process (EOS, max tokens, stop strings, context limit).
+step() = schedule (admit waiting sequences the cache can hold, then decodes first and prompt
+chunks up to the token budget: chunked prefill), run the model, sample, post-process (EOS, max
+tokens, stop strings, context limit).
+
+Admission control: add() queues a sequence (up to `max_waiting`, then QueueFullError); a waiting
+sequence joins the running batch when the cache has blocks for its whole prompt. When a running
+sequence needs a block and none is free, the most recently admitted sequence is preempted: its
+blocks are freed and it waits at the head of the queue to be recomputed (its computed blocks stay
+in the prefix cache, so recomputation usually reuses them).
+
+Prefix caching: full blocks of computed tokens are registered in the allocator under a key that
+chains their token prefix; a new sequence whose prompt starts with registered blocks shares them
+read-only and starts with num_cached = the shared length. With MTP speculation, the MTP layer's
+slot i depends on token i + 1 as well, so a block's key then also covers the token after it.
 """
 from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
 from dsv3.core.batch import Batch, Chunk
-from dsv3.core.cache import LatentCache
+from dsv3.core.cache import LatentCache, block_key
 from dsv3.core.errors import RequestError
 from dsv3.core.model import DeepseekV3
 from dsv3.core.sampling import SamplingParams, sample
@@ -36,6 +49,9 @@ class Sequence:
     emitted: int = 0                   # characters of `text` already streamed
     drafts: list[int] = field(default_factory=list)   # MTP proposals for the positions after the last token
     draft_probs: list = field(default_factory=list)   # their draft distributions (sampling only)
+    mtp_valid: int = 0                 # positions whose MTP-layer cache slot holds a verified result
+    prefix_keys: list[bytes] = field(default_factory=list)   # prefix-cache keys of the leading full blocks
+    num_prefix_cached: int = 0         # prompt tokens taken from the prefix cache at admission
 
     @property
     def output_ids(self) -> list[int]:
@@ -54,12 +70,18 @@ class StepOutput:
     new_tokens: list[int] = field(default_factory=list)
 
 
+class QueueFullError(RequestError):
+    """The waiting queue is at its bound; the request was not queued (a server answers 503)."""
+
+
 @dataclass
 class EngineStats:
     steps: int = 0
     prefill_tokens: int = 0
     generated_tokens: int = 0
     seconds: float = 0.0
+    prefix_cached_tokens: int = 0      # prompt tokens served from shared blocks instead of computed
+    preemptions: int = 0
 
     spec: SpecStats = field(default_factory=SpecStats)
 
@@ -67,23 +89,41 @@ class EngineStats:
         rate = self.generated_tokens / self.seconds if self.seconds else 0.0
         text = (f"{self.generated_tokens} tokens generated in {self.seconds:.2f} s ({rate:.1f} tok/s), "
                 f"{self.prefill_tokens} prompt tokens, {self.steps} steps")
+        if self.prefix_cached_tokens:
+            text += f", {self.prefix_cached_tokens} prompt tokens from the prefix cache"
+        if self.preemptions:
+            text += f", {self.preemptions} preemptions"
         return text + (f"; {self.spec.summary()}" if self.spec.verify_steps else "")
 
 
 class Engine:
     def __init__(self, model: DeepseekV3, cache: LatentCache, tokenizer: Tokenizer | None = None,
-                 max_batch_tokens: int = 2048, runner=None, num_draft_tokens: int = 0):
+                 max_batch_tokens: int = 2048, runner=None, num_draft_tokens: int = 0,
+                 prefix_caching: bool = True, max_waiting: int | None = None):
         self.model, self.cache, self.tokenizer = model, cache, tokenizer
         self.runner = runner or model   # runner(batch, caches) -> hidden; e.g. CUDA-graph replay
         self.max_batch_tokens = max_batch_tokens
         self.max_context = model.cfg.max_position_embeddings
-        self.running: list[Sequence] = []
+        self.prefix_caching = prefix_caching
+        self.max_waiting = max_waiting      # None: unbounded (offline use queues everything at once)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []   # in admission order: the last one is preempted first
         self.device = cache.layers[0].device
         self.stats = EngineStats()
         self.drafter = MTPDrafter(model, cache, num_draft_tokens) if num_draft_tokens else None
         if self.drafter and not model.has_mtp:
             raise RequestError("speculative decoding with MTP needs the checkpoint's MTP layer "
                                "(num_nextn_predict_layers = 1 and its tensors); this model has none")
+        k = num_draft_tokens if self.drafter else 0
+        # Positions a step may write past its chunk: the next verify's k + 1 tokens and the drafter's
+        # k - 1 chained MTP slots. Reserved when the chunk is scheduled, so drafting never allocates.
+        self.reserve = k + 1 if k else 0
+        self.tokens_per_decode = k + 1
+        self._early: list[StepOutput] = []   # sequences finished while scheduling (cache exhausted)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.cache.num_blocks * self.cache.block_size
 
     def add(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         if not prompt_ids:
@@ -91,43 +131,148 @@ class Engine:
         if len(prompt_ids) >= self.max_context:
             raise RequestError(f"prompt is {len(prompt_ids)} tokens but the model's context is "
                                f"{self.max_context} (max_position_embeddings); shorten the prompt")
+        if self.cache.blocks_needed(len(prompt_ids) + 1 + self.reserve) > self.cache.num_blocks:
+            raise RequestError(f"prompt is {len(prompt_ids)} tokens but the latent cache holds "
+                               f"{self.capacity_tokens - 1 - self.reserve} prompt tokens at most; raise "
+                               f"kv_cache.max_tokens (--max-cache-tokens) or shorten the prompt")
+        if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
+            raise QueueFullError(f"{len(self.waiting)} requests are already waiting for the cache "
+                                 f"(max_waiting = {self.max_waiting}); retry later")
         gen = None
         if not params.greedy:
             gen = torch.Generator().manual_seed(params.seed if params.seed is not None
                                                 else int(torch.randint(0, 2**62, ())))
         seq = Sequence(list(prompt_ids), len(prompt_ids), params, generator=gen)
-        self.running.append(seq)
+        self.waiting.append(seq)
         return seq
 
     def has_work(self) -> bool:
-        return bool(self.running)
+        return bool(self.running or self.waiting)
 
     def release(self, seq: Sequence) -> None:
+        """Drop a sequence (finished, or abandoned by its caller) and free its blocks now."""
+        self._register_blocks(seq)
         self.cache.allocator.free(seq.blocks)
         seq.blocks = []
         if seq in self.running:
             self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    # -- prefix cache -------------------------------------------------------------------------------
+    def _key_span(self) -> int:
+        """Tokens after a block that its cached content depends on: the MTP layer reads token i + 1."""
+        return 1 if self.drafter else 0
+
+    def _register_blocks(self, s: Sequence) -> None:
+        """Register every newly complete block: all its slots (the MTP layer's too) hold results."""
+        if not self.prefix_caching:
+            return
+        bs, span = self.cache.block_size, self._key_span()
+        valid = min(s.num_cached, s.mtp_valid) if self.drafter else s.num_cached
+        b = len(s.prefix_keys)
+        while (b + 1) * bs <= valid and (b + 1) * bs + span <= len(s.token_ids) and b < len(s.blocks):
+            key = block_key(s.prefix_keys[-1] if s.prefix_keys else b"", s.token_ids[b * bs: (b + 1) * bs + span])
+            self.cache.allocator.register(s.blocks[b], key)
+            s.prefix_keys.append(key)
+            b += 1
+
+    def _match_prefix(self, s: Sequence) -> tuple[list[int], list[bytes]]:
+        """Registered blocks that hold the start of s; the last token is always left to compute,
+        since its logits are needed and a shared block is never written."""
+        if not self.prefix_caching:
+            return [], []
+        bs, span = self.cache.block_size, self._key_span()
+        blocks, keys, parent = [], [], b""
+        for b in range((len(s.token_ids) - 1) // bs):
+            parent = block_key(parent, s.token_ids[b * bs: (b + 1) * bs + span])
+            block = self.cache.allocator.lookup(parent)
+            if block is None:
+                break
+            blocks.append(block)
+            keys.append(parent)
+        return blocks, keys
+
+    # -- scheduling ---------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        """Move waiting sequences (first come, first served) into the running batch while the cache
+        holds their whole prompt and the token budget holds one decode step for each."""
+        alloc = self.cache.allocator
+        while self.waiting and (len(self.running) + 1) * self.tokens_per_decode <= self.max_batch_tokens:
+            s = self.waiting[0]
+            need = self.cache.blocks_needed(len(s.token_ids) + self.reserve)
+            if need > self.cache.num_blocks:      # a preempted sequence that outgrew the whole cache
+                self.waiting.popleft()
+                self._early.append(self._finish(s, "length"))
+                continue
+            shared, keys = self._match_prefix(s)
+            revived = sum(1 for b in shared if alloc.refcount(b) == 0)
+            if need - len(shared) + revived > alloc.num_free:
+                break
+            for b in shared:
+                alloc.share(b)
+            self.waiting.popleft()
+            s.blocks, s.prefix_keys = list(shared), keys
+            s.num_cached = s.mtp_valid = s.num_prefix_cached = len(shared) * self.cache.block_size
+            self.stats.prefix_cached_tokens += s.num_cached
+            self.running.append(s)
+
+    def _preempt(self, s: Sequence) -> None:
+        """Free a running sequence's blocks and queue it first for recomputation."""
+        self._register_blocks(s)
+        self.cache.allocator.free(s.blocks)
+        s.blocks, s.prefix_keys, s.num_cached, s.mtp_valid = [], [], 0, 0
+        s.drafts, s.draft_probs = [], []
+        self.running.remove(s)
+        self.waiting.appendleft(s)
+        self.stats.preemptions += 1
+
+    def _finish(self, s: Sequence, reason: str) -> StepOutput:
+        s.finish_reason = reason
+        delta = self._detokenize(s)
+        self.release(s)
+        return StepOutput(s, delta, True, [])
 
     def schedule(self) -> list[tuple[Sequence, Chunk]]:
+        self._admit()
         plan, budget = [], self.max_batch_tokens
         decoding = [s for s in self.running if s.num_cached == len(s.token_ids) - 1]
         prefilling = [s for s in self.running if s.num_cached < len(s.token_ids) - 1]
-        for s in decoding + prefilling:
+        order = decoding + prefilling
+        i = 0
+        while i < len(order):
+            s = order[i]
             tokens = s.token_ids[s.num_cached:] + s.drafts
             n = min(len(tokens), budget)
             if n <= 0 or (s.drafts and n < len(tokens)):
                 break
-            self.cache.grow(s.blocks, s.num_cached + n)
+            need = s.num_cached + n + self.reserve
+            while not self.cache.can_grow(s.blocks, need) and len(order) > i + 1:
+                victim = max(order[i + 1:], key=self.running.index)   # the most recently admitted
+                order.remove(victim)
+                self._preempt(victim)
+            if not self.cache.can_grow(s.blocks, need):
+                # Everything after s is preempted; what is left belongs to s and to sequences already
+                # planned this step. s waits for them, or, alone, has outgrown the cache.
+                order.pop(i)
+                if plan:
+                    self._preempt(s)
+                else:
+                    self._early.append(self._finish(s, "length"))
+                continue
+            self.cache.grow(s.blocks, need)
             plan.append((s, Chunk(tokens[:n], s.num_cached, list(s.blocks),
                                   decode=s.num_cached > 0 and s in decoding)))
             budget -= n
+            i += 1
         return plan
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         plan = self.schedule()
+        early, self._early = self._early, []
         if not plan:
-            return []
+            return early
         t0 = time.perf_counter()
         batch = Batch.build([c for _, c in plan], self.cache.block_size, self.device)
         hidden = self.runner(batch, self.cache.layers)
@@ -164,15 +309,18 @@ class Engine:
                 drafting.append((s, start, s.num_cached, hidden[batch.token_rows[i][: s.num_cached - start]]))
         if drafting:
             room = [(s, a, e, h) for s, a, e, h in drafting if e + self.drafter.k < self.max_context]
-            for s, *_ in room:
-                self.cache.grow(s.blocks, s.num_cached + self.drafter.k + 1)
-            if room:
+            if room:                                       # schedule() reserved the blocks drafting writes
                 self.drafter.draft(room, self.device)
+            for s, _, e, _ in room:
+                s.mtp_valid = e
+        for s, _ in plan:
+            if not s.finished:
+                self._register_blocks(s)
         self.stats.steps += 1
         self.stats.prefill_tokens += sum(len(c.token_ids) for _, c in plan if not c.decode)
         self.stats.generated_tokens += sum(len(o.new_tokens) for o in outputs)
         self.stats.seconds += time.perf_counter() - t0
-        return outputs
+        return early + outputs
 
     def _append_all(self, s: Sequence, tokens: list[int]) -> StepOutput | None:
         """Append this step's tokens (one, or several after speculative verification) and post-process."""
