@@ -173,3 +173,19 @@ def test_check_command_names_the_wrong_op_of_a_plugin(tmp_path, monkeypatch, cap
 def test_check_refuses_absent_hardware_unless_a_device_is_given(capsys):
     assert main(["check", "--backend", "cuda", "--quick"]) == 2
     assert "backend 'cuda' cannot run here" in capsys.readouterr().err
+
+
+def test_a_backend_that_crashes_during_generation_fails_the_check(tmp_path, monkeypatch, capsys):
+    (tmp_path / "crashing_decode.py").write_text(
+        "from dsv3.plugins import hookimpl\n"
+        "def mla_decode(*args):\n"
+        "    raise RuntimeError('operation not permitted when stream is capturing')\n"
+        "@hookimpl\n"
+        "def dsv3_backend_ops(backend):\n"
+        "    return {'mla_decode': mla_decode} if backend == 'cpu' else None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["check", "--backend", "cpu", "--quick", "--ops", "rope", "--plugin", "crashing_decode"]) == 1
+    captured = capsys.readouterr()
+    assert ("generation: 0/0 greedy tokens identical to the reference; generation through the backend raised "
+            "RuntimeError: operation not permitted when stream is capturing") in captured.out
+    assert "FAIL: generation" in captured.err

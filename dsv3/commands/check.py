@@ -66,7 +66,7 @@ def run(args) -> int:
         show(result)
 
     report = check_backend(registry, profile, device=device, seed=args.seed, real_shapes=not args.quick,
-                           generation=args.generate, only=only, on_result=on_result)
+                           generation=args.generate, only=only, on_result=on_result, debug=args.debug)
     s = report.setting
     print(f"\ndevice {s.device}, dtype {str(s.dtype).removeprefix('torch.')}, weight formats "
           f"{', '.join(s.weight_formats)}, seed {report.seed} (replay with --seed {report.seed})")

@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 import torch
 
 from dsv3.backends.reference import ops as reference
+from dsv3.core.errors import Dsv3Error
 from dsv3.core.ops import ExpertWeights, GateSpec
 from dsv3.core.quant import fp8_fn_to_fnuz, quantize_fp8_block, quantize_int8_channel
 from dsv3.core.weights import BLOCK, QuantWeight
@@ -467,7 +468,7 @@ class GenerationResult:
 
 
 def check_generation(registry, profile, device: str | None = None, max_new_tokens: int = 12,
-                     seed: int = 0) -> GenerationResult:
+                     seed: int = 0, debug: bool = False) -> GenerationResult:
     """Greedy generation on a tiny random DeepSeek-V3 (every feature: MLA, grouped MoE, dense layer,
     YaRN) through `profile`'s backend, against the reference backend in float32 with the same
     weights. At the first token where they differ, the reference's logits must show a near-tie
@@ -484,16 +485,23 @@ def check_generation(registry, profile, device: str | None = None, max_new_token
     quiet = lambda msg: None  # noqa: E731 - fallbacks were reported by the op checks already
     with tempfile.TemporaryDirectory(prefix="dsv3-check-") as tmp:
         random_checkpoint(tmp, seed=seed)
+        params = dict(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
         warn, registry.warn = registry.warn, quiet
         try:
             llm = LLM(tmp, profile=_with(profile, overrides), registry=registry)
+            outs, _ = llm.generate_ids(prompts, **params)
+        except Dsv3Error:
+            raise          # the user's setup (profile, device), not the backend's arithmetic
+        except Exception as e:  # noqa: BLE001 - a backend that crashes mid-generation fails the check
+            if debug:
+                raise
+            return GenerationResult(0, 0, False, f"generation through the backend raised {type(e).__name__}: "
+                                    f"{str(e).splitlines()[0] if str(e) else ''} (rerun with --debug for the traceback)")
         finally:
             registry.warn = warn
         ref_profile = _with(load_profile("cpu"), {"dtype": "float32", "weight_format": llm.weight_format,
                                                   "device": "cpu", "kv_cache.dtype": "auto"})
         ref = LLM(tmp, profile=ref_profile, registry=create_registry(autoload=False, entry_points=(), warn=quiet))
-        params = dict(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
-        outs, _ = llm.generate_ids(prompts, **params)
         ref_outs, _ = ref.generate_ids(prompts, **params)
         margin_tol = 4 * tolerance("linear", llm.dtype, llm.weight_format)
         total = identical = 0
@@ -548,7 +556,7 @@ class CheckReport:
 
 def check_backend(registry, profile, device: str | None = None, seed: int | None = None, real_shapes: bool = True,
                   generation: bool = True, only: list[str] | None = None,
-                  on_result: Callable[[OpResult], None] | None = None) -> CheckReport:
+                  on_result: Callable[[OpResult], None] | None = None, debug: bool = False) -> CheckReport:
     """The full suite for `profile.backend` as a registry resolves it: every op it provides (pins
     included) against the reference, then a tiny-model generation."""
     from dsv3.plugins.manager import plan_ops
@@ -561,7 +569,7 @@ def check_backend(registry, profile, device: str | None = None, seed: int | None
     report = CheckReport(spec.name, setting, seed, {op: c.plugin for op, c in provided.items()},
                          [op for op, c in plan.items() if c.fallback], results)
     if generation:
-        report.generation = check_generation(registry, profile, device, seed=seed % 1000)
+        report.generation = check_generation(registry, profile, device, seed=seed % 1000, debug=debug)
     return report
 
 
