@@ -46,6 +46,11 @@ class BlockAllocator:
         return self.num_blocks - self.num_free
 
     @property
+    def num_evictable(self) -> int:
+        """Free blocks that still hold a registered prefix."""
+        return len(self._evictable)
+
+    @property
     def num_registered(self) -> int:
         return len(self._block_of)
 

@@ -1,0 +1,82 @@
+"""`dsv3-run serve`: the OpenAI-compatible HTTP server (dsv3.serve)."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from dsv3.core.cli import add_runtime_args, build_llm
+from dsv3.core.errors import Dsv3Error
+
+EXAMPLES = """examples:
+  dsv3-run serve                                       # the demo model on http://127.0.0.1:8000
+  dsv3-run serve --model ~/DeepSeek-V3 --backend cuda --api-key "$KEY"
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32}'
+"""
+
+
+def register(subparsers) -> None:
+    import argparse
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server", epilog=EXAMPLES,
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              description="Serve /v1/chat/completions, /v1/completions, /v1/models, /health "
+                                          "and /metrics with continuous batching over the paged latent cache.")
+    add_runtime_args(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it, use --api-key)")
+    g.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; the URL is printed)")
+    g.add_argument("--api-key", default=os.environ.get("DSV3_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1/* (default: $DSV3_API_KEY)")
+    g.add_argument("--served-model-name", help="the model id clients send (default: the checkpoint's folder name)")
+    g.add_argument("--max-waiting", type=int, default=256,
+                   help="requests queued for the cache before new ones get 503 (default 256)")
+    g.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="request body limit (default 4 MiB)")
+    g.add_argument("--max-prompt-tokens", type=int, help="prompt length limit (default: context and cache)")
+    g.add_argument("--max-batch-tokens", type=int, help="tokens per engine step (chunked-prefill budget)")
+    g.add_argument("--no-prefix-caching", action="store_true", help="do not share prompt blocks between requests")
+    g.add_argument("--drain-timeout", type=float, default=60.0,
+                   help="on SIGTERM/Ctrl-C, seconds to let running requests finish (default 60)")
+    g.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    try:
+        from dsv3.serve.app import ServeOptions
+        from dsv3.serve.server import bind, make_server
+    except ImportError as e:
+        raise Dsv3Error(f"dsv3-run serve needs the serve extra ({e.name} is missing): "
+                        f"pip install 'dsv3[serve]'") from e
+    for name in ("max_waiting", "max_body_bytes", "max_prompt_tokens", "max_batch_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise Dsv3Error(f"--{name.replace('_', '-')} must be >= 1")
+    llm = build_llm(args)
+    engine = llm.engine
+    engine.prefix_caching = not args.no_prefix_caching
+    engine.max_waiting = args.max_waiting
+    if args.max_batch_tokens:
+        engine.max_batch_tokens = args.max_batch_tokens
+    name = args.served_model_name or llm.path.name
+    options = ServeOptions(model_name=name, api_key=args.api_key or None, max_body_bytes=args.max_body_bytes,
+                           max_prompt_tokens=args.max_prompt_tokens)
+    server, _ = make_server(llm, options, args.log_level, args.drain_timeout)
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as e:
+        raise Dsv3Error(f"cannot listen on {args.host}:{args.port}: {e.strerror}; pick another --port") from e
+    host, port = sock.getsockname()[:2]
+    if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host} without --api-key: anyone who can reach this port can use it",
+              file=sys.stderr)
+    print(f"dsv3 serve: model {name!r} on http://{host if ':' not in host else f'[{host}]'}:{port} "
+          f"(backend {llm.spec.name}, cache {engine.capacity_tokens} tokens)", flush=True)
+    # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the handler that was installed
+    # before it; a handler of our own turns that into a normal exit (status 0) after the drain.
+    stopped = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, f: stopped.append(s))
+    server.run(sockets=[sock])
+    return 0

@@ -1,0 +1,260 @@
+"""The HTTP API (Starlette): OpenAI-compatible completions and chat completions, models, health, metrics.
+
+Every request is validated before it reaches the engine (body size, JSON, field types and ranges,
+model name, prompt length), so a bad request is answered on its own and never disturbs the batch.
+A client that goes away (mid-stream or while waiting for a non-streamed answer) is detected and
+its sequence released at once, which frees its cache blocks before the next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+from dataclasses import dataclass
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from dsv3.core.errors import RequestError
+from dsv3.core.sampling import SamplingParams
+from dsv3.serve import protocol as P
+from dsv3.serve.metrics import CONTENT_TYPE_LATEST
+from dsv3.serve.worker import Accepted, Delta, EngineWorker, Failed
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    model_name: str
+    api_key: str | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_prompt_tokens: int | None = None     # None: what the context and the cache allow
+
+
+class _Disconnected:
+    """Put in a request's event queue when its client goes away."""
+
+
+def _error(e: P.APIError, metrics=None) -> JSONResponse:
+    if metrics is not None:
+        metrics.http_errors.labels(str(e.status)).inc()
+    headers = {"Retry-After": "1"} if e.status == 503 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+def create_app(llm, worker: EngineWorker, options: ServeOptions) -> Starlette:
+    """The ASGI app serving `llm` (a dsv3.LLM) through `worker`, which owns llm.engine."""
+    engine, tok, metrics = llm.engine, llm.tokenizer, worker.metrics
+    if tok is None:
+        raise RequestError(f"{llm.path} has no tokenizer.json; the server needs the checkpoint's tokenizer")
+    # Longest prompt + output a request may ask for: the model's context, and the cache (minus the
+    # slots speculative decoding reserves), since one request must fit the cache on its own.
+    context = min(engine.max_context, engine.capacity_tokens - engine.reserve)
+    max_prompt = min(options.max_prompt_tokens or context - 1, context - 1)
+    created = int(time.time())
+
+    def authorize(request: Request) -> None:
+        if options.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), options.api_key.encode()):
+            raise P.APIError(401, "missing or wrong API key: send the header `Authorization: Bearer <key>` "
+                                  "with the key the server was started with (--api-key)",
+                             code="invalid_api_key")
+
+    async def read_body(request: Request) -> bytes:
+        limit = options.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise P.APIError(413, f"request body is {declared} bytes; the limit is {limit} (--max-body-bytes)")
+        chunks, size = [], 0
+        async for chunk in request.stream():        # also bounds chunked bodies with no length header
+            size += len(chunk)
+            if size > limit:
+                raise P.APIError(413, f"request body exceeds {limit} bytes (--max-body-bytes)")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != options.model_name:
+            raise P.APIError(404, f"model {name!r} does not exist; this server serves {options.model_name!r} "
+                                  f"(GET /v1/models)", param="model", code="model_not_found")
+
+    def sampling(req, prompt_len: int, max_tokens: int | None) -> SamplingParams:
+        if prompt_len > max_prompt:
+            raise P.APIError(400, f"the prompt is {prompt_len} tokens; this server accepts at most {max_prompt} "
+                                  f"(context {context}); shorten it", param="messages" if hasattr(req, "messages")
+                             else "prompt", code="context_length_exceeded")
+        if max_tokens is not None and max_tokens < 1:
+            raise P.APIError(400, f"max_tokens = {max_tokens}: must be >= 1", param="max_tokens")
+        room = context - prompt_len
+        if max_tokens is not None and max_tokens > room:
+            raise P.APIError(400, f"this model's context is {context} tokens, but {prompt_len} prompt tokens + "
+                                  f"max_tokens {max_tokens} exceed it; lower max_tokens to at most {room}",
+                             param="max_tokens", code="context_length_exceeded")
+        top_k = req.top_k if req.top_k not in (None, -1) else 0
+        try:
+            return SamplingParams(
+                max_new_tokens=max_tokens or room, temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p, top_k=top_k, seed=req.seed,
+                stop=P.stop_list(req.stop), ignore_eos=req.ignore_eos)
+        except RequestError as e:
+            raise P.APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
+
+    def check_ids(ids: list[int]) -> None:
+        vocab = llm.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise P.APIError(400, f"prompt token {bad[0]} is outside the vocabulary [0, {vocab})", param="prompt")
+
+    async def watch_disconnect(request: Request, h) -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        h.events.put_nowait(_Disconnected())
+
+    async def submit(request: Request, prompt_ids: list[int], params: SamplingParams):
+        h = worker.submit(prompt_ids, params)
+        first = await h.events.get()
+        if isinstance(first, Failed):
+            raise P.APIError(first.status, first.message, first.type, code=first.code)
+        assert isinstance(first, Accepted)
+        return h
+
+    async def events(request: Request, h):
+        """The request's engine events until the final one; aborts the request if the client leaves."""
+        watcher = asyncio.create_task(watch_disconnect(request, h))
+        try:
+            while True:
+                ev = await h.events.get()
+                if isinstance(ev, _Disconnected):
+                    return
+                if isinstance(ev, Failed):
+                    h.done = True
+                    yield ev
+                    return
+                if ev.finish_reason is not None:
+                    h.done = True
+                yield ev
+                if h.done:
+                    return
+        finally:
+            watcher.cancel()
+            worker.abort(h)          # no-op when finished; frees the blocks of an abandoned request
+
+    def sse(obj) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    async def generate(request: Request, req, prompt_ids: list[int], chat: bool) -> Response:
+        max_tokens = req.max_completion_tokens if chat and req.max_completion_tokens is not None else req.max_tokens
+        params = sampling(req, len(prompt_ids), max_tokens)
+        h = await submit(request, prompt_ids, params)
+        rid = P.new_id("chatcmpl" if chat else "cmpl")
+        model, t0 = options.model_name, int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        if not req.stream:
+            text, final = [], None
+            async for ev in events(request, h):
+                if isinstance(ev, Failed):
+                    return _error(P.APIError(ev.status, ev.message, ev.type, code=ev.code), metrics)
+                text.append(ev.text)
+                final = ev
+            if final is None or final.finish_reason is None:      # the client left; nobody reads this
+                return Response(status_code=499)
+            use = P.usage(final.prompt_tokens, final.completion_tokens, final.cached_tokens)
+            body = (P.chat_body if chat else P.completion_body)(rid, model, "".join(text), final.finish_reason, use)
+            return JSONResponse(body)
+
+        async def stream():
+            if chat:
+                yield sse(P.chat_chunk(rid, model, t0, {"role": "assistant", "content": ""}))
+            async for ev in events(request, h):
+                if isinstance(ev, Failed):     # headers are sent: report in-band, as OpenAI does
+                    yield sse(P.APIError(ev.status, ev.message, ev.type, code=ev.code).body())
+                    return
+                if ev.text or ev.finish_reason:
+                    yield sse(P.chat_chunk(rid, model, t0, {"content": ev.text} if ev.text else {}, ev.finish_reason)
+                              if chat else P.completion_chunk(rid, model, t0, ev.text, ev.finish_reason))
+                if ev.finish_reason is not None:
+                    if include_usage:
+                        use = P.usage(ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens)
+                        yield sse(P.usage_chunk(rid, model, t0, "chat.completion.chunk" if chat
+                                                else "text_completion", use))
+                    yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def handle(request: Request, schema, chat: bool) -> Response:
+        try:
+            authorize(request)
+            if not worker.alive:
+                raise P.APIError(503, "the server is shutting down; retry on another instance", "server_error")
+            req = P.parse(schema, await read_body(request))
+            check_model(req.model)
+            if chat:
+                messages = [m.as_template_input() for m in req.messages]
+                try:
+                    prompt_ids = await asyncio.to_thread(tok.encode_chat, messages)
+                except Exception as e:  # noqa: BLE001 - the template raises for conversations it rejects
+                    raise P.APIError(400, f"messages: the chat template rejected them ({e})", param="messages")
+            else:
+                prompt = req.single_prompt()
+                if isinstance(prompt, str):
+                    prompt_ids = await asyncio.to_thread(tok.encode, prompt)
+                else:
+                    check_ids(prompt)
+                    prompt_ids = list(prompt)
+            return await generate(request, req, prompt_ids, chat)
+        except P.APIError as e:
+            return _error(e, metrics)
+
+    async def completions(request: Request) -> Response:
+        return await handle(request, P.CompletionRequest, chat=False)
+
+    async def chat_completions(request: Request) -> Response:
+        return await handle(request, P.ChatRequest, chat=True)
+
+    async def models(request: Request) -> Response:
+        try:
+            authorize(request)
+        except P.APIError as e:
+            return _error(e, metrics)
+        return JSONResponse({"object": "list", "data": [
+            {"id": options.model_name, "object": "model", "created": created, "owned_by": "dsv3",
+             "max_model_len": context}]})
+
+    async def health(request: Request) -> Response:
+        if worker.alive:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable"}, status_code=503)
+
+    async def prometheus(request: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        msg = {404: f"no route {request.url.path}; see /v1/models, /v1/completions, /v1/chat/completions",
+               405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
+        return _error(P.APIError(exc.status_code, msg), metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        worker.start()
+        yield
+        # uvicorn has stopped accepting connections and waited for the open ones (draining), so the
+        # engine is idle unless the drain timed out; stop its thread without blocking the loop.
+        await asyncio.to_thread(worker.stop, 30.0)
+
+    routes = [
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", prometheus, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)

@@ -1,0 +1,58 @@
+"""Run the app under uvicorn: in the foreground (`dsv3-run serve`) or in a thread (tests, benchmarks)."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import uvicorn
+
+from dsv3.serve.app import ServeOptions, create_app
+from dsv3.serve.worker import EngineWorker
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket; port 0 picks a free one (read it back from getsockname)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def make_server(llm, options: ServeOptions, log_level: str = "info", drain_timeout: float = 60.0):
+    """(uvicorn.Server, EngineWorker) serving `llm`; the worker starts with the app's lifespan."""
+    worker = EngineWorker(llm.engine)
+    app = create_app(llm, worker, options)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=drain_timeout,
+                            lifespan="on", access_log=log_level == "debug")
+    return uvicorn.Server(config), worker
+
+
+class ServerThread:
+    """A server on 127.0.0.1 (a free port) in a background thread: `with ServerThread(llm, opts) as s:`
+    then s.url. Leaving the block shuts it down the way SIGTERM does (drain, then stop)."""
+
+    def __init__(self, llm, options: ServeOptions, log_level: str = "warning", start_timeout: float = 60.0):
+        self.server, self.worker = make_server(llm, options, log_level)
+        self.sock = bind("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                        name="dsv3-http", daemon=True)
+        self._start_timeout = start_timeout
+
+    def __enter__(self) -> "ServerThread":
+        self._thread.start()
+        deadline = time.monotonic() + self._start_timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the HTTP server did not start; see the log above")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self._thread.join(120)
+        self.sock.close()
