@@ -479,11 +479,8 @@ def _convert_job(ckpt: Checkpoint, j: _Job, fmt: str, ue8m0: bool, dev: torch.de
     else:
         t = ckpt.read(u.key).to(dev)
         y = t.to(j.outputs[0].dtype)
-        d = y.double() - t.double()
-        ref = float(t.double().abs().max()) if t.numel() else 0.0
-        err = float(d.abs().max()) if t.numel() else 0.0
-        result = (err / ref if ref > 0 else (0.0 if err == 0 else math.inf),
-                  float(d.square().sum()), float(t.double().square().sum()))
+        as2d = (lambda x: x.reshape(x.shape[0] if x.dim() else 1, -1))    # norms and biases are 1-D
+        result = error_stats(RawWeight(as2d(t), None, None, "dense"), RawWeight(as2d(y), None, None, "dense"))
         writer.write(j.outputs[0].name, y)
     bound = BOUNDS[j.kind]
     max_rel, err2, ref2 = result

@@ -629,7 +629,7 @@ def load_weights(model: DeepseekV3, ckpt: Checkpoint, progress: bool | None = No
                 convert_into(raw, lin.format, model.dtype, ue8m0, data_out, scale_out)
             else:
                 raw = ckpt.read(u.key, u.slices)
-                u.param.copy_(raw.to(u.param.device).to(u.param.dtype))
+                u.param.copy_(raw)         # copy_ casts and moves in one pass, no full-size temporary
             del raw
             ckpt.release(keep=shard)       # a companion read from another shard is unmapped at once
             shown.update(u.nbytes)
