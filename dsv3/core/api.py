@@ -21,6 +21,7 @@ from dsv3.core.model import DeepseekV3
 from dsv3.core.profile import Profile, load_profile, validate_for_backend, with_overrides
 from dsv3.core.sampling import SamplingParams
 from dsv3.core.tokenizer import Tokenizer
+from dsv3.parallel import launch, sharding
 from dsv3.plugins.manager import Registry, create_registry, resolve_ops
 
 
@@ -59,6 +60,9 @@ class LLM:
                                    f"{prof.backend!r}); give one or the other")
         self.profile = with_overrides(prof, {"dtype": dtype, **overrides})
         self.spec, self.device, self.ops = build_runtime(self.profile, self.registry)
+        # parallelism (dsv3.parallel): under torchrun this process is one rank of the mesh and holds
+        # one slice of the model; in a single process the mesh is SINGLE and nothing below changes.
+        self.mesh, self.device = launch.setup(self.profile, self.registry, self.spec.name, self.device)
 
         self.ckpt = Checkpoint(model_path)
         self.path = self.ckpt.path
@@ -70,11 +74,17 @@ class LLM:
             raise ProfileError(f"the checkpoint's weight format {self.weight_format!r} cannot run on backend "
                                f"{self.spec.name!r}; set weight_format to one of {', '.join(self.spec.weight_formats)}")
         with_mtp = self.config.num_nextn_predict_layers > 0 and has_mtp(self.ckpt, self.config.num_hidden_layers)
+        slicer = None
+        if self.mesh.world > 1:   # parallel: check the split fits the model, then read only this rank's slice
+            sharding.check_layout(self.config, self.mesh, checkpoint_format(self.ckpt), self.profile.source)
+            slicer = sharding.slicer(self.config, self.mesh)
         with torch.device(self.device):
-            self.model = DeepseekV3(self.config, self.ops, self.weight_format, self.dtype, with_mtp=with_mtp)
+            self.model = DeepseekV3(self.config, self.ops, self.weight_format, self.dtype, with_mtp=with_mtp,
+                                    parallel=self.mesh)
         ue8m0 = self.profile.ue8m0 if self.profile.ue8m0 is not None else bool(
             self.config.quantization and self.config.quantization.scale_fmt == "ue8m0")
-        load_weights(self.model, self.ckpt, ue8m0=ue8m0)
+        load_weights(self.model, self.ckpt, ue8m0=ue8m0, slicer=slicer,
+                     progress=None if self.mesh.rank == 0 else False)   # one progress line, from rank 0
         self.ckpt.close()
         self.registry.pm.hook.dsv3_prepare_weights(backend=self.spec.name, model=self.model, profile=self.profile)
         self.tokenizer = Tokenizer(self.path) if (self.path / "tokenizer.json").is_file() else None

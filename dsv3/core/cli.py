@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from dsv3.core.errors import Dsv3Error
@@ -45,6 +46,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="torch device, e.g. cuda:1 (overrides the profile)")
     g.add_argument("--speculative", choices=("none", "mtp"), help="speculative decoding method")
     g.add_argument("--num-draft-tokens", type=int, help="MTP draft tokens per step (k)")
+    g.add_argument("--tp", type=int, help="tensor-parallel size (attention heads, dense MLPs, vocab); under torchrun")
+    g.add_argument("--ep", type=int, help="expert-parallel size (routed experts); under torchrun")
     g.add_argument("-p", dest="plugins", action="append", default=[], metavar="NAME",
                    help="load the installed plugin with this entry-point name (even with autoload off)")
     g.add_argument("--plugin", dest="plugin_modules", action="append", default=[], metavar="MODULE",
@@ -56,15 +59,24 @@ def profile_overrides(args) -> dict:
     return {"dtype": args.dtype, "weight_format": args.weight_format, "kv_cache.dtype": args.kv_cache_dtype,
             "kv_cache.max_tokens": args.max_cache_tokens, "device": args.device,
             "speculative.method": getattr(args, "speculative", None),
-            "speculative.num_draft_tokens": getattr(args, "num_draft_tokens", None)}
+            "speculative.num_draft_tokens": getattr(args, "num_draft_tokens", None),
+            "parallel.tp": getattr(args, "tp", None), "parallel.ep": getattr(args, "ep", None)}
 
 
 def build_llm(args):
     from dsv3.core.api import LLM
     from dsv3.plugins.manager import create_registry
+    from dsv3.parallel.launch import world_size
+    # under torchrun every rank runs this command; only rank 0 prints results (errors print everywhere)
+    if world_size() > 1 and getattr(args, "interactive", False):
+        raise Dsv3Error("--interactive is not supported under torchrun yet (stdin reaches one rank only); use "
+                        "--prompt or --input-file")
     registry = create_registry(plugins=args.plugins, modules=args.plugin_modules)
-    return LLM(args.model, backend=args.backend, profile=args.profile, registry=registry,
-               **{k: v for k, v in profile_overrides(args).items() if k != "dtype"}, dtype=args.dtype)
+    llm = LLM(args.model, backend=args.backend, profile=args.profile, registry=registry,
+              **{k: v for k, v in profile_overrides(args).items() if k != "dtype"}, dtype=args.dtype)
+    if llm.mesh.rank != 0:
+        sys.stdout = open(os.devnull, "w")
+    return llm
 
 
 def main(argv: list[str] | None = None) -> int:

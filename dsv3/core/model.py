@@ -6,6 +6,11 @@ plus one rename: routed experts are stored per expert in the checkpoint and stac
 
 Shapes: T tokens of a flat batch (prefill chunks and decode tokens of many sequences together),
 D hidden, H heads, C kv_lora_rank, R qk_rope_head_dim, E routed experts, V vocab.
+
+Parallelism (dsv3.parallel): a model built with a `Mesh` holds one rank's slice: H/tp heads, 1/tp of
+the dense and shared-expert intermediate rows, V/tp vocabulary rows, its routed experts. The few
+places where slices are joined say so (`par.tp_reduce`, `par.gather_vocab`, `par.routed_experts`);
+with the default single-process mesh those are the identity and nothing else changes.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from dsv3.core.batch import Batch
 from dsv3.core.config import ModelConfig
 from dsv3.core.ops import ExpertWeights, GateSpec, Ops
 from dsv3.core.weights import STORAGE_DTYPE, QuantWeight, dequantize, scale_shape
+from dsv3.parallel.mesh import SINGLE, Mesh
 
 
 class Linear(nn.Module):
@@ -87,10 +93,13 @@ class MLA(nn.Module):
     attention runs over the cache directly, and W_UV maps the result back (absorbed).
     """
 
-    def __init__(self, ops: Ops, cfg: ModelConfig, fmt: str, dtype: torch.dtype):
+    def __init__(self, ops: Ops, cfg: ModelConfig, fmt: str, dtype: torch.dtype, par: Mesh = SINGLE):
         super().__init__()
-        self.ops, self.cfg = ops, cfg
-        self.n_heads, self.nope, self.rope_dim = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.ops, self.cfg, self.par = ops, cfg, par
+        # tensor parallel: this rank's H/tp heads. q_b / kv_b are split by output rows (heads), o_proj
+        # by input columns; q_a / kv_a and the latent (shared by all heads) are whole on every rank.
+        self.n_heads = cfg.num_attention_heads // par.tp
+        self.nope, self.rope_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
         self.kv_rank, self.v_dim = cfg.kv_lora_rank, cfg.v_head_dim
         q_out = self.n_heads * cfg.qk_head_dim
         if cfg.q_lora_rank is None:
@@ -140,21 +149,22 @@ class MLA(nn.Module):
             qp = torch.cat((q_nope[nd:], q_rope[nd:]), dim=-1)
             out[nd:] = ops.mla_prefill(qp, k, v.contiguous(), batch.cu_seqlens_q, batch.cu_seqlens_k,
                                        self.softmax_scale)
-        return self.o_proj(out.view(t, -1))
+        return self.par.tp_reduce(self.o_proj(out.view(t, -1)))   # sum over the ranks' heads
 
 
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
 
-    def __init__(self, ops: Ops, dim: int, inter: int, fmt: str, dtype: torch.dtype):
+    def __init__(self, ops: Ops, dim: int, inter: int, fmt: str, dtype: torch.dtype, par: Mesh = SINGLE):
         super().__init__()
-        self.ops = ops
+        self.ops, self.par = ops, par
+        inter //= par.tp   # tensor parallel: gate/up split by rows, down by columns
         self.gate_proj = Linear(ops, dim, inter, fmt, dtype)
         self.up_proj = Linear(ops, dim, inter, fmt, dtype)
         self.down_proj = Linear(ops, inter, dim, fmt, dtype)
 
     def forward(self, x):
-        return self.down_proj(self.ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
+        return self.par.tp_reduce(self.down_proj(self.ops.silu_mul(self.gate_proj(x), self.up_proj(x))))
 
 
 class Gate(nn.Module):
@@ -176,11 +186,11 @@ class Gate(nn.Module):
 class Experts(nn.Module):
     """The routed experts, stacked: gate/up [E, I, D], down [E, D, I] (checkpoint: experts.{e}.*)."""
 
-    def __init__(self, ops: Ops, cfg: ModelConfig, fmt: str, dtype: torch.dtype,
-                 num_local: int | None = None, first_expert: int = 0):
+    def __init__(self, ops: Ops, cfg: ModelConfig, fmt: str, dtype: torch.dtype, par: Mesh = SINGLE):
         super().__init__()
-        n, d, inter = num_local or cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.first_expert = first_expert
+        # expert parallel: experts [first_expert, first_expert + n) and 1/(W/ep) of each one's rows
+        self.first_expert, n = par.expert_range(cfg.n_routed_experts)
+        d, inter = cfg.hidden_size, cfg.moe_intermediate_size // par.moe_tp
         self.gate_proj = Linear(ops, d, inter, fmt, dtype, experts=n)
         self.up_proj = Linear(ops, d, inter, fmt, dtype, experts=n)
         self.down_proj = Linear(ops, inter, d, fmt, dtype, experts=n)
@@ -193,28 +203,31 @@ class Experts(nn.Module):
 class MoE(nn.Module):
     """DeepSeekMoE: sum_k w_k expert_k(x) over the routed top-k, plus the always-on shared experts."""
 
-    def __init__(self, ops: Ops, cfg: ModelConfig, fmt: str, dtype: torch.dtype):
+    def __init__(self, ops: Ops, cfg: ModelConfig, fmt: str, dtype: torch.dtype, par: Mesh = SINGLE):
         super().__init__()
-        self.ops = ops
+        self.ops, self.par = ops, par
         self.gate = Gate(ops, cfg, dtype)
-        self.experts = Experts(ops, cfg, fmt, dtype)
-        self.shared_experts = (MLP(ops, cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, fmt, dtype)
-                               if cfg.n_shared_experts else None)
+        self.experts = Experts(ops, cfg, fmt, dtype, par)
+        self.shared_experts = (MLP(ops, cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, fmt, dtype,
+                                   par) if cfg.n_shared_experts else None)
 
     def forward(self, x):
-        weights, ids = self.gate(x)
-        y = self.ops.moe_experts(x, weights, ids, self.experts.weights)
+        if self.par.world > 1:   # experts live on many ranks: route tokens to them and back
+            y = self.par.routed_experts(x, self.gate, self.ops.moe_experts, self.experts.weights)
+        else:
+            weights, ids = self.gate(x)                                             # [T, k], [T, k]
+            y = self.ops.moe_experts(x, weights, ids, self.experts.weights)
         return y if self.shared_experts is None else y + self.shared_experts(x)
 
 
 class Block(nn.Module):
     """Pre-norm decoder layer: x + MLA(norm(x)), then + FFN(norm(.)); FFN is MLP or MoE by layer index."""
 
-    def __init__(self, ops: Ops, cfg: ModelConfig, layer: int, fmt: str, dtype: torch.dtype):
+    def __init__(self, ops: Ops, cfg: ModelConfig, layer: int, fmt: str, dtype: torch.dtype, par: Mesh = SINGLE):
         super().__init__()
-        self.self_attn = MLA(ops, cfg, fmt, dtype)
-        self.mlp = MoE(ops, cfg, fmt, dtype) if cfg.is_moe_layer(layer) else MLP(
-            ops, cfg.hidden_size, cfg.intermediate_size, fmt, dtype)
+        self.self_attn = MLA(ops, cfg, fmt, dtype, par)
+        self.mlp = MoE(ops, cfg, fmt, dtype, par) if cfg.is_moe_layer(layer) else MLP(
+            ops, cfg.hidden_size, cfg.intermediate_size, fmt, dtype, par)
         self.input_layernorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -230,10 +243,11 @@ class Block(nn.Module):
 
 
 class SharedHead(nn.Module):
-    def __init__(self, ops: Ops, cfg: ModelConfig, dtype: torch.dtype):
+    def __init__(self, ops: Ops, cfg: ModelConfig, dtype: torch.dtype, par: Mesh = SINGLE):
         super().__init__()
         self.norm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.head = Linear(ops, cfg.hidden_size, cfg.vocab_size, "dense", dtype)
+        start, stop = par.vocab_range(cfg.vocab_size)   # vocab parallel: this rank's rows of the head
+        self.head = Linear(ops, cfg.hidden_size, stop - start, "dense", dtype)
 
 
 class MTPLayer(Block):
@@ -243,14 +257,14 @@ class MTPLayer(Block):
     then shared_head -> logits for t_{i+2}. h_i is the main model's final hidden state (after norm).
     """
 
-    def __init__(self, ops: Ops, cfg: ModelConfig, fmt: str, dtype: torch.dtype):
-        super().__init__(ops, cfg, cfg.num_hidden_layers, fmt, dtype)
-        self.ops = ops
-        self.embed_tokens = Embedding(ops, cfg.vocab_size, cfg.hidden_size, dtype)
+    def __init__(self, ops: Ops, cfg: ModelConfig, fmt: str, dtype: torch.dtype, par: Mesh = SINGLE):
+        super().__init__(ops, cfg, cfg.num_hidden_layers, fmt, dtype, par)
+        self.ops, self.par, self.vocab = ops, par, cfg.vocab_size
+        self.embed_tokens = Embedding(ops, cfg.vocab_size, cfg.hidden_size, dtype, par)
         self.enorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.hnorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.eh_proj = Linear(ops, 2 * cfg.hidden_size, cfg.hidden_size, "dense", dtype)
-        self.shared_head = SharedHead(ops, cfg, dtype)
+        self.shared_head = SharedHead(ops, cfg, dtype, par)
 
     def hidden(self, next_ids, prev_hidden, batch: Batch, cache, rope):
         """next_ids [T] (token i+1), prev_hidden [T, D] (main model's h_i) -> normed hidden [T, D]."""
@@ -260,28 +274,36 @@ class MTPLayer(Block):
         return x
 
     def logits(self, hidden):
-        return self.shared_head.head(hidden).float()
+        return self.par.gather_vocab(self.shared_head.head(hidden).float(), self.vocab)
 
 
 class Embedding(nn.Module):
-    def __init__(self, ops: Ops, vocab: int, dim: int, dtype: torch.dtype):
+    def __init__(self, ops: Ops, vocab: int, dim: int, dtype: torch.dtype, par: Mesh = SINGLE):
         super().__init__()
-        self.ops = ops
-        self.weight = nn.Parameter(torch.empty(vocab, dim, dtype=dtype), requires_grad=False)
+        self.ops, self.par = ops, par
+        self.start, stop = par.vocab_range(vocab)   # vocab parallel: rows [start, stop) live here
+        self.weight = nn.Parameter(torch.empty(stop - self.start, dim, dtype=dtype), requires_grad=False)
 
     def forward(self, ids):
-        return self.ops.embedding(ids, self.weight)
+        if self.par.tp == 1:
+            return self.ops.embedding(ids, self.weight)
+        # each id's row lives on exactly one rank: look up the local ones, zeros elsewhere, then sum
+        local = ids - self.start
+        elsewhere = (local < 0) | (local >= self.weight.shape[0])
+        x = self.ops.embedding(local.masked_fill(elsewhere, 0), self.weight)           # [T, D]
+        return self.par.tp_reduce(x.masked_fill(elsewhere.unsqueeze(-1), 0))
 
 
 class Decoder(nn.Module):
     """`model.*` in the checkpoint: embeddings, the decoder layers (then the MTP layer), final norm."""
 
-    def __init__(self, ops: Ops, cfg: ModelConfig, fmt: str, dtype: torch.dtype, with_mtp: bool):
+    def __init__(self, ops: Ops, cfg: ModelConfig, fmt: str, dtype: torch.dtype, with_mtp: bool,
+                 par: Mesh = SINGLE):
         super().__init__()
-        self.embed_tokens = Embedding(ops, cfg.vocab_size, cfg.hidden_size, dtype)
-        layers = [Block(ops, cfg, i, fmt, dtype) for i in range(cfg.num_hidden_layers)]
+        self.embed_tokens = Embedding(ops, cfg.vocab_size, cfg.hidden_size, dtype, par)
+        layers = [Block(ops, cfg, i, fmt, dtype, par) for i in range(cfg.num_hidden_layers)]
         if with_mtp:
-            layers.append(MTPLayer(ops, cfg, fmt, dtype))
+            layers.append(MTPLayer(ops, cfg, fmt, dtype, par))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -290,13 +312,15 @@ class DeepseekV3(nn.Module):
     """The whole model. forward() runs one flat batch through the main layers; mtp_hidden() the MTP layer."""
 
     def __init__(self, cfg: ModelConfig, ops: Ops, weight_format: str = "dense",
-                 dtype: torch.dtype = torch.float32, with_mtp: bool | None = None):
+                 dtype: torch.dtype = torch.float32, with_mtp: bool | None = None, parallel: Mesh = SINGLE):
         super().__init__()
         self.cfg, self.ops, self.weight_format, self.dtype = cfg, ops, weight_format, dtype
+        self.parallel = parallel   # this rank's place among the ranks (dsv3.parallel); SINGLE: one process
         self.has_mtp = cfg.num_nextn_predict_layers > 0 if with_mtp is None else with_mtp
-        self.model = Decoder(ops, cfg, weight_format, dtype, self.has_mtp)
+        self.model = Decoder(ops, cfg, weight_format, dtype, self.has_mtp, parallel)
         if not cfg.tie_word_embeddings:
-            self.lm_head = Linear(ops, cfg.hidden_size, cfg.vocab_size, "dense", dtype)
+            start, stop = parallel.vocab_range(cfg.vocab_size)   # vocab parallel, like the embedding
+            self.lm_head = Linear(ops, cfg.hidden_size, stop - start, "dense", dtype)
         self._rope = None
 
     @property
@@ -324,8 +348,10 @@ class DeepseekV3(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.lm_head if not self.cfg.tie_word_embeddings else None
         if head is None:
-            return self.ops.linear(hidden, QuantWeight(self.model.embed_tokens.weight, None, "dense")).float()
-        return head(hidden).float()                                              # [T, V]
+            logits = self.ops.linear(hidden, QuantWeight(self.model.embed_tokens.weight, None, "dense")).float()
+        else:
+            logits = head(hidden).float()                                        # [T, V/tp]
+        return self.parallel.gather_vocab(logits, self.cfg.vocab_size)           # [T, V] on every rank
 
     def mtp_hidden(self, next_ids, prev_hidden, batch: Batch, caches: list[torch.Tensor]) -> torch.Tensor:
         rope = self.rope_tables(batch.input_ids.device)

@@ -1,0 +1,71 @@
+"""Routed experts across ranks: every token's top-k experts live on other ranks; bring them together.
+
+Rank r holds experts [first, first + E/ep) and, when ep < W, one 1/(W/ep) slice of each one's
+intermediate dimension (dsv3.parallel.mesh). The backend's `moe_experts` op computes a rank's share:
+it ignores routes to experts the rank does not hold, so its output is the rank's partial sum.
+
+Two ways to sum the partials, chosen by tokens per rank (a Python int: no host sync to decide):
+
+- Sync-free (decode, small batches): every rank routes all T tokens (hidden states are identical
+  on every rank, so routing is too), runs its experts, and one all_reduce sums [T, D]. Static
+  shapes and no device-to-host copy, so it runs under CUDA graphs.
+- Dispatch / combine (prefill, large batches): rank r owns a token shard (T/W rows), routes only
+  those, sends each token once to every rank holding one of its experts, with its top-k ids and
+  weights (all_to_all_single, uneven splits), gets the partial outputs back (all_to_all_single
+  again), sums them, and an all_gather rebuilds [T, D] everywhere. The split sizes must be known on
+  the host: one small all_to_all of counts and one device-to-host copy per layer, amortised over
+  the batch. Gate and expert work are not repeated on any rank.
+"""
+from __future__ import annotations
+
+import torch
+
+from dsv3.core.ops import ExpertWeights
+
+
+def split_sizes(n: int, parts: int) -> list[int]:
+    """n tokens over `parts` ranks as torch.tensor_split does: the first n % parts get one more."""
+    return [n // parts + (i < n % parts) for i in range(parts)]
+
+
+def routed_experts(mesh, x: torch.Tensor, gate, experts_op, weights: ExpertWeights) -> torch.Tensor:
+    """x [T, D], identical on every rank -> sum_k w_k expert_k(x) [T, D], identical on every rank."""
+    sizes = split_sizes(x.shape[0], mesh.world)
+    if sizes[0] <= mesh.sync_free_max_tokens:
+        return _sync_free(mesh, x, gate, experts_op, weights)
+    return _dispatch_combine(mesh, x, sizes, gate, experts_op, weights)
+
+
+def _sync_free(mesh, x, gate, experts_op, weights):
+    topk_w, topk_ids = gate(x)                                   # [T, k], [T, k]: same on every rank
+    y = experts_op(x, topk_w, topk_ids, weights)                 # [T, D]: this rank's experts only
+    return mesh.world_reduce(y)
+
+
+def _dispatch_combine(mesh, x, sizes, gate, experts_op, weights):
+    world, rank = mesh.world, mesh.rank
+    start = sum(sizes[:rank])
+    xs = x[start: start + sizes[rank]]                           # [Ts, D] this rank's token shard
+    topk_w, topk_ids = gate(xs)                                  # [Ts, k]
+    per_group = weights.gate.data.shape[0]                       # experts per expert group (E / ep)
+    # destinations: expert group g is held (sliced W/ep ways) by ranks g*W/ep .. (g+1)*W/ep - 1
+    visits = torch.zeros(xs.shape[0], mesh.ep, dtype=torch.bool, device=x.device)
+    visits.scatter_(1, topk_ids // per_group, True)              # [Ts, ep] groups each token visits
+    dest = visits.repeat_interleave(mesh.moe_tp, dim=1)          # [Ts, W] ranks each token goes to
+    to_rank, token = dest.t().nonzero(as_tuple=True)             # routes sorted by rank, then token
+    send_counts = dest.sum(0)                                    # [W]
+    recv_counts = mesh.all_to_all(send_counts, [1] * world, [1] * world, "all_to_all of MoE dispatch counts")
+    send_sizes, recv_sizes = send_counts.tolist(), recv_counts.tolist()   # the host sync of this path
+
+    # dispatch: each token once per destination rank, with its top-k weights and ids (ids < 2^24 are
+    # exact in float32, so one message carries both)
+    meta = torch.cat((topk_w.float(), topk_ids.float()), dim=1)[token]               # [N, 2k]
+    recv_x = mesh.all_to_all(xs[token], send_sizes, recv_sizes, "all_to_all of MoE dispatch (tokens)")
+    recv_meta = mesh.all_to_all(meta, send_sizes, recv_sizes, "all_to_all of MoE dispatch (routes)")
+    k = topk_ids.shape[1]
+    y = experts_op(recv_x, recv_meta[:, :k], recv_meta[:, k:].long(), weights)      # [N', D] partial sums
+
+    # combine: partial outputs back to the token's owner, summed there in float32
+    back = mesh.all_to_all(y, recv_sizes, send_sizes, "all_to_all of MoE combine")   # [N, D]
+    ys = torch.zeros(xs.shape, dtype=torch.float32, device=x.device).index_add_(0, token, back.float())
+    return mesh.gather_rows(ys.to(x.dtype), sizes)
