@@ -21,6 +21,16 @@ from helpers import make_checkpoint, random_prompts, tiny_config
 BS = 8   # small blocks, so short prompts span several
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny ops gain nothing from intra-op threads, and on a busy 2-core runner OpenMP's spinning
+    # workers slow them down by an order of magnitude.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     path, _ = make_checkpoint(tmp_path_factory.mktemp("p") / "tiny", tiny_config(vocab_size=96), seed=5, std=0.3)

@@ -194,11 +194,12 @@ class Engine:
         return blocks, keys
 
     # -- scheduling ---------------------------------------------------------------------------------
-    def _admit(self) -> None:
+    def _admit(self, budget: int) -> list[Sequence]:
         """Move waiting sequences (first come, first served) into the running batch while the cache
-        holds their whole prompt and the token budget holds one decode step for each."""
-        alloc = self.cache.allocator
-        while self.waiting and (len(self.running) + 1) * self.tokens_per_decode <= self.max_batch_tokens:
+        holds their whole prompt (allocated now) and the token budget one decode step for each."""
+        alloc, admitted = self.cache.allocator, []
+        while (self.waiting and budget > 0
+               and (len(self.running) + 1) * self.tokens_per_decode <= self.max_batch_tokens):
             s = self.waiting[0]
             need = self.cache.blocks_needed(len(s.token_ids) + self.reserve)
             if need > self.cache.num_blocks:      # a preempted sequence that outgrew the whole cache
@@ -213,9 +214,13 @@ class Engine:
                 alloc.share(b)
             self.waiting.popleft()
             s.blocks, s.prefix_keys = list(shared), keys
+            self.cache.grow(s.blocks, len(s.token_ids) + self.reserve)
             s.num_cached = s.mtp_valid = s.num_prefix_cached = len(shared) * self.cache.block_size
             self.stats.prefix_cached_tokens += s.num_cached
             self.running.append(s)
+            admitted.append(s)
+            budget -= len(s.token_ids) - s.num_cached
+        return admitted
 
     def _preempt(self, s: Sequence) -> None:
         """Free a running sequence's blocks and queue it first for recomputation."""
@@ -234,8 +239,10 @@ class Engine:
         return StepOutput(s, delta, True, [])
 
     def schedule(self) -> list[tuple[Sequence, Chunk]]:
-        self._admit()
-        plan, budget = [], self.max_batch_tokens
+        """Running sequences first (decodes, then prompt chunks), growing their blocks and preempting
+        the most recently admitted when the cache runs out; then, unless that happened, waiting
+        sequences join with what is left of the cache and the token budget."""
+        plan, budget, preempted = [], self.max_batch_tokens, False
         decoding = [s for s in self.running if s.num_cached == len(s.token_ids) - 1]
         prefilling = [s for s in self.running if s.num_cached < len(s.token_ids) - 1]
         order = decoding + prefilling
@@ -251,12 +258,14 @@ class Engine:
                 victim = max(order[i + 1:], key=self.running.index)   # the most recently admitted
                 order.remove(victim)
                 self._preempt(victim)
+                preempted = True
             if not self.cache.can_grow(s.blocks, need):
                 # Everything after s is preempted; what is left belongs to s and to sequences already
                 # planned this step. s waits for them, or, alone, has outgrown the cache.
                 order.pop(i)
                 if plan:
                     self._preempt(s)
+                    preempted = True
                 else:
                     self._early.append(self._finish(s, "length"))
                 continue
@@ -265,6 +274,14 @@ class Engine:
                                   decode=s.num_cached > 0 and s in decoding)))
             budget -= n
             i += 1
+        # Admitting right after a preemption would hand the freed blocks to a newcomer and preempt
+        # again next step (thrashing); the preempted sequence is first in the queue instead.
+        for s in [] if preempted else self._admit(budget):
+            n = min(len(s.token_ids) - s.num_cached, budget)
+            if n <= 0:
+                break
+            plan.append((s, Chunk(s.token_ids[s.num_cached: s.num_cached + n], s.num_cached, list(s.blocks))))
+            budget -= n
         return plan
 
     @torch.inference_mode()
