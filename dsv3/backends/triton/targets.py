@@ -55,7 +55,7 @@ def kernel_specs(t: tuning.Target):
         {"FP8_MAX": fmax, "UE8M0": False, "GROUP": 128, "GROUPS": 8})
     gemm_names = ("a_ptr as_ptr b_ptr bs_ptr c_ptr M N K k_steps_per_split stride_am stride_asm stride_bn "
                   "stride_bsn stride_cs stride_cm QUANT_A UE8M0 FP8_MAX BLOCK_M BLOCK_N BLOCK_K GROUP_M")
-    for m in (1, 32, 128, 4096):
+    for m in (1, 128, 4096):   # split-K + in-GEMM quantisation, mid tiles, large tiles
         cfg = tuning.gemm_config(t, m, 7168, 7168)
         quant_a = m <= tuning.QUANT_IN_GEMM_MAX_M
         add(f"fp8_gemm[M={m}]", gemm.fp8_gemm_kernel, gemm_names,
@@ -112,7 +112,7 @@ def kernel_specs(t: tuning.Target):
     add("moe_align", moe.moe_align_kernel, "ids_ptr sorted_ptr block_expert_ptr N first_expert max_blocks E BLOCK_M "
         "BLOCK_E CHUNK", {"ids_ptr": "*i64", "sorted_ptr": "*i32", "block_expert_ptr": "*i32"},
         {"E": 256, "BLOCK_M": 16, "BLOCK_E": 512, "CHUNK": 1024})
-    for rows in (8, 64 * 8, 4096 * 8):
+    for rows in (8, 4096 * 8):       # decode (BLOCK_M 16) and prefill (BLOCK_M 128) tiles
         mcfg = tuning.moe_config(t, rows, 256)
         for gated in (True, False):
             add(f"moe_gemm[{'gate_up' if gated else 'down'},rows={rows}]", moe.moe_gemm_kernel,
@@ -136,7 +136,7 @@ def compile_all(targets=DEFAULT_TARGETS) -> list[dict]:
         gpu, t = _target(spec)
         for label, kern, sig, consts, opts in kernel_specs(t):
             t0 = time.perf_counter()
-            row = {"target": spec, "kernel": label}
+            row = {"target": spec, "kernel": label, "fn": kern.__name__}
             try:
                 src = triton.compiler.ASTSource(fn=kern, signature=sig, constexprs=consts)
                 art = triton.compile(src, target=gpu, options=opts)
