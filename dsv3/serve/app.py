@@ -177,8 +177,11 @@ def create_app(llm, worker: EngineWorker, options: ServeOptions) -> Starlette:
                 if isinstance(ev, Failed):     # headers are sent: report in-band, as OpenAI does
                     yield sse(P.APIError(ev.status, ev.message, ev.type, code=ev.code).body())
                     return
-                if ev.text or ev.finish_reason:
-                    yield sse(P.chat_chunk(rid, model, t0, {"content": ev.text} if ev.text else {}, ev.finish_reason)
+                # one chunk per engine step that produced tokens, even while their text is held back
+                # (a possible stop string, an incomplete UTF-8 character): clients see progress
+                if ev.text or ev.finish_reason or ev.num_tokens:
+                    delta = {"content": ev.text} if ev.text or ev.finish_reason is None else {}
+                    yield sse(P.chat_chunk(rid, model, t0, delta, ev.finish_reason)
                               if chat else P.completion_chunk(rid, model, t0, ev.text, ev.finish_reason))
                 if ev.finish_reason is not None:
                     if include_usage:

@@ -1,0 +1,236 @@
+"""Serving benchmark: output tokens/s and time to first token versus request rate, continuous batching
+against static batching on the same backend.
+
+Requests arrive as a Poisson process at each rate (`inf`: all at once); each has a random prompt of
+token ids (uniform in [L/2, 3L/2]) and a fixed number of output tokens (ignore_eos). Three ways to
+serve the same arrivals:
+
+  static       in-process: a batch of up to --static-batch arrived requests runs to completion,
+               the next batch starts after it (new requests wait for the whole batch)
+  continuous   in-process: requests join the running batch at the next step (the engine as is)
+  http         `dsv3-run serve` on loopback, driven by the OpenAI client (continuous batching plus
+               the HTTP, SSE and tokenizer overhead)
+
+TTFT is measured from each request's arrival time to its first output token (http: first streamed
+chunk); throughput is output tokens over the time from the first arrival to the last token.
+
+    python benchmarks/serve_load.py                                   # CPU, tiny random model
+    python benchmarks/serve_load.py --full-width-layers 4 --backend cuda --rates 1,4,16,inf \\
+        --prompt-len 512 --output-len 128 --num-requests 256 --static-batch 64 --out benchmarks/results/serve_h100.md
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+
+@dataclass
+class Req:
+    arrival: float                  # seconds after the start
+    prompt: list[int]
+    first: float | None = None      # first output token, seconds after the start
+    done: float | None = None
+    tokens: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def make_requests(n: int, rate: float, prompt_len: int, output_len: int, vocab: int, seed: int) -> list[Req]:
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        length = rng.randint(max(1, prompt_len // 2), max(1, prompt_len * 3 // 2))
+        out.append(Req(t, [rng.randrange(2, vocab) for _ in range(length)]))
+        if rate != float("inf"):
+            t += rng.expovariate(rate)
+    return out
+
+
+def run_in_process(engine, reqs: list[Req], output_len: int, static_batch: int | None) -> None:
+    """Serve `reqs` on this thread. static_batch=None: continuous; else static batches of that size."""
+    from dsv3.core.sampling import SamplingParams
+    params = SamplingParams(max_new_tokens=output_len, ignore_eos=True)
+    pending, index = deque(reqs), {}
+    t0 = time.perf_counter()
+    while pending or engine.has_work():
+        now = time.perf_counter() - t0
+        if static_batch is None or not engine.has_work():
+            room = len(pending) if static_batch is None else static_batch
+            while pending and pending[0].arrival <= now and room > 0:
+                r = pending.popleft()
+                index[engine.add(r.prompt, params).id] = r
+                room -= 1
+        if not engine.has_work():
+            time.sleep(max(0.0, pending[0].arrival - (time.perf_counter() - t0)))
+            continue
+        outs = engine.step()
+        now = time.perf_counter() - t0
+        for o in outs:
+            r = index[o.seq.id]
+            if o.new_tokens and r.first is None:
+                r.first = now
+            r.tokens += len(o.new_tokens)
+            if o.finished:
+                r.done = now
+
+
+def run_http(llm, reqs: list[Req], output_len: int, model_name: str) -> None:
+    import openai
+
+    from dsv3.serve.app import ServeOptions
+    from dsv3.serve.server import ServerThread
+    llm.engine.max_waiting = None
+    with ServerThread(llm, ServeOptions(model_name)) as server:
+        async def one(client, r: Req, t0: float):
+            await asyncio.sleep(max(0.0, r.arrival - (time.perf_counter() - t0)))
+            try:
+                stream = await client.completions.create(model=model_name, prompt=r.prompt, max_tokens=output_len,
+                                                         temperature=0, stream=True, extra_body={"ignore_eos": True},
+                                                         stream_options={"include_usage": True})
+                async for c in stream:
+                    if c.choices and r.first is None:
+                        r.first = time.perf_counter() - t0
+                    if c.usage:
+                        r.tokens = c.usage.completion_tokens
+                r.done = time.perf_counter() - t0
+            except openai.APIError as e:
+                r.errors.append(str(e))
+
+        async def main():
+            client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=3600)
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one(client, r, t0) for r in reqs))
+        asyncio.run(main())
+
+
+def summarize(reqs: list[Req]) -> dict:
+    ok = [r for r in reqs if r.done is not None and not r.errors]
+    ttft = sorted(r.first - r.arrival for r in ok)
+    span = max(r.done for r in ok) - min(r.arrival for r in reqs)
+
+    def pct(q):
+        return ttft[min(len(ttft) - 1, int(q * len(ttft)))] * 1000
+    return {"tok_s": sum(r.tokens for r in ok) / span, "ttft_mean": statistics.mean(ttft) * 1000,
+            "ttft_p50": pct(0.5), "ttft_p90": pct(0.9), "errors": len(reqs) - len(ok)}
+
+
+def tiny_llm(max_cache_tokens: int | None):
+    """The tiny random DeepSeek-V3 (tests' config) written to a temp dir, on the CPU."""
+    from dsv3 import LLM
+    from dsv3.core.config import ModelConfig
+    from dsv3.core.synthetic import TINY_CONFIG, random_weights, to_checkpoint_format, write_checkpoint, write_tokenizer
+    path = Path(tempfile.mkdtemp()) / "tiny-random"
+    path.mkdir()
+    write_tokenizer(path, TINY_CONFIG["vocab_size"], ["def add(a, b):\n    return a + b\n", "hello world " * 20])
+    write_checkpoint(path, TINY_CONFIG, to_checkpoint_format(
+        random_weights(ModelConfig.from_hf(TINY_CONFIG), 0, std=0.3), "dense", torch.float32), 1, "dense")
+    overrides = {"kv_cache.max_tokens": max_cache_tokens} if max_cache_tokens else {}
+    return LLM(path, backend="cpu", **overrides)
+
+
+def full_width_llm(layers: int, backend: str, max_cache_tokens: int, max_batch_tokens: int):
+    """DeepSeek-V3 at full width and reduced depth with random FP8 weights made on the GPU (as
+    `dsv3-run bench` builds it), behind the same Engine; a small BPE tokenizer for the text side."""
+    from dsv3.commands.bench import build_model
+    from dsv3.core.cache import LatentCache
+    from dsv3.core.engine import Engine
+    from dsv3.core.synthetic import write_tokenizer
+    from dsv3.core.tokenizer import Tokenizer
+    from dsv3.plugins.manager import create_registry
+    model, cfg, _, _ = build_model(create_registry(), backend, layers)
+    path = Path(tempfile.mkdtemp()) / f"deepseek-v3-{layers}-layers-random"
+    path.mkdir()
+    write_tokenizer(path, cfg.vocab_size, ["def add(a, b):\n    return a + b\n", "hello world " * 20])
+    tok = Tokenizer(path)
+    block = 64
+    cache = LatentCache(model.num_cache_layers, -(-max_cache_tokens // block), block, cfg.latent_dim,
+                        torch.bfloat16, "cuda")
+    engine = Engine(model, cache, tok, max_batch_tokens)
+    return SimpleNamespace(engine=engine, tokenizer=tok, config=cfg, path=path, model=model, cache=cache)
+
+
+def reset(engine) -> None:
+    from dsv3.core.engine import EngineStats
+    assert not engine.has_work()
+    engine.stats = EngineStats()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--full-width-layers", type=int, help="GPU: DeepSeek-V3 full width with this many layers "
+                   "(random FP8 weights); default: the tiny random model on the CPU")
+    p.add_argument("--backend", default="cuda", help="backend of the full-width model (cuda, rocm)")
+    p.add_argument("--rates", default="8,32,128,inf", help="request rates per second (inf: all at once)")
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--static-batch", type=int, default=16, help="batch size of the static baseline")
+    p.add_argument("--max-cache-tokens", type=int, help="latent cache size (default: the profile's)")
+    p.add_argument("--max-batch-tokens", type=int, default=2048)
+    p.add_argument("--modes", default="static,continuous,http")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the markdown table here too")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.full_width_layers:
+        llm = full_width_llm(args.full_width_layers, args.backend, args.max_cache_tokens or 65536,
+                             args.max_batch_tokens)
+        what = (f"DeepSeek-V3 full width, {args.full_width_layers} layers, random FP8 weights, "
+                f"backend {args.backend}, {torch.cuda.get_device_name()}")
+    else:
+        llm = tiny_llm(args.max_cache_tokens)
+        llm.engine.max_batch_tokens = args.max_batch_tokens
+        what = (f"tiny random DeepSeek-V3 (hidden 64, 3 layers, vocab 512), reference backend on the CPU, "
+                f"{torch.get_num_threads()} torch threads")
+    llm.engine.prefix_caching = False          # random prompts share nothing; keep the modes comparable
+    vocab = llm.config.vocab_size
+    modes = args.modes.split(",")
+    rows = []
+    # warm up (first-call allocations, kernel compilation) outside the measurements
+    run_in_process(llm.engine, make_requests(4, float("inf"), args.prompt_len, 4, vocab, 1), 4, None)
+    reset(llm.engine)
+    for rate_s in args.rates.split(","):
+        rate = float(rate_s)
+        for mode in modes:
+            reqs = make_requests(args.num_requests, rate, args.prompt_len, args.output_len, vocab, args.seed)
+            if mode == "http":
+                run_http(llm, reqs, args.output_len, llm.path.name)
+            else:
+                run_in_process(llm.engine, reqs, args.output_len, args.static_batch if mode == "static" else None)
+            s = summarize(reqs)
+            rows.append((rate_s, mode, s))
+            print(f"rate {rate_s:>5} {mode:>10}: {s['tok_s']:8.1f} tok/s  TTFT mean {s['ttft_mean']:8.1f} ms  "
+                  f"p50 {s['ttft_p50']:8.1f}  p90 {s['ttft_p90']:8.1f}  errors {s['errors']}", file=sys.stderr)
+            reset(llm.engine)
+    table = [f"Model: {what}.",
+             f"{args.num_requests} requests per rate, prompts {args.prompt_len // 2}-{args.prompt_len * 3 // 2} "
+             f"tokens, {args.output_len} output tokens each (ignore_eos); static batch {args.static_batch}; "
+             f"max_batch_tokens {args.max_batch_tokens}; cache {llm.engine.capacity_tokens} tokens; "
+             f"prefix caching off.", "",
+             "| rate (req/s) | mode | output tok/s | TTFT mean (ms) | TTFT p50 (ms) | TTFT p90 (ms) | errors |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for rate_s, mode, s in rows:
+        table.append(f"| {rate_s} | {mode} | {s['tok_s']:.1f} | {s['ttft_mean']:.1f} | {s['ttft_p50']:.1f} | "
+                     f"{s['ttft_p90']:.1f} | {s['errors']} |")
+    text = "\n".join(table)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
