@@ -292,17 +292,17 @@ def op_table(ops, ceil) -> Table:
 
 
 # -------------------------------------------------------------------------------------------- end to end
-def build_model(registry, backend: str, layers: int):
+def build_model(registry, backend: str, layers: int, mtp: bool = False):
     import dataclasses
     import torch
     from dsv3.core.config import ModelConfig
     from dsv3.core.model import DeepseekV3, Linear
     from dsv3.plugins.manager import resolve_ops
-    hf = dict(DEEPSEEK_V3, num_hidden_layers=layers, first_k_dense_replace=1, num_nextn_predict_layers=0)
+    hf = dict(DEEPSEEK_V3, num_hidden_layers=layers, first_k_dense_replace=1, num_nextn_predict_layers=int(mtp))
     cfg = ModelConfig.from_hf(hf)
     ops = resolve_ops(registry, backend)
     with torch.device("cuda"):
-        model = DeepseekV3(cfg, ops, "fp8-block", torch.bfloat16, with_mtp=False)
+        model = DeepseekV3(cfg, ops, "fp8-block", torch.bfloat16, with_mtp=mtp)
     g = torch.Generator(device="cuda").manual_seed(0)
     with torch.no_grad():
         for mod in model.modules():
