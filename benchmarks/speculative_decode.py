@@ -60,7 +60,7 @@ def main() -> None:
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, CUDA graphs for decode/verify")
     for b in args.batches:
         prompts = [torch.randint(2, cfg.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(b)]
-        plain = Engine(model, cache, None, 8192, runner)
+        plain = Engine(model, cache, None, 8192, runner, prefix_caching=False)
         decode_rate(plain, prompts, 4)                                  # warm-up: capture graphs, compile
         base, truth = decode_rate(plain, prompts, args.new_tokens)
         rows.append((b, "plain", "-", base, 1.0, "-"))
@@ -75,7 +75,7 @@ def main() -> None:
                 original = MTPDrafter._propose
                 MTPDrafter._propose = staticmethod(propose)
                 try:
-                    spec = Engine(model, cache, None, 8192, runner, num_draft_tokens=k)
+                    spec = Engine(model, cache, None, 8192, runner, num_draft_tokens=k, prefix_caching=False)
                     decode_rate(spec, prompts, 4)
                     rate, out = decode_rate(spec, prompts, args.new_tokens)
                 finally:
