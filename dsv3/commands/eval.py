@@ -28,7 +28,8 @@ FORMATS = ("dense", "fp8-block", "fp8-fnuz", "int8-w8a8")
 
 
 def document_segments(ids: list[int], seq_len: int, bos: int, eos: int) -> list[list[int]]:
-    """ids + [EOS] cut into near-equal pieces of at most seq_len - 1 tokens, each prefixed with BOS."""
+    """ids + [EOS] cut into the fewest pieces of at most seq_len - 1 tokens, all of one size but the
+    last (which is shorter), each prefixed with BOS."""
     ids = list(ids) + [eos]
     n = -(-len(ids) // (seq_len - 1))
     size = -(-len(ids) // n)
