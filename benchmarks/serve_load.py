@@ -8,8 +8,8 @@ serve the same arrivals:
   static       in-process: a batch of up to --static-batch arrived requests runs to completion,
                the next batch starts after it (new requests wait for the whole batch)
   continuous   in-process: requests join the running batch at the next step (the engine as is)
-  http         `dsv3-run serve` on loopback, driven by the OpenAI client (continuous batching plus
-               the HTTP, SSE and tokenizer overhead)
+  http         `dsv3-run serve` on loopback (in this process, a thread), streamed to a minimal HTTP/SSE
+               client in a second process: continuous batching plus the HTTP, SSE and detokenizer costs
 
 TTFT is measured from each request's arrival time to its first output token (http: first streamed
 chunk); throughput is output tokens over the time from the first arrival to the last token.
@@ -85,33 +85,57 @@ def run_in_process(engine, reqs: list[Req], output_len: int, static_batch: int |
                 r.done = now
 
 
+def _http_client(url: str, model_name: str, reqs: list[Req], output_len: int) -> list[Req]:
+    """Stream every request over its own connection at its arrival time. Runs in a process of its own
+    and speaks HTTP/SSE directly (asyncio streams, JSON parsed only for the usage chunk): a client
+    library's per-chunk parsing would otherwise be what is measured on a small CPU box."""
+    import json
+    host, port = url.removeprefix("http://").split(":")
+
+    async def one(r: Req, t0: float):
+        await asyncio.sleep(max(0.0, r.arrival - (time.perf_counter() - t0)))
+        body = json.dumps({"model": model_name, "prompt": r.prompt, "max_tokens": output_len, "temperature": 0,
+                           "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}).encode()
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        await writer.drain()
+        status = await reader.readline()
+        if b" 200 " not in status:
+            r.errors.append(status.decode().strip() + " " + (await reader.read()).decode()[-300:])
+            writer.close()
+            return
+        async for line in reader:                  # chunked transfer encoding: size lines, data lines
+            if not line.startswith(b"data: "):
+                continue
+            if r.first is None:
+                r.first = time.perf_counter() - t0
+            if b'"usage"' in line:
+                r.tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+            elif line.startswith(b"data: [DONE]"):
+                break
+        r.done = time.perf_counter() - t0
+        writer.close()
+
+    async def main():
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(r, t0) for r in reqs))
+    asyncio.run(main())
+    return reqs
+
+
 def run_http(llm, reqs: list[Req], output_len: int, model_name: str) -> None:
-    import openai
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
     from dsv3.serve.app import ServeOptions
     from dsv3.serve.server import ServerThread
     llm.engine.max_waiting = None
-    with ServerThread(llm, ServeOptions(model_name)) as server:
-        async def one(client, r: Req, t0: float):
-            await asyncio.sleep(max(0.0, r.arrival - (time.perf_counter() - t0)))
-            try:
-                stream = await client.completions.create(model=model_name, prompt=r.prompt, max_tokens=output_len,
-                                                         temperature=0, stream=True, extra_body={"ignore_eos": True},
-                                                         stream_options={"include_usage": True})
-                async for c in stream:
-                    if c.choices and r.first is None:
-                        r.first = time.perf_counter() - t0
-                    if c.usage:
-                        r.tokens = c.usage.completion_tokens
-                r.done = time.perf_counter() - t0
-            except openai.APIError as e:
-                r.errors.append(str(e))
-
-        async def main():
-            client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=3600)
-            t0 = time.perf_counter()
-            await asyncio.gather(*(one(client, r, t0) for r in reqs))
-        asyncio.run(main())
+    with ServerThread(llm, ServeOptions(model_name)) as server, \
+            ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(time.sleep, 0).result()      # the client process is up before the clock starts
+        done = pool.submit(_http_client, server.url, model_name, reqs, output_len).result()
+    reqs[:] = done
 
 
 def summarize(reqs: list[Req]) -> dict:

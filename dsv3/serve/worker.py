@@ -60,10 +60,20 @@ class Handle:
         self.last_token_at: float | None = None
 
     def _send(self, event) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:            # the event loop is closed: nobody is listening any more
-            pass
+        _deliver(self.loop, [(self, event)])
+
+
+def _put_all(pairs) -> None:
+    for h, event in pairs:
+        h.events.put_nowait(event)
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, pairs: list) -> None:
+    """Hand events to the event loop in one wake-up (one call per step, not one per request)."""
+    try:
+        loop.call_soon_threadsafe(_put_all, pairs)
+    except RuntimeError:                # the event loop is closed: nobody is listening any more
+        pass
 
 
 class EngineWorker:
@@ -158,7 +168,7 @@ class EngineWorker:
             self._active.clear()
             return
         now = time.monotonic()
-        new_tokens = 0
+        new_tokens, sends = 0, {}             # event loop -> [(handle, event)]
         for out in outputs:
             h = self._active.get(out.seq.id)
             if h is None:
@@ -178,7 +188,12 @@ class EngineWorker:
                 del self._active[s.id]
                 self.metrics.requests.labels(s.finish_reason).inc()
                 self.metrics.e2e.observe(now - h.arrival)
-                h._send(Delta(out.delta, n, s.finish_reason, s.prompt_len, len(s.output_ids), s.num_prefix_cached))
+                ev = Delta(out.delta, n, s.finish_reason, s.prompt_len, len(s.output_ids), s.num_prefix_cached)
             elif out.delta or n:
-                h._send(Delta(out.delta, n))
+                ev = Delta(out.delta, n)
+            else:
+                continue
+            sends.setdefault(h.loop, []).append((h, ev))
+        for loop, pairs in sends.items():
+            _deliver(loop, pairs)
         self.metrics.after_step(self.engine, new_tokens)
