@@ -1,0 +1,119 @@
+"""Memory per rank for a layout: what `dsv3-run plan` prints.
+
+weights      exact: the model is built on the meta device with the layout's Mesh, so each rank's
+             parameters (its heads, vocab rows, experts, FP8 scales) are counted as loading makes them.
+             Rank 0 is the largest (it holds ceil(V/tp) vocab rows; expert counts are equal).
+latent cache exact: (layers + MTP) x (kv_lora_rank + qk_rope_head_dim) x cache dtype bytes per token,
+             on every rank: MLA caches one latent per token shared by all heads, so tensor
+             parallelism cannot split it.
+activations  an estimate for one step of max_batch_tokens tokens: the residual stream, the largest of
+             attention (naive prefill, fused attention kernel: scores not materialised), MoE (uniform
+             routing, dispatch buffers) and dense MLP, and the logits of up to LOGIT_ROWS rows.
+reserve      a fixed allowance for the CUDA/HIP context, collective-library buffers and allocator slack.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from dsv3.core.config import ModelConfig
+from dsv3.parallel.mesh import Mesh
+from dsv3.parallel.sharding import layout_problems
+
+GiB = 2**30
+RESERVE = 2 * GiB
+LOGIT_ROWS = 512       # rows needing logits in one step: last prompt tokens, decode and draft tokens
+MAX_GPUS = 256
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    world: int
+    tp: int
+    ep: int
+    weights: int            # bytes on the largest rank
+    cache_per_token: int    # bytes per cached token, on every rank
+    cache_tokens: int
+    activations: int
+    reserve: int = RESERVE
+
+    @property
+    def cache(self) -> int:
+        return self.cache_per_token * self.cache_tokens
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.cache + self.activations + self.reserve
+
+    def tokens_that_fit(self, gpu_bytes: int) -> int:
+        """Latent-cache tokens the rest of the GPU would hold (0 if weights and activations do not fit)."""
+        return max(gpu_bytes - self.weights - self.activations - self.reserve, 0) // self.cache_per_token
+
+
+def _meta_model(cfg: ModelConfig, weight_format: str, dtype: torch.dtype, with_mtp: bool, mesh: Mesh):
+    from dsv3.backends.reference.ops import OPS
+    from dsv3.core.model import DeepseekV3
+    from dsv3.core.ops import Ops
+    with torch.device("meta"):
+        return DeepseekV3(cfg, Ops.from_mapping(OPS, {}), weight_format, dtype, with_mtp=with_mtp, parallel=mesh)
+
+
+def weight_bytes(cfg: ModelConfig, weight_format: str, dtype: torch.dtype, with_mtp: bool, mesh: Mesh) -> int:
+    """Bytes of this rank's parameters (weights, FP8/INT8 scales, norms, router) as loaded."""
+    return sum(p.numel() * p.element_size() for p in _meta_model(cfg, weight_format, dtype, with_mtp, mesh).parameters())
+
+
+def parameter_count(cfg: ModelConfig, with_mtp: bool) -> int:
+    return sum(p.numel() for p in _meta_model(cfg, "dense", torch.bfloat16, with_mtp, Mesh()).parameters())
+
+
+def cache_bytes_per_token(cfg: ModelConfig, with_mtp: bool, cache_dtype: torch.dtype) -> int:
+    layers = cfg.num_hidden_layers + int(with_mtp)
+    return layers * cfg.latent_dim * torch.empty(0, dtype=cache_dtype).element_size()
+
+
+def activation_bytes(cfg: ModelConfig, mesh: Mesh, dtype: torch.dtype, tokens: int) -> int:
+    a, t, d = torch.empty(0, dtype=dtype).element_size(), tokens, cfg.hidden_size
+    heads = cfg.num_attention_heads // mesh.tp
+    stream = 4 * t * d * a                                   # x, residual, normed x, layer output
+    attention = t * a * ((cfg.q_lora_rank or 0) + cfg.latent_dim         # q_a, kv_a outputs
+                         + 2 * heads * cfg.qk_head_dim                    # q, expanded k
+                         + heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)  # kv_b output
+                         + 2 * heads * cfg.v_head_dim)                    # v, attention output
+    routes = math.ceil(t * cfg.num_experts_per_tok / mesh.ep)               # (token, expert) pairs held here
+    inter = cfg.moe_intermediate_size // mesh.moe_tp
+    moe = (routes * (3 * inter + d) * a                      # gathered x, gate, up, silu*up per route
+           + t * d * 4                                       # float32 accumulation of the expert outputs
+           + 3 * t * d * a                                   # dispatch, receive and combine buffers
+           + t * cfg.n_routed_experts * 4)                   # router scores
+    mlp = 3 * t * (cfg.intermediate_size // mesh.tp) * a
+    rows = min(t, LOGIT_ROWS)
+    logits = rows * cfg.vocab_size * 4 + rows * -(-cfg.vocab_size // mesh.tp) * 4   # gathered + local, float32
+    return stream + max(attention, moe, mlp) + logits
+
+
+def default_layout(cfg: ModelConfig, world: int, checkpoint_format: str) -> tuple[int, int] | None:
+    """(tp, ep) for `world` GPUs: the widest split that the model allows (whole experts per rank
+    when possible), attention replicated where heads or FP8 blocks stop it splitting further."""
+    divisors = [n for n in range(world, 0, -1) if world % n == 0]
+    for ep in divisors:
+        for tp in divisors:
+            if not layout_problems(cfg, world, tp, ep, checkpoint_format):
+                return tp, ep
+    return None
+
+
+def candidates(tp: int, ep: int) -> list[int]:
+    """GPU counts to try: powers of two up to MAX_GPUS (multiples of a fixed tp and ep)."""
+    step = math.lcm(tp, ep)
+    return [n for n in (2**i for i in range(int(math.log2(MAX_GPUS)) + 1)) if n % step == 0] or [step]
+
+
+def rank_memory(cfg: ModelConfig, world: int, tp: int, ep: int, weight_format: str, dtype: torch.dtype,
+                cache_dtype: torch.dtype, cache_tokens: int, batch_tokens: int, with_mtp: bool) -> RankMemory:
+    mesh = Mesh(world, 0, tp, ep)    # layout only: no process group
+    return RankMemory(world, tp, ep, weight_bytes(cfg, weight_format, dtype, with_mtp, mesh),
+                      cache_bytes_per_token(cfg, with_mtp, cache_dtype), cache_tokens,
+                      activation_bytes(cfg, mesh, dtype, batch_tokens))

@@ -1,0 +1,98 @@
+"""`dsv3-run plan`: per-rank memory for the official 671B config, checked against the tensor inventory."""
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv3.commands.plan import parse_size
+from dsv3.core.cli import main
+from dsv3.core.config import ModelConfig
+from dsv3.parallel import memory
+from dsv3.parallel.mesh import Mesh
+from dsv3.parallel.sharding import slicer
+
+from helpers import make_checkpoint, tiny_config
+from test_official_layout import _inventory
+
+OFFICIAL = Path(__file__).parent / "data" / "deepseek-v3-config.json"
+GiB = 2**30
+
+
+def _inventory_bytes(cfg: ModelConfig, mesh: Mesh) -> int:
+    """Bytes rank `mesh.rank` reads from the official checkpoint, from the inventory alone: its
+    experts, and of every split tensor the slice the loader's slicer keeps (scales: the covering blocks)."""
+    inv, keep = _inventory(), slicer(cfg, mesh)
+    first, count = mesh.expert_range(cfg.n_routed_experts)
+    total = 0
+    for name, (shape, dtype) in inv.items():
+        m = re.search(r"\.experts\.(\d+)\.", name)
+        if m and not first <= int(m[1]) < first + count:
+            continue
+        weight = name.removesuffix("_scale_inv")
+        slices = keep(weight, tuple(inv[weight][0]))
+        dims = list(shape)
+        for i, s in enumerate(slices or ()):
+            a, b, _ = s.indices(inv[weight][0][i])
+            dims[i] = -(-b // 128) - a // 128 if name.endswith("_scale_inv") else b - a
+        total += torch.Size(dims).numel() * torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    return total
+
+
+@pytest.mark.parametrize("world,tp,ep", [(1, 1, 1), (8, 8, 8), (16, 16, 16), (16, 8, 4)])
+def test_weights_per_rank_match_the_official_inventory(world, tp, ep):
+    cfg = ModelConfig.from_file(OFFICIAL)
+    for rank in sorted({0, world - 1}):
+        mesh = Mesh(world, rank, tp, ep)
+        assert memory.weight_bytes(cfg, "fp8-block", torch.bfloat16, True, mesh) == _inventory_bytes(cfg, mesh)
+    if world == 1:   # the whole checkpoint: 641.3 GiB
+        assert round(memory.weight_bytes(cfg, "fp8-block", torch.bfloat16, True, Mesh()) / GiB, 1) == 641.3
+
+
+def _plan(capsys, *args):
+    code = main(["plan", *args])
+    return code, capsys.readouterr()
+
+
+def test_official_config_on_80_and_141_gib(capsys):
+    code, out = _plan(capsys, "--config", str(OFFICIAL), "--profile", "cuda-fp8", "--gpu-memory", "80GiB")
+    assert code == 0, out.err
+    assert "needs 16 GPUs (tp 16, ep 16)" in out.out
+    assert re.search(r"^\s+8\s+8\s+8\s+81\.3 GiB\s+17\.4 GiB.*no$", out.out, re.M)   # 8 x 80 GiB is too small
+    assert "71,424 bytes per token" in out.out                                     # 62 x 576 x 2
+    assert "--nnodes 2" in out.out
+    code, out = _plan(capsys, "--config", str(OFFICIAL), "--profile", "cuda-fp8", "--gpu-memory", "141GiB")
+    assert code == 0 and "needs 8 GPUs (tp 8, ep 8)" in out.out
+    # a smaller cache changes the cache line, not the weights
+    code, out = _plan(capsys, "--config", str(OFFICIAL), "--profile", "cuda-fp8", "--gpu-memory", "141GiB",
+                      "--max-cache-tokens", "65536")
+    assert "81.3 GiB weights + 4.4 GiB latent cache" in out.out
+
+
+def test_bf16_profile_and_fixed_layout(capsys):
+    code, out = _plan(capsys, "--config", str(OFFICIAL), "--profile", "cuda-bf16", "--gpu-memory", "80GiB",
+                      "--tp", "8", "--ep", "32")
+    assert code == 0, out.err
+    rows = re.findall(r"^\s+(\d+)\s+8\s+32\s", out.out, re.M)
+    assert rows and all(int(n) % 32 == 0 for n in rows)       # only world sizes that tp and ep divide
+    assert "needs 32 GPUs (tp 8, ep 32)" in out.out
+
+
+def test_tiny_checkpoint_dir_fits_one_gpu(tmp_path, capsys):
+    path, _ = make_checkpoint(tmp_path / "ckpt", tiny_config(), seed=0, tokenizer=False)
+    code, out = _plan(capsys, "--model", str(path), "--profile", "cpu", "--gpu-memory", "4GiB")
+    assert code == 0 and "needs 1 GPU (tp 1, ep 1)" in out.out and "launch:" not in out.out
+
+
+def test_does_not_fit_and_bad_input(capsys):
+    code, out = _plan(capsys, "--config", str(OFFICIAL), "--profile", "cuda-fp8", "--gpu-memory", "8GiB")
+    assert code == 1 and "does not fit" in out.out
+    code, out = _plan(capsys, "--config", str(OFFICIAL), "--profile", "cuda-fp8", "--gpu-memory", "lots")
+    assert code == 2 and "--gpu-memory 'lots'" in out.err
+    code, out = _plan(capsys, "--config", str(OFFICIAL), "--profile", "cuda-fp8", "--gpu-memory", "80GiB", "--tp", "3")
+    assert code == 2 and "tp=3" in out.err and "does not split 3 ways" in out.err and out.out == ""
+
+
+def test_parse_size():
+    assert parse_size("80GiB") == 80 * GiB and parse_size("80") == 80 * GiB
+    assert parse_size("96GB") == 96 * 10**9 and parse_size("141 gib") == 141 * GiB and parse_size("0.5TiB") == 512 * GiB
