@@ -11,6 +11,7 @@ from dsv3.core.errors import Dsv3Error
 EXAMPLES = """examples:
   dsv3-run serve                                       # the demo model on http://127.0.0.1:8000
   dsv3-run serve --model ~/DeepSeek-V3 --backend cuda --api-key "$KEY"
+  torchrun --nproc-per-node 8 --no-python dsv3-run serve --model ~/DeepSeek-V3 --backend cuda   # rank 0 serves
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32}'
 """
@@ -59,6 +60,14 @@ def run(args) -> int:
     engine.max_waiting = args.max_waiting
     if args.max_batch_tokens:
         engine.max_batch_tokens = args.max_batch_tokens
+    if llm.mesh.rank != 0:
+        # Under torchrun only rank 0 serves HTTP; the others step in lockstep with it. torchrun passes
+        # SIGTERM to every rank: these ranks ignore it and end when rank 0, having drained, says so.
+        from dsv3.serve.worker import follow
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        follow(engine, llm.mesh)
+        return 0
     name = args.served_model_name or llm.path.name
     options = ServeOptions(model_name=name, api_key=args.api_key or None, max_body_bytes=args.max_body_bytes,
                            max_prompt_tokens=args.max_prompt_tokens)

@@ -24,7 +24,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 def make_server(llm, options: ServeOptions, log_level: str = "info", drain_timeout: float = 60.0):
     """(uvicorn.Server, EngineWorker) serving `llm`; the worker starts with the app's lifespan."""
-    worker = EngineWorker(llm.engine)
+    worker = EngineWorker(llm.engine, mesh=getattr(llm, "mesh", None))
     app = create_app(llm, worker, options)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=drain_timeout,
                             lifespan="on", access_log=log_level == "debug")

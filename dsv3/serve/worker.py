@@ -4,12 +4,20 @@ HTTP handlers never touch the engine. They put commands (add, abort) on a thread
 engine thread applies them between steps and sends each request's events back to the event loop
 with `loop.call_soon_threadsafe`, into an asyncio.Queue per request. So a model step never runs on
 the event loop, and the engine's data structures are only ever touched by one thread.
+
+Tensor/expert parallelism (torchrun): every rank holds a slice of the model and must run the same
+steps. Rank 0 serves HTTP; before each step it broadcasts the commands it applied (adds with their
+resolved seeds, aborts, stop), and the other ranks (`follow`) apply the same ones to their own
+engine and step with it, so the schedules stay identical. While idle, rank 0 broadcasts an empty
+list every few seconds so the other ranks' collectives never reach the distributed timeout.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -20,6 +28,7 @@ from dsv3.core.sampling import SamplingParams
 from dsv3.serve.metrics import Metrics
 
 log = logging.getLogger("dsv3.serve")
+HEARTBEAT_S = 5.0      # idle rank 0 broadcasts this often (well under DSV3_DIST_TIMEOUT)
 
 
 @dataclass(frozen=True)
@@ -77,9 +86,11 @@ def _deliver(loop: asyncio.AbstractEventLoop, pairs: list) -> None:
 
 
 class EngineWorker:
-    def __init__(self, engine: Engine, metrics: Metrics | None = None):
+    def __init__(self, engine: Engine, metrics: Metrics | None = None, mesh=None):
         self.engine = engine
         self.metrics = metrics or Metrics()
+        self.mesh = mesh if mesh is not None and mesh.world > 1 else None
+        self._replay: list[tuple] = []               # commands applied since the last broadcast
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._active: dict[int, Handle] = {}          # sequence id -> handle
         self._stopping = False
@@ -110,33 +121,55 @@ class EngineWorker:
 
     # -- engine thread ------------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as e:  # noqa: BLE001 - parallel only: a collective failed, or a step raised
+            log.exception("the engine thread stopped")
+            self._stopping = True                      # /health answers 503 from now on
+            self._fail_all(f"the engine stopped ({type(e).__name__}: {e}); the server must be restarted")
+
+    def _loop(self) -> None:
         eng = self.engine
-        while True:
-            # Block for commands only when idle; between steps, take whatever has arrived.
-            self._apply(self._commands.get())
-            while True:
-                try:
-                    self._apply(self._commands.get_nowait())
-                except queue.Empty:
-                    break
-            while eng.has_work():
-                self._step()
+        while not (self._stopping and not eng.has_work()):
+            # Block for commands only when idle (waking for the heartbeat when parallel); between
+            # steps, take whatever has arrived.
+            try:
+                if eng.has_work():
+                    command = self._commands.get_nowait()
+                else:
+                    command = self._commands.get(timeout=HEARTBEAT_S if self.mesh else None)
+                self._apply(command)
                 while True:
-                    try:
-                        self._apply(self._commands.get_nowait())
-                    except queue.Empty:
-                        break
-            self.metrics.observe_queues(eng)
-            if self._stopping:
-                return
+                    self._apply(self._commands.get_nowait())
+            except queue.Empty:
+                pass
+            if self.mesh is not None:
+                replay, self._replay = self._replay, []
+                broadcast(self.mesh, replay)
+            if eng.has_work():
+                self._step()
+            else:
+                self.metrics.observe_queues(eng)
+
+    def _fail_all(self, message: str) -> None:
+        for h in list(self._active.values()):
+            if not h.seq.finished:
+                self.engine.release(h.seq)
+            h._send(Failed(500, message, "server_error"))
+            self.metrics.requests.labels("error").inc()
+        self._active.clear()
 
     def _apply(self, command) -> None:
         kind, h = command
         if kind == "stop":
             self._stopping = True
+            self._replay.append(("stop",))
         elif kind == "add":
             if h.aborted:
                 return
+            if self.mesh is not None and not h.params.greedy and h.params.seed is None:
+                # every rank must sample alike: draw the seed here and send it with the request
+                h.params = dataclasses.replace(h.params, seed=secrets.randbits(62))
             try:
                 h.seq = self.engine.add(h.prompt_ids, h.params)
             except QueueFullError as e:
@@ -148,24 +181,24 @@ class EngineWorker:
                 h._send(Failed(400, str(e)))
                 return
             self._active[h.seq.id] = h
+            self._replay.append(("add", h.seq.id, h.prompt_ids, h.params))
             h._send(Accepted())
         elif kind == "abort":
             h.aborted = True
             if h.seq is not None and not h.seq.finished and self._active.pop(h.seq.id, None) is not None:
                 self.engine.release(h.seq)
+                self._replay.append(("abort", h.seq.id))
                 self.metrics.requests.labels("aborted").inc()
 
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
         except Exception as e:  # noqa: BLE001 - a bug in a step must not take the server down
+            if self.mesh is not None:
+                raise    # the ranks' schedules may now differ (or a peer is gone): stop serving
             log.exception("engine step failed; dropping the %d requests in flight", len(self._active))
-            for h in list(self._active.values()):
-                self.engine.release(h.seq)
-                h._send(Failed(500, f"internal error in the engine step ({type(e).__name__}: {e}); "
-                                    f"the request was dropped, retry it", "server_error"))
-                self.metrics.requests.labels("error").inc()
-            self._active.clear()
+            self._fail_all(f"internal error in the engine step ({type(e).__name__}: {e}); the request was "
+                           f"dropped, retry it")
             return
         now = time.monotonic()
         new_tokens, sends = 0, {}             # event loop -> [(handle, event)]
@@ -197,3 +230,31 @@ class EngineWorker:
         for loop, pairs in sends.items():
             _deliver(loop, pairs)
         self.metrics.after_step(self.engine, new_tokens)
+
+
+def broadcast(mesh, replay: list | None) -> list:
+    """Rank 0 sends `replay`; every other rank returns what rank 0 sent."""
+    import torch.distributed as dist
+    box = [replay]
+    mesh._call("broadcast of the serving commands", dist.broadcast_object_list, box, 0, group=mesh.world_group)
+    return box[0]
+
+
+def follow(engine: Engine, mesh) -> None:
+    """Ranks > 0 of a parallel server: apply rank 0's commands and step in lockstep until it stops."""
+    seqs, stopping = {}, False          # rank 0's sequence id -> this rank's sequence
+    while True:
+        for entry in broadcast(mesh, None):
+            if entry[0] == "add":
+                seqs[entry[1]] = engine.add(entry[2], entry[3])
+            elif entry[0] == "abort":
+                s = seqs.pop(entry[1], None)
+                if s is not None and not s.finished:
+                    engine.release(s)
+            elif entry[0] == "stop":
+                stopping = True
+        if engine.has_work():
+            engine.step()
+            seqs = {k: s for k, s in seqs.items() if not s.finished}
+        elif stopping:
+            return

@@ -1,0 +1,83 @@
+"""`dsv3-run serve` under torchrun (2 gloo processes, tp 2 x ep 2): rank 0 serves HTTP, rank 1 steps in
+lockstep; answers equal one process's, sampled requests agree across ranks (no hang), and SIGTERM to
+torchrun drains the running stream and ends both ranks."""
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+pytest.importorskip("uvicorn", reason="needs the serve extra: pip install -e '.[serve]'")
+
+from dsv3 import LLM  # noqa: E402
+
+from helpers import make_checkpoint, tiny_config  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(port, body, stream=False):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    return resp if stream else (resp.status, json.loads(resp.read()))
+
+
+def test_parallel_server_matches_one_process_and_drains(tmp_path):
+    path, _ = make_checkpoint(tmp_path / "ckpt", tiny_config(), seed=44, std=0.3)
+    prompts = ["def add(a, b):", "hello world", "Beautiful is better"]
+    ref = LLM(path, backend="cpu")
+    want = [ref.generate_ids([ref.tokenizer.encode(p)], max_new_tokens=10, ignore_eos=True)[1][0] for p in prompts]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DSV3_DIST_TIMEOUT": "60"}
+    bindir = os.path.dirname(sys.executable)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "--no-python", "dsv3-run", "serve", "--model", str(path), "--backend", "cpu", "--tp", "2", "--ep", "2",
+           "--port", "0", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                            start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:                       # rank 0 prints the URL once it listens
+            lines.append(line)
+            if "http://127.0.0.1:" in line:
+                break
+        else:
+            pytest.fail("the server did not start:\n" + "".join(lines))
+        port = int(line.split("http://127.0.0.1:")[1].split()[0])
+        threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+
+        results = [None] * len(prompts)
+
+        def ask(i):
+            results[i] = _post(port, {"prompt": prompts[i], "max_tokens": 10, "temperature": 0, "ignore_eos": True})
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert [r[1]["choices"][0]["text"] for r in results] == want, "".join(lines)
+        # unseeded sampling: rank 0 draws the seed and sends it, so both ranks sample the same token
+        status, body = _post(port, {"prompt": "hello", "max_tokens": 6, "temperature": 1.0, "ignore_eos": True})
+        assert status == 200 and body["usage"]["completion_tokens"] == 6
+
+        resp = _post(port, {"prompt": "hello", "max_tokens": 200, "temperature": 0, "stream": True,
+                            "ignore_eos": True}, stream=True)
+        assert resp.readline().startswith(b"data: ")
+        proc.send_signal(signal.SIGTERM)               # torchrun passes it on to both ranks
+        events = [json.loads(x[6:]) for x in resp.read().decode().split("\n\n") if x.startswith("data: {")]
+        assert events[-1]["choices"][0]["finish_reason"] == "length", "".join(lines)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
