@@ -91,7 +91,7 @@ def test_mtp_cache_of_shared_blocks_matches_a_fresh_pass(ckpt):
     llm = _llm(ckpt, k=2)
     eng = llm.engine
     base = random_prompts(96, [30], seed)[0]
-    a = eng.add(base, _greedy(4))
+    eng.add(base, _greedy(4))
     eng.run_to_completion()
     b = eng.add(base[:25] + random_prompts(96, [5], seed + 1)[0], _greedy(5))
     differ = base[:16] + [(base[16] + 1) % 96] + base[17:24]   # block 1 equal, the token after it not

@@ -14,6 +14,7 @@ import json
 import time
 from dataclasses import dataclass
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -23,8 +24,7 @@ from starlette.routing import Route
 from dsv3.core.errors import RequestError
 from dsv3.core.sampling import SamplingParams
 from dsv3.serve import protocol as P
-from dsv3.serve.metrics import CONTENT_TYPE_LATEST
-from dsv3.serve.worker import Accepted, Delta, EngineWorker, Failed
+from dsv3.serve.worker import Accepted, EngineWorker, Failed
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def create_app(llm, worker: EngineWorker, options: ServeOptions) -> Starlette:
             pass
         h.events.put_nowait(_Disconnected())
 
-    async def submit(request: Request, prompt_ids: list[int], params: SamplingParams):
+    async def submit(prompt_ids: list[int], params: SamplingParams):
         h = worker.submit(prompt_ids, params)
         first = await h.events.get()
         if isinstance(first, Failed):
@@ -152,7 +152,7 @@ def create_app(llm, worker: EngineWorker, options: ServeOptions) -> Starlette:
     async def generate(request: Request, req, prompt_ids: list[int], chat: bool) -> Response:
         max_tokens = req.max_completion_tokens if chat and req.max_completion_tokens is not None else req.max_tokens
         params = sampling(req, len(prompt_ids), max_tokens)
-        h = await submit(request, prompt_ids, params)
+        h = await submit(prompt_ids, params)
         rid = P.new_id("chatcmpl" if chat else "cmpl")
         model, t0 = options.model_name, int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

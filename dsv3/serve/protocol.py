@@ -14,8 +14,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dsv3.core.errors import RequestError
-
 
 class APIError(Exception):
     """An error answered as an OpenAI error object: {"error": {message, type, param, code}}."""
@@ -151,10 +149,6 @@ def stop_list(stop) -> tuple[str, ...]:
     if len(stops) > 16 or any(not s for s in stops):
         raise APIError(400, "stop: give at most 16 non-empty strings", param="stop")
     return stops
-
-
-def request_error(e: RequestError, param: str | None = None) -> APIError:
-    return APIError(400, str(e), param=param)
 
 
 # -- response bodies ------------------------------------------------------------------------------
