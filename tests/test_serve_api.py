@@ -233,6 +233,22 @@ def test_metrics_endpoint(server, client):
         assert name in text, name
 
 
+def test_speculative_server_equals_plain_decoding(ckpt, ref, one_thread):
+    """With MTP speculation (k = 2) the served greedy answers are the plain engine's, streamed or not."""
+    spec = LLM(ckpt, backend="cpu", **{"kv_cache.block_size": 16, "speculative.method": "mtp",
+                                       "speculative.num_draft_tokens": 2})
+    prompts = ["def add(a, b):", "hello world " * 5, "B"]
+    want = [ref.generate([p], max_new_tokens=20)[0] for p in prompts]
+    with ServerThread(spec, ServeOptions(MODEL)) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        got = [c.completions.create(model=MODEL, prompt=p, max_tokens=20, temperature=0).choices[0].text
+               for p in prompts]
+        streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+            model=MODEL, prompt=prompts[0], max_tokens=20, temperature=0, stream=True))
+    assert got == want and streamed == want[0]
+    assert spec.engine.stats.spec.verify_steps > 0 and spec.cache.allocator.num_used == 0
+
+
 def test_sigterm_drains_running_requests_then_exits(ckpt, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "dsv3.core.cli", "serve", "--model", str(ckpt), "--backend", "cpu",

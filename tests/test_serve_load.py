@@ -85,9 +85,11 @@ def test_64_concurrent_streams_with_disconnects_and_bad_requests(ckpt):
     want = [ref.generate_ids([ids], max_new_tokens=n, ignore_eos=True)[1][0]
             for ids, n in zip(prompts + chat_ids, lengths)]
 
-    # 40 blocks of 16 = 640 tokens for ~64 x 50: most requests queue, running ones get preempted
+    # 40 blocks of 16 = 640 tokens for ~64 x 50: most requests queue, running ones get preempted;
+    # 96 tokens per step: prompts are prefilled in chunks beside the running decodes
     llm = _llm(ckpt, 40 * BS)
     llm.engine.max_waiting = 256
+    llm.engine.max_batch_tokens = 96
     with ServerThread(llm, ServeOptions(MODEL)) as server:
         client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=BOUND_S)
 
