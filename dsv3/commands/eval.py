@@ -57,22 +57,24 @@ def read_documents(path: str | Path) -> list[str]:
 
 
 def eval_segments(tokenizer, docs: list[str], seq_len: int, max_tokens: int | None) -> list[list[int]]:
-    """Held-out segments in document order, cut off once `max_tokens` tokens are collected."""
+    """Held-out segments; with `max_tokens`, every stride-th segment so that the slice spreads over
+    the whole split (files differ a lot: a codec table is far easier than a test module), cut off
+    once `max_tokens` tokens are collected."""
     if tokenizer.bos_id is None or tokenizer.eos_id is None:
         raise Dsv3Error("eval needs a tokenizer with BOS and EOS tokens (tokenizer_config.json)")
+    segs = [s for text in docs for s in document_segments(tokenizer.encode(text, add_bos=False), seq_len,
+                                                          tokenizer.bos_id, tokenizer.eos_id) if len(s) >= 3]
+    if max_tokens is None:
+        return segs
+    stride = max(1, -(-sum(map(len, segs)) // max_tokens))
     out, total = [], 0
-    for text in docs:
-        for seg in document_segments(tokenizer.encode(text, add_bos=False), seq_len, tokenizer.bos_id,
-                                     tokenizer.eos_id):
-            if len(seg) < 3:
-                continue
-            if max_tokens is not None and total + len(seg) > max_tokens:
-                seg = seg[: max_tokens - total]
-                if len(seg) >= 3:
-                    out.append(seg)
-                return out
-            out.append(seg)
-            total += len(seg)
+    for seg in segs[::stride]:
+        if total + len(seg) > max_tokens:
+            if max_tokens - total >= 3:
+                out.append(seg[: max_tokens - total])
+            break
+        out.append(seg)
+        total += len(seg)
     return out
 
 
@@ -143,7 +145,7 @@ def register(subparsers) -> None:
                    help=f"comma-separated weight formats to score (default: {','.join(FORMATS)})")
     g.add_argument("--seq-len", type=int, default=512, help="segment length in tokens, BOS included (default 512)")
     g.add_argument("--max-tokens", type=int, default=32768,
-                   help="score the first N held-out tokens (default 32768; 0 = all)")
+                   help="score N held-out tokens, segments spread evenly over the split (default 32768; 0 = all)")
     g.add_argument("--spec-prompts", type=int, default=16,
                    help="held-out prompts for speculative decoding (default 16; 0 skips it)")
     g.add_argument("--spec-new-tokens", type=int, default=48, help="tokens generated per prompt (default 48)")
