@@ -1,8 +1,8 @@
 """The `cuda` backend on a real GPU (skipped without CUDA): op table vs the reference at DeepSeek-V3
 shapes, and tiny-model generation through `cuda` (CUDA graphs on) against the reference backend.
 
-Run it on its own (`pytest tests/test_cuda_backend.py`): the interpreter tests set TRITON_INTERPRET
-for their process, which would make these kernels run in the interpreter.
+Kernels must be compiled, not interpreted: tests/conftest.py leaves TRITON_INTERPRET unset when a GPU
+is present, so these run in the full suite there (the interpreter tests then skip themselves).
 """
 import os
 

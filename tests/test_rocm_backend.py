@@ -3,9 +3,7 @@ in Triton's interpreter with e4m3fnuz (gfx942) and e4m3fn (gfx950) against the r
 model generating through it, and the plugin's selection rules. Compilation for gfx942 / gfx950 is
 in test_triton_compile.py. Nothing here has run on an AMD GPU.
 """
-import importlib
 import os
-import sys
 
 import pytest
 import torch
@@ -15,13 +13,12 @@ from dsv3.core.quant import FP8_MAX, fp8_fn_to_fnuz, quantize_fp8_block
 from dsv3.core.weights import QuantWeight, dequantize
 
 
+INTERPRETED = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="interpreter test: run without a GPU or with TRITON_INTERPRET=1 (tests/conftest.py)")
+
+
 def rocm_ops(arch):
-    """The rocm op table for `arch`, kernels built for the interpreter (see test_triton_kernels)."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        os.environ["TRITON_INTERPRET"] = "1"
-        for name in [m for m in sys.modules if m.startswith("dsv3.backends.triton")]:
-            del sys.modules[name]
-    importlib.import_module("dsv3.backends.triton.ops")
+    """The rocm op table for `arch`, kernels interpreted (tests/conftest.py set TRITON_INTERPRET=1)."""
     from dsv3.backends.amd.ops import rocm_ops as build
     return build(arch)
 
@@ -46,6 +43,7 @@ def test_fn_to_fnuz_all_256_patterns():
     assert torch.equal(fn_val[finite], fnuz_val[finite])                         # same real values, exactly
 
 
+@INTERPRETED
 @pytest.mark.parametrize("arch,fp8", [("gfx942", torch.float8_e4m3fnuz), ("gfx950", torch.float8_e4m3fn)])
 def test_rocm_op_table_in_interpreter(arch, fp8):
     ops = rocm_ops(arch)
@@ -84,6 +82,7 @@ def test_prepare_weights_converts_only_on_mi300(monkeypatch, tmp_path):
         assert torch.equal(dequantize(lin.qweight), before)
 
 
+@INTERPRETED
 def test_tiny_model_generation_through_rocm_ops_in_interpreter(tmp_path, monkeypatch):
     """gfx942: weights converted to fnuz, every op from the rocm table, interpreted on the CPU.
     Same greedy criterion as the cuda test (FP8 activation quantisation vs an unquantised reference)."""

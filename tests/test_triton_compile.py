@@ -2,8 +2,8 @@
 gfx950 with `triton.compile` + `GPUTarget`, on this CPU machine (no GPU needed).
 
 Compilation runs in subprocesses (one per target, in parallel) without TRITON_INTERPRET: @triton.jit
-decides at import whether a kernel is compiled or interpreted, and the interpreter tests in the
-same pytest process set TRITON_INTERPRET=1.
+decides at import whether a kernel is compiled or interpreted, and tests/conftest.py sets
+TRITON_INTERPRET=1 for this pytest process on a machine without a GPU.
 """
 import ast
 import json
