@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, conformance check, then `dsv3-run bench`; everything lands in $OUT.
-#   run: bash benchmarks/gpu_session.sh [tests|check|bench|all]   (default all)
+#   run: bash benchmarks/gpu_session.sh [sweep|tests|check|bench|all]   (default all)
 set -u
 OUT=${OUT:-/tmp/dsv3-gpu}
 mkdir -p "$OUT"
@@ -12,6 +12,9 @@ what=${1:-all}
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
   git rev-parse --short HEAD 2>/dev/null || true
 } 2>&1 | tee "$OUT/env.txt"
+if [[ $what == sweep || $what == all ]]; then
+  timeout 300 python3 benchmarks/mla_decode_sweep.py 2>&1 | tee "$OUT/mla_sweep.txt"
+fi
 if [[ $what == tests || $what == all ]]; then
   timeout 420 python3 -m pytest tests/test_cuda_backend.py -x -q -p no:cacheprovider 2>&1 | tail -40 | tee "$OUT/gpu_tests.txt"
 fi

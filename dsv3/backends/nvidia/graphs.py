@@ -13,6 +13,21 @@ import torch
 from dsv3.core.batch import Batch
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# reference ops a decode step may run that read device tensors back to the host (.tolist() over
+# context lengths / routed experts): a capture would fail on them
+HOST_SYNCING_REFERENCE_OPS = ("mla_decode", "moe_experts")
+FUSED_MOE_FORMATS = ("fp8-block", "fp8-fnuz")
+
+
+def capture_blockers(model) -> list[str]:
+    """Why `model`'s decode steps cannot be captured in a CUDA graph (empty: they can)."""
+    reasons = [f"{op} is the reference implementation ({provider}), which synchronises with the host"
+               for op in HOST_SYNCING_REFERENCE_OPS
+               if (provider := model.ops.providers.get(op, "")).startswith("cpu")]
+    if model.cfg.n_routed_experts and model.weight_format not in FUSED_MOE_FORMATS and not reasons:
+        reasons.append(f"moe_experts on {model.weight_format!r} weights runs the reference per-expert loop, which "
+                       f"synchronises with the host (the fused MoE runs {' / '.join(FUSED_MOE_FORMATS)})")
+    return reasons
 
 
 class CudaGraphRunner:

@@ -1,4 +1,6 @@
 """NVIDIA backend plugin: backend `cuda` (alias `nvidia`). Triton FP8 kernels, imported only when chosen."""
+import sys
+
 from dsv3.plugins import hookimpl
 from dsv3.plugins.hookspecs import BackendSpec
 
@@ -34,12 +36,16 @@ def dsv3_model_runner(backend, model, profile):
     """CUDA-graph replay of decode steps when the profile asks for it (cuda-fp8 does).
 
     Padding rows rely on the cuda write_latent_cache skipping slot -1, so graphs are used only
-    when that op is this backend's own."""
+    when that op is this backend's own. An op table that would synchronise inside a decode step
+    (see graphs.capture_blockers) runs eagerly, with one warning, instead of failing in capture."""
     if backend != "cuda" or not profile.cuda_graphs:
         return None
     if model.ops.providers.get("write_latent_cache") != "cuda":
         return None
-    from dsv3.backends.nvidia.graphs import CudaGraphRunner
+    from dsv3.backends.nvidia.graphs import CudaGraphRunner, capture_blockers
+    if blockers := capture_blockers(model):
+        print(f"dsv3: warning: CUDA graphs off, decode runs eagerly: {'; '.join(blockers)}", file=sys.stderr)
+        return None
     max_context = min(model.cfg.max_position_embeddings, profile.kv_cache.max_tokens)
     return CudaGraphRunner(model, profile.kv_cache.block_size, max_context)
 

@@ -1,12 +1,13 @@
 """MLA attention kernels.
 
-Decode (absorbed): each query head attends in latent space over the paged cache
-[num_blocks, block_size, C + R]; one program owns BLOCK_H heads of one token and one split of its
-context, so the cached latent rows it streams are shared by BLOCK_H heads (the cache is read
-H / BLOCK_H times in total, adjacent programs read the same rows while they are in L2). Splits
-write fp32 partial outputs with their log-sum-exp, `mla_decode_combine_kernel` merges them. The
-cache may be bf16 or fp8 (e4m3, unscaled, as the reference casts it); rows are converted to the
-query's dtype before the dot. Softmax runs in base 2 (scale pre-multiplied by log2 e).
+Decode (absorbed), FlashMLA's structure in Triton: each query head attends in latent space over the
+paged cache [num_blocks, block_size, C + R]. One program owns BLOCK_H heads (64 of V3's 128 on
+Hopper: the two programs of a token are adjacent in the grid, so the second reads the rows from L2)
+and one split of the context. Each cache tile [BLOCK_N, 576] is loaded once into shared memory and
+feeds both tensor-core products: scores = tile @ q^T and out^T += tile^T @ p (all transposed, see
+the kernel). Splits write fp32 partial outputs with their log-sum-exp, `mla_decode_combine_kernel`
+merges them. The cache may be bf16 or fp8 (e4m3, unscaled, as the reference casts it); tiles are
+widened to the query's dtype before the products. Softmax runs in base 2 (scale times log2 e).
 
 Prefill (naive, expanded): flash attention over ragged sequences, qk head dim = nope + rope
 (128 + 64: two dots, no padding to 256), v head dim 128, causal with queries aligned to the end
@@ -27,49 +28,70 @@ def mla_decode_kernel(ql_ptr, qr_ptr, cache_ptr, bt_ptr, lens_ptr, o_ptr, lse_pt
                       stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
                       C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
                       PAGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-                      DIRECT: tl.constexpr):
+                      DIRECT: tl.constexpr, STAGES: tl.constexpr):
+    # Everything is computed transposed (keys / latent channels as rows, heads as columns) so that
+    # the cache tile is the A operand of both products and q is the B operand kept in shared
+    # memory: with heads as rows, q [BLOCK_H, 512] would sit in registers beside the
+    # [BLOCK_H, 512] fp32 accumulator and spill (ptxas: 255 registers + 1 KB stack at BLOCK_H 64).
     hb, t, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     c = tl.arange(0, BLOCK_C)
     r = tl.arange(0, BLOCK_R)
     hmask = heads < H
-    ql = tl.load(ql_ptr + t * stride_qlt + heads[:, None] * stride_qlh + c[None, :],
-                 mask=hmask[:, None] & (c[None, :] < C), other=0.0)                           # [BH, BC]
-    qr = tl.load(qr_ptr + t * stride_qrt + heads[:, None] * stride_qrh + r[None, :],
-                 mask=hmask[:, None] & (r[None, :] < R), other=0.0)                           # [BH, BR]
+    ql_t = tl.load(ql_ptr + t * stride_qlt + heads[None, :] * stride_qlh + c[:, None],
+                   mask=hmask[None, :] & (c[:, None] < C), other=0.0)                         # [BC, BH]
+    qr_t = tl.load(qr_ptr + t * stride_qrt + heads[None, :] * stride_qrh + r[:, None],
+                   mask=hmask[None, :] & (r[:, None] < R), other=0.0)                         # [BR, BH]
     ctx = tl.load(lens_ptr + t)
     # each token's context is cut into SPLITS equal runs (read on the device: no host sync, and a
     # short context leaves trailing splits empty instead of idling on a long block table)
     per_split = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N
     start = s * per_split
     end = tl.minimum(start + per_split, ctx)
-    m_i = tl.full((BLOCK_H,), -1.0e30, dtype=tl.float32)  # finite: fully masked rows give 0, not NaN
+    m_i = tl.full((BLOCK_H,), -1.0e30, dtype=tl.float32)  # finite: fully masked columns give 0, not NaN
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_C, BLOCK_H), dtype=tl.float32)                                      # out^T
+    j = tl.arange(0, BLOCK_N)
+    tile = j[:, None] * stride_cs + c[None, :]                # [BN, BC] offsets of a tile inside one page
+    # tl.range with an explicit depth: a plain range() here is not software-pipelined (no cp.async
+    # in the TTGIR with Triton 3.9), so each tile's load would stall the tensor cores
+    for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
+        n = n0 + j
         nmask = n < end
-        page = tl.load(bt_ptr + t * stride_bt + n // PAGE, mask=nmask, other=0).to(tl.int64)
-        row = cache_ptr + page * stride_cb + (n % PAGE) * stride_cs                          # [BN]
-        kv = tl.load(row[:, None] + c[None, :], mask=nmask[:, None] & (c[None, :] < C), other=0.0).to(ql.dtype)
-        kr = tl.load(row[:, None] + C + r[None, :], mask=nmask[:, None] & (r[None, :] < R), other=0.0).to(qr.dtype)
-        score = tl.dot(ql, tl.trans(kv)) + tl.dot(qr, tl.trans(kr))                           # [BH, BN]
-        score = tl.where(nmask[None, :], score * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(score, axis=1))
+        if PAGE % BLOCK_N == 0:
+            # the tile lies in one page: one block-table read, a scalar base and loop-invariant int32
+            # offsets (a [BN, BC] tensor of 64-bit row pointers costs ~128 registers per thread and spilled)
+            page = tl.load(bt_ptr + t * stride_bt + n0 // PAGE).to(tl.int64)
+            base = cache_ptr + page * stride_cb + (n0 % PAGE) * stride_cs
+            kv = tl.load(base + tile, mask=nmask[:, None] & (c[None, :] < C), other=0.0)
+            kr = tl.load(base + j[:, None] * stride_cs + C + r[None, :], mask=nmask[:, None] & (r[None, :] < R),
+                         other=0.0)
+        else:  # pages smaller than a tile (tiny block sizes): per-row gather
+            page = tl.load(bt_ptr + t * stride_bt + n // PAGE, mask=nmask, other=0).to(tl.int64)
+            row = cache_ptr + page * stride_cb + (n % PAGE) * stride_cs                      # [BN]
+            kv = tl.load(row[:, None] + c[None, :], mask=nmask[:, None] & (c[None, :] < C), other=0.0)
+            kr = tl.load(row[:, None] + C + r[None, :], mask=nmask[:, None] & (r[None, :] < R), other=0.0)
+        # the latent tile is read once and feeds both products (K = [latent | rope], V = latent);
+        # an fp8 cache is widened to the query's dtype here, as the reference casts it
+        kv = kv.to(ql_t.dtype)                                                               # [BN, BC]
+        kr = kr.to(qr_t.dtype)                                                               # [BN, BR]
+        score = tl.dot(kv, ql_t) + tl.dot(kr, qr_t)                                           # [BN, BH]
+        score = tl.where(nmask[:, None], score * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(score, axis=0))
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(score - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv)
+        p = tl.exp2(score - m_new[None, :])                                                  # [BN, BH]
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha[None, :] + tl.dot(tl.trans(kv), p.to(kv.dtype))                     # [BC, BH]
         m_i = m_new
     has = l_i > 0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    omask = hmask[:, None] & (c[None, :] < C)
+    out = acc / tl.where(has, l_i, 1.0)[None, :]
+    omask = hmask[None, :] & (c[:, None] < C)
     if DIRECT:
-        tl.store(o_ptr + t * stride_ot + heads[:, None] * stride_oh + c[None, :], out.to(o_ptr.dtype.element_ty),
+        tl.store(o_ptr + t * stride_ot + heads[None, :] * stride_oh + c[:, None], out.to(o_ptr.dtype.element_ty),
                  mask=omask)
     else:
-        tl.store(o_ptr + t * stride_ot + heads[:, None] * stride_oh + s * stride_os + c[None, :], out,
-                 mask=omask & has[:, None])                 # empty splits write only their lse
+        tl.store(o_ptr + t * stride_ot + heads[None, :] * stride_oh + s * stride_os + c[:, None], out,
+                 mask=omask & has[None, :])                 # empty splits write only their lse
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + t * stride_lt + heads * stride_lh + s, lse, mask=hmask)
 
@@ -90,7 +112,8 @@ def mla_decode_combine_kernel(o_part_ptr, lse_ptr, out_ptr, H, stride_pt, stride
     tl.store(out_ptr + t * stride_ot + h * stride_oh + c, out.to(out_ptr.dtype.element_ty), mask=c < C)
 
 
-def mla_decode(target: Target, q_latent, q_rope, cache, block_table, context_lens, scale):
+def mla_decode(target: Target, q_latent, q_rope, cache, block_table, context_lens, scale, cfg=None, splits=None):
+    """cfg / splits override the tuning table (benchmarks/mla_decode_sweep.py times candidates)."""
     t, nh, c = q_latent.shape
     r = q_rope.shape[-1]
     out = torch.empty((t, nh, c), dtype=q_latent.dtype, device=q_latent.device)
@@ -100,12 +123,12 @@ def mla_decode(target: Target, q_latent, q_rope, cache, block_table, context_len
         q_latent = q_latent.contiguous()
     if q_rope.stride(-1) != 1:
         q_rope = q_rope.contiguous()
-    cfg = mla_decode_config(target, nh)
+    cfg = cfg or mla_decode_config(target, nh, cache.dtype)
     page = cache.shape[1]
     head_blocks = triton.cdiv(nh, cfg.block_h)
     # how many splits: from the grid size and the block table width (a host-known bound on context)
     max_ctx = block_table.shape[1] * page
-    splits = mla_decode_splits(target, t, head_blocks, max_ctx, cfg.block_n)
+    splits = splits or mla_decode_splits(target, t, head_blocks, max_ctx, cfg.block_n)
     direct = splits == 1
     if direct:
         o, lse = out, out
@@ -121,8 +144,8 @@ def mla_decode(target: Target, q_latent, q_rope, cache, block_table, context_len
         q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1), cache.stride(0), cache.stride(1),
         block_table.stride(0), *so, *sl,
         C=c, R=r, BLOCK_C=triton.next_power_of_2(c), BLOCK_R=max(16, triton.next_power_of_2(r)), PAGE=page,
-        BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, SPLITS=splits, DIRECT=direct,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.extra)
+        BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, SPLITS=splits, DIRECT=direct, STAGES=cfg.num_stages,
+        num_warps=cfg.num_warps, **cfg.extra)
     if not direct:
         mla_decode_combine_kernel[(t, nh)](
             o, lse, out, nh, o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),

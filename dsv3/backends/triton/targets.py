@@ -79,18 +79,18 @@ def kernel_specs(t: tuning.Target):
             "cache_ptr lat_ptr rope_ptr slot_ptr stride_slot stride_lat stride_rope C R BLOCK_C BLOCK_R",
             {"cache_ptr": "*" + cache, "lat_ptr": "*bf16", "rope_ptr": "*bf16", "slot_ptr": "*i64"},
             {"C": 512, "R": 64, "BLOCK_C": 512, "BLOCK_R": 64})
-    dcfg = tuning.mla_decode_config(t, 128)
     for cache in ("bf16", f8):
+        dcfg = tuning.mla_decode_config(t, 128, torch.bfloat16 if cache == "bf16" else t.fp8_dtype)
         for direct in (False, True):
             add(f"mla_decode[{cache},{'direct' if direct else 'split'}]", mla.mla_decode_kernel,
                 "ql_ptr qr_ptr cache_ptr bt_ptr lens_ptr o_ptr lse_ptr H scale stride_qlt stride_qlh stride_qrt "
                 "stride_qrh stride_cb stride_cs stride_bt stride_ot stride_oh stride_os stride_lt stride_lh C R "
-                "BLOCK_C BLOCK_R PAGE BLOCK_H BLOCK_N SPLITS DIRECT",
+                "BLOCK_C BLOCK_R PAGE BLOCK_H BLOCK_N SPLITS DIRECT STAGES",
                 {"ql_ptr": "*bf16", "qr_ptr": "*bf16", "cache_ptr": "*" + cache, "bt_ptr": "*i32", "lens_ptr": "*i32",
                  "o_ptr": "*bf16" if direct else "*fp32", "lse_ptr": "*fp32", "scale": F32},
                 {"C": 512, "R": 64, "BLOCK_C": 512, "BLOCK_R": 64, "PAGE": 64, "BLOCK_H": dcfg.block_h,
-                 "BLOCK_N": dcfg.block_n, "SPLITS": 1 if direct else 8, "DIRECT": direct},
-                dcfg.num_warps, dcfg.num_stages, dcfg.extra)
+                 "BLOCK_N": dcfg.block_n, "SPLITS": 1 if direct else 8, "DIRECT": direct,
+                 "STAGES": dcfg.num_stages}, dcfg.num_warps, dcfg.num_stages, dcfg.extra)
     add("mla_decode_combine", mla.mla_decode_combine_kernel, "o_part_ptr lse_ptr out_ptr H stride_pt stride_ph "
         "stride_ps stride_lt stride_lh stride_ot stride_oh S C BLOCK_S BLOCK_C",
         {"o_part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"}, {"C": 512, "BLOCK_S": 8, "BLOCK_C": 512})

@@ -114,12 +114,16 @@ class AttnConfig:
     extra: dict = field(default_factory=dict)
 
 
-def mla_decode_config(target: Target, num_heads: int) -> AttnConfig:
-    bh = min(triton.next_power_of_2(num_heads), 16 if target.is_amd else 32)
-    bh = max(bh, 16)
+def mla_decode_config(target: Target, num_heads: int, cache_dtype: torch.dtype = torch.bfloat16) -> AttnConfig:
+    """num_stages is the software-pipelining depth of the kernel's key loop (tl.range)."""
     if target.is_amd:
+        bh = max(16, min(triton.next_power_of_2(num_heads), 16))
         return AttnConfig(bh, 32, 4, 1, target.amd_knobs(waves_per_eu=1))
-    return AttnConfig(bh, 32, 8, 2)
+    # Hopper: 64 heads per program (V3's 128 in two programs), from benchmarks/mla_decode_sweep.py
+    # on H100 at batch 64 x 4096: bf16 cache 462 us with 32-key steps (491 us with 64); an fp8 cache
+    # wants 64-key steps (1022 us; 1484 us with 32), its widening to bf16 runs in registers.
+    bh = max(16, min(triton.next_power_of_2(num_heads), 64))
+    return AttnConfig(bh, 64 if cache_dtype.itemsize == 1 else 32, 8, 2)
 
 
 def mla_decode_splits(target: Target, tokens: int, head_blocks: int, max_context: int, block_n: int) -> int:
