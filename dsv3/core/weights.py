@@ -55,14 +55,25 @@ def expand_block_scale(scale: torch.Tensor, out_features: int, in_features: int)
     return s.repeat_interleave(BLOCK, dim=-1)[..., :in_features]
 
 
+def _dequantize_blocks(data: torch.Tensor, scale: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """data [..., o, i] * per-block scale [..., ceil(o/128), ceil(i/128)], through a block-shaped view of
+    the (padded) data: one pass, no full-size copy of the scales."""
+    *lead, o, i = data.shape
+    nb_o, nb_i = scale.shape[-2:]
+    x = data.to(acc)
+    if (o, i) != (nb_o * BLOCK, nb_i * BLOCK):
+        x = torch.nn.functional.pad(x, (0, nb_i * BLOCK - i, 0, nb_o * BLOCK - o))
+    x = x.view(*lead, nb_o, BLOCK, nb_i, BLOCK) * scale.to(acc)[..., :, None, :, None]
+    return x.view(*lead, nb_o * BLOCK, nb_i * BLOCK)[..., :o, :i]
+
+
 def dequantize(w: QuantWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The real-valued weight a QuantWeight stands for, in `dtype` (math in float32, or float64 if asked)."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     if w.format == "dense":
         return w.data.to(dtype)
     if w.format in ("fp8-block", "fp8-fnuz"):
-        s = expand_block_scale(w.scale.to(acc), w.out_features, w.in_features)
-        return (w.data.to(acc) * s).to(dtype)
+        return _dequantize_blocks(w.data, w.scale, acc).to(dtype)
     if w.format == "int8-w8a8":
         return (w.data.to(acc) * w.scale.to(acc).unsqueeze(-1)).to(dtype)
     raise ValueError(f"unknown weight format {w.format!r}; known: {', '.join(WEIGHT_FORMATS)}")
