@@ -75,7 +75,7 @@ class LLM:
                                f"{self.spec.name!r}; set weight_format to one of {', '.join(self.spec.weight_formats)}")
         with_mtp = self.config.num_nextn_predict_layers > 0 and has_mtp(self.ckpt, self.config.num_hidden_layers)
         slicer = None
-        if self.mesh.world > 1:   # parallel: check the split fits the model, then read only this rank's slice
+        if self.mesh.distributed:   # parallel: check the split fits the model, then read only this rank's slice
             sharding.check_layout(self.config, self.mesh, checkpoint_format(self.ckpt), self.profile.source)
             slicer = sharding.slicer(self.config, self.mesh)
         with torch.device(self.device):

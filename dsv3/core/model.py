@@ -212,7 +212,7 @@ class MoE(nn.Module):
                                    par) if cfg.n_shared_experts else None)
 
     def forward(self, x):
-        if self.par.world > 1:   # experts live on many ranks: route tokens to them and back
+        if self.par.distributed:   # experts live on many ranks: route tokens to them and back
             y = self.par.routed_experts(x, self.gate, self.ops.moe_experts, self.experts.weights)
         else:
             weights, ids = self.gate(x)                                             # [T, k], [T, k]
@@ -285,7 +285,7 @@ class Embedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(stop - self.start, dim, dtype=dtype), requires_grad=False)
 
     def forward(self, ids):
-        if self.par.tp == 1:
+        if self.par.tp_group is None:
             return self.ops.embedding(ids, self.weight)
         # each id's row lives on exactly one rank: look up the local ones, zeros elsewhere, then sum
         local = ids - self.start

@@ -53,11 +53,12 @@ def rank_device(device: torch.device, local_rank: int, local_world: int) -> torc
 
 
 def setup(profile, registry, backend_name: str, device: torch.device) -> tuple[Mesh, torch.device]:
-    """This process's mesh and device. One process: SINGLE. Under torchrun (WORLD_SIZE > 1): joins the
-    default process group (or reuses one already made), builds the tensor-parallel groups, and seeds
-    torch's global generator alike on every rank (unseeded sampling then agrees across ranks)."""
+    """This process's mesh and device. Without torchrun: SINGLE. Under torchrun (RANK set; any
+    WORLD_SIZE, 1 included, so one GPU exercises the collective path): joins the default process
+    group (or reuses one already made), builds the tensor-parallel groups, and seeds torch's global
+    generator alike on every rank (unseeded sampling then agrees across ranks)."""
     world, tp, ep = world_size(), profile.parallel.tp, profile.parallel.ep
-    if world == 1:
+    if world == 1 and "RANK" not in os.environ:   # plain `python` / `dsv3-run`: no process group
         if tp > 1 or ep > 1:
             raise ProfileError(f"{profile.source}: parallel = {{tp: {tp}, ep: {ep}}} needs several processes; launch "
                                f"with torchrun --nproc-per-node N --no-python dsv3-run ... (N a multiple of "
@@ -84,9 +85,10 @@ def setup(profile, registry, backend_name: str, device: torch.device) -> tuple[M
     elif dist.get_world_size() != world or dist.get_rank() != rank:
         raise ProfileError(f"a process group of {dist.get_world_size()} ranks already exists here, but WORLD_SIZE "
                            f"is {world}")
-    # tensor-parallel groups of tp consecutive ranks; every rank creates every group, in the same order
-    tp_group = dist.group.WORLD
-    if tp < world:
+    # tensor-parallel groups of tp consecutive ranks; every rank creates every group, in the same order.
+    # tp == 1 < world: attention is whole on every rank and needs no group.
+    tp_group = dist.group.WORLD if tp == world else None
+    if 1 < tp < world:
         for first in range(0, world, tp):
             group = dist.new_group(list(range(first, first + tp)), timeout=limit)
             if first <= rank < first + tp:
@@ -95,7 +97,7 @@ def setup(profile, registry, backend_name: str, device: torch.device) -> tuple[M
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(device)
     mesh._call("broadcast of the sampling seed", dist.broadcast, seed, 0)
     torch.manual_seed(int(seed))
-    if rank == 0 and profile.parallel.tp == profile.parallel.ep == 1:
+    if rank == 0 and world > 1 and profile.parallel.tp == profile.parallel.ep == 1:
         print(f"dsv3: {world} processes, parallel = {{tp: {tp}, ep: {ep}}} (set parallel in the profile, or "
               f"--tp/--ep, to choose)", file=sys.stderr)
     return mesh, device

@@ -47,6 +47,8 @@ class Mesh:
     rank: int = 0
     tp: int = 1
     ep: int = 1
+    # Process groups; None = no collective (one process, or tp == 1 for tp_group). Under torchrun a
+    # world of one still has groups, so `torchrun --nproc-per-node 1` runs every collective.
     tp_group: object = field(default=None, repr=False)      # this rank's tensor-parallel group
     world_group: object = field(default=None, repr=False)   # all ranks (the default group)
     # MoE layers with at most this many tokens per rank take the sync-free path (all-reduce combine,
@@ -56,6 +58,10 @@ class Mesh:
     def __post_init__(self):
         if self.world % self.tp or self.world % self.ep:
             raise ValueError(f"tp={self.tp} and ep={self.ep} must divide the world size {self.world}")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_group is not None
 
     # -- layout --------------------------------------------------------------------------------------
     @property
@@ -103,20 +109,20 @@ class Mesh:
 
     def tp_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x over the tensor-parallel group (row-parallel outputs: o_proj, down_proj); in place."""
-        if self.tp == 1:
+        if self.tp_group is None:
             return x
         self._call("all_reduce over the tensor-parallel group", dist.all_reduce, x, group=self.tp_group)
         return x
 
     def world_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.world == 1:
+        if self.world_group is None:
             return x
         self._call("all_reduce over all ranks", dist.all_reduce, x, group=self.world_group)
         return x
 
     def gather_vocab(self, logits: torch.Tensor, vocab: int) -> torch.Tensor:
         """[T, V/tp] per rank -> [T, V] on every rank (vocab-parallel LM head)."""
-        if self.tp == 1:
+        if self.tp_group is None:
             return logits
         per = -(-vocab // self.tp)
         local = logits if logits.shape[-1] == per else torch.nn.functional.pad(logits, (0, per - logits.shape[-1]))
