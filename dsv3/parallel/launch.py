@@ -11,6 +11,7 @@ collective waits for its peers: a rank that dies or stalls ends the run on every
 """
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 from datetime import timedelta
@@ -52,6 +53,11 @@ def rank_device(device: torch.device, local_rank: int, local_world: int) -> torc
     return device
 
 
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def setup(profile, registry, backend_name: str, device: torch.device) -> tuple[Mesh, torch.device]:
     """This process's mesh and device. Without torchrun: SINGLE. Under torchrun (RANK set; any
     WORLD_SIZE, 1 included, so one GPU exercises the collective path): joins the default process
@@ -82,6 +88,9 @@ def setup(profile, registry, backend_name: str, device: torch.device) -> tuple[M
     limit = timeout()
     if not dist.is_initialized():
         dist.init_process_group(collective, rank=rank, world_size=world, timeout=limit)
+        # tear down before the interpreter does: gloo's threads otherwise race static destruction at
+        # exit and abort the process ("terminate called without an active exception")
+        atexit.register(_destroy)
     elif dist.get_world_size() != world or dist.get_rank() != rank:
         raise ProfileError(f"a process group of {dist.get_world_size()} ranks already exists here, but WORLD_SIZE "
                            f"is {world}")
