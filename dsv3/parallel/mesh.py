@@ -42,7 +42,7 @@ def wire(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Mesh:
-    """One rank's place in the W = world ranks, and its process groups (None when world == 1)."""
+    """One rank's place among the W = world ranks, and its process groups."""
     world: int = 1
     rank: int = 0
     tp: int = 1
