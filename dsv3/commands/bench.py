@@ -292,7 +292,9 @@ def op_table(ops, ceil) -> Table:
 
 
 # -------------------------------------------------------------------------------------------- end to end
-def build_model(registry, backend: str, layers: int, mtp: bool = False):
+def build_model(registry, backend: str, layers: int, mtp: bool = False, parallel=None, device="cuda"):
+    """Full-width DeepSeek-V3 with `layers` layers and random FP8 weights made on the GPU (no files);
+    `parallel` (a dsv3.parallel Mesh) builds one rank's slice."""
     import dataclasses
     import torch
     from dsv3.core.config import ModelConfig
@@ -301,16 +303,17 @@ def build_model(registry, backend: str, layers: int, mtp: bool = False):
     hf = dict(DEEPSEEK_V3, num_hidden_layers=layers, first_k_dense_replace=1, num_nextn_predict_layers=int(mtp))
     cfg = ModelConfig.from_hf(hf)
     ops = resolve_ops(registry, backend)
-    with torch.device("cuda"):
-        model = DeepseekV3(cfg, ops, "fp8-block", torch.bfloat16, with_mtp=mtp)
-    g = torch.Generator(device="cuda").manual_seed(0)
+    from dsv3.parallel.mesh import SINGLE
+    with torch.device(device):
+        model = DeepseekV3(cfg, ops, "fp8-block", torch.bfloat16, with_mtp=mtp, parallel=parallel or SINGLE)
+    g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for mod in model.modules():
             if isinstance(mod, Linear) and mod.format == "fp8-block":
                 w = mod.weight.view(-1, mod.weight.shape[-1])
                 for r0 in range(0, w.shape[0], 8192):        # random codes ~ N(0, 64), in chunks
                     r1 = min(r0 + 8192, w.shape[0])
-                    w[r0:r1] = (torch.randn(r1 - r0, w.shape[1], device="cuda", generator=g, dtype=torch.bfloat16)
+                    w[r0:r1] = (torch.randn(r1 - r0, w.shape[1], device=device, generator=g, dtype=torch.bfloat16)
                                 * 64).to(torch.float8_e4m3fn)
                 getattr(mod, mod.scale_name).fill_(0.02 / 64)
         for name, p in model.named_parameters():
