@@ -43,10 +43,20 @@ def cuda_ops() -> dict:
     from dsv3.backends.triton.ops import make_ops, triton_linear
     target = cuda_target()
 
+    rejected: set[tuple[int, int]] = set()   # (N, K) cuBLAS refused; decided once per weight shape
+
     def fp8_linear(x, w):
         m = x.numel() // x.shape[-1]
-        if m >= CUBLAS_MIN_M and cublas_takes(m, w.out_features, w.in_features, x.dtype):
-            return cublas_linear(x, w)
+        shape = (w.out_features, w.in_features)
+        if m >= CUBLAS_MIN_M and shape not in rejected and cublas_takes(m, *shape, x.dtype):
+            try:
+                return cublas_linear(x, w)
+            except RuntimeError as e:
+                # cuBLAS validates scale layouts on the host before launching anything; some sliced
+                # shapes (seen: N = 256, K = 512 at tensor parallel 2) fail it. Triton takes every shape.
+                if "Invalid scaling configuration" not in str(e):
+                    raise
+                rejected.add(shape)
         return triton_linear(target, x, w)
 
     return make_ops(target, fp8_linear)
