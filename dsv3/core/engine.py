@@ -110,7 +110,8 @@ class Engine:
         self.running: list[Sequence] = []   # in admission order: the last one is preempted first
         self.device = cache.layers[0].device
         self.stats = EngineStats()
-        self.drafter = MTPDrafter(model, cache, num_draft_tokens) if num_draft_tokens else None
+        self.drafter = (MTPDrafter(model, cache, num_draft_tokens, getattr(self.runner, "mtp_hidden", None))
+                        if num_draft_tokens else None)
         if self.drafter and not model.has_mtp:
             raise RequestError("speculative decoding with MTP needs the checkpoint's MTP layer "
                                "(num_nextn_predict_layers = 1 and its tensors); this model has none")

@@ -74,8 +74,9 @@ def accept(logits: torch.Tensor, drafts: list[int], draft_probs: list[torch.Tens
 class MTPDrafter:
     """Runs the MTP layer over verified positions and proposes k drafts per sequence."""
 
-    def __init__(self, model, cache, num_draft_tokens: int):
+    def __init__(self, model, cache, num_draft_tokens: int, mtp_hidden=None):
         self.model, self.cache, self.k = model, cache, num_draft_tokens
+        self.mtp_hidden = mtp_hidden or model.mtp_hidden   # e.g. CUDA-graph replay of the MTP layer
 
     def draft(self, work: list[tuple], device) -> None:
         """work: (sequence, first new verified position s, end e, main hidden rows [e - s, D]).
@@ -89,7 +90,7 @@ class MTPDrafter:
         prev = torch.empty(batch.input_ids.shape[0], work[0][3].shape[-1], dtype=work[0][3].dtype, device=device)
         for rows, (_, _, _, hidden) in zip(batch.token_rows, work):
             prev[rows] = hidden
-        h = self.model.mtp_hidden(batch.input_ids, prev, batch, self.cache.layers)
+        h = self.mtp_hidden(batch.input_ids, prev, batch, self.cache.layers)
         last = h[batch.last_rows]                                               # [B, D]
         for seq, *_ in work:
             seq.drafts, seq.draft_probs = [], []
@@ -101,7 +102,7 @@ class MTPDrafter:
                 break
             chunks = [Chunk([seq.drafts[-1]], e + j, list(seq.blocks), decode=True) for seq, s, e, _ in work]
             batch = Batch.build(chunks, self.cache.block_size, device)
-            last = self.model.mtp_hidden(batch.input_ids, last, batch, self.cache.layers)
+            last = self.mtp_hidden(batch.input_ids, last, batch, self.cache.layers)
 
     @staticmethod
     def _propose(seq, logits: torch.Tensor) -> None:

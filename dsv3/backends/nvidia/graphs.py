@@ -30,24 +30,26 @@ def capture_blockers(model) -> list[str]:
     return reasons
 
 
-class CudaGraphRunner:
-    def __init__(self, model, block_size: int, max_context: int, buckets=BUCKETS):
-        self.model, self.block_size, self.buckets = model, block_size, tuple(sorted(buckets))
+class _GraphSet:
+    """Captured graphs of one decode-only forward `fn(batch, caches, extra) -> [T, ...]`, one per bucket.
+    `extra` is an optional per-token input [T, extra_dim] (the MTP layer's previous hidden states)."""
+
+    def __init__(self, fn, block_size: int, max_context: int, buckets, pool_owner, extra_dim: int | None = None):
+        self.fn, self.block_size, self.buckets, self.extra_dim = fn, block_size, tuple(sorted(buckets)), extra_dim
         self.max_blocks = -(-max_context // block_size)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Batch, torch.Tensor]] = {}
-        self.pool = None
-        self.caches = None
+        self.graphs: dict[int, tuple] = {}
+        self.owner = pool_owner   # the CudaGraphRunner: one memory pool and one cache binding for all graphs
         self.replays = 0
 
     def _fits(self, batch: Batch, caches) -> int | None:
         t = batch.input_ids.shape[0]
         if batch.num_decode_tokens != t or t > self.buckets[-1] or batch.decode_block_table.shape[1] > self.max_blocks:
             return None
-        if self.caches is not None and any(a is not b for a, b in zip(self.caches, caches)):
+        if self.owner.caches is not None and any(a is not b for a, b in zip(self.owner.caches, caches)):
             return None          # graphs hold the cache tensors they were captured with
         return next(b for b in self.buckets if b >= t)
 
-    def _capture(self, bucket: int, caches):
+    def _capture(self, bucket: int, caches, extra: torch.Tensor | None):
         dev = caches[0].device
         static = Batch(
             input_ids=torch.zeros(bucket, dtype=torch.int64, device=dev),
@@ -60,28 +62,28 @@ class CudaGraphRunner:
             cu_seqlens_k=torch.zeros(1, dtype=torch.int32, device=dev),
             prefill_gather_slots=torch.zeros(0, dtype=torch.int64, device=dev),
             token_rows=[])
+        static_extra = None if extra is None else torch.zeros(bucket, extra.shape[-1], dtype=extra.dtype, device=dev)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):          # warm-up: compiles kernels, builds absorbed weights
             for _ in range(2):
-                self.model(static, caches)
+                self.fn(static, caches, static_extra)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self.model(static, caches)
-        self.graphs[bucket] = (graph, static, out)
-        self.caches = list(caches)
+        if self.owner.pool is None:
+            self.owner.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.owner.pool):
+            out = self.fn(static, caches, static_extra)
+        self.graphs[bucket] = (graph, static, static_extra, out)
+        self.owner.caches = list(caches)
 
-    @torch.inference_mode()
-    def __call__(self, batch: Batch, caches) -> torch.Tensor:
+    def __call__(self, batch: Batch, caches, extra: torch.Tensor | None = None) -> torch.Tensor:
         bucket = self._fits(batch, caches)
         if bucket is None:
-            return self.model(batch, caches)
+            return self.fn(batch, caches, extra)
         if bucket not in self.graphs:
-            self._capture(bucket, caches)
-        graph, s, out = self.graphs[bucket]
+            self._capture(bucket, caches, extra)
+        graph, s, s_extra, out = self.graphs[bucket]
         t, w = batch.input_ids.shape[0], batch.decode_block_table.shape[1]
         s.input_ids[:t].copy_(batch.input_ids)
         s.positions[:t].copy_(batch.positions)
@@ -90,6 +92,38 @@ class CudaGraphRunner:
         s.decode_context_lens[:t].copy_(batch.decode_context_lens)
         s.decode_context_lens[t:].fill_(1)
         s.decode_block_table[:t, :w].copy_(batch.decode_block_table)
+        if s_extra is not None:
+            s_extra[:t].copy_(extra)
         graph.replay()
         self.replays += 1
         return out[:t].clone()
+
+
+class CudaGraphRunner:
+    """`runner(batch, caches)` for the main model and, when the model has an MTP layer,
+    `runner.mtp_hidden(next_ids, prev_hidden, batch, caches)` for speculative drafting; decode-only
+    batches of either replay captured graphs, everything else runs eagerly."""
+
+    def __init__(self, model, block_size: int, max_context: int, buckets=BUCKETS):
+        self.model, self.pool, self.caches = model, None, None
+        self.main = _GraphSet(lambda b, c, _: model(b, c), block_size, max_context, buckets, self)
+        self.draft = (_GraphSet(lambda b, c, prev: model.mtp_hidden(b.input_ids, prev, b, c), block_size,
+                                max_context, buckets, self, extra_dim=model.cfg.hidden_size)
+                      if model.has_mtp else None)
+
+    @property
+    def graphs(self) -> dict:
+        return self.main.graphs
+
+    @property
+    def replays(self) -> int:
+        return self.main.replays + (self.draft.replays if self.draft else 0)
+
+    @torch.inference_mode()
+    def __call__(self, batch: Batch, caches) -> torch.Tensor:
+        return self.main(batch, caches)
+
+    @torch.inference_mode()
+    def mtp_hidden(self, next_ids: torch.Tensor, prev_hidden: torch.Tensor, batch: Batch, caches) -> torch.Tensor:
+        # next_ids is batch.input_ids in every caller (the MTP layer embeds the batch's tokens)
+        return self.draft(batch, caches, prev_hidden)
