@@ -21,6 +21,16 @@ if [[ $what == correctness || $what == all ]]; then
   } 2>&1 | tail -60 > "$OUT/correctness_log.txt"; cat "$OUT/correctness_log.txt" | grep -v "^$" | tail -25
   stamp spec; timeout 150 python3 benchmarks/speculative_decode.py --layers 4 --batches 1 8 --k 1 --new-tokens 48 2>&1 | tail -20 | tee "$OUT/speculative.md"
 fi
+if [[ $what == fp32 ]]; then   # tensor parallel in float32: layouts differ only in reduction order
+  D=/tmp/mg32; mkdir -p $D
+  {
+    stamp single; timeout 100 python3 benchmarks/multi_gpu.py check --dir $D --dtype float32 --all-experts
+    for layout in "2 2" "2 1"; do set -- $layout
+      stamp "ws2 tp$1 ep$2"; timeout 60 torchrun --nproc-per-node 2 --no-python python3 benchmarks/multi_gpu.py check --dir $D --tp $1 --ep $2 --dtype float32
+    done
+    stamp compare; python3 benchmarks/multi_gpu.py compare --dir $D --out "$OUT/nccl_check_fp32.md"
+  } 2>&1 | tail -40 > "$OUT/fp32_log.txt"; grep -v "^$" "$OUT/fp32_log.txt" | tail -12
+fi
 if [[ $what == scaling || $what == all ]]; then
   for w in 1 2; do
     stamp "bench ws$w"; timeout 150 torchrun --nproc-per-node $w --no-python python3 benchmarks/multi_gpu.py bench --layers 8 --out "$OUT/scaling_ws$w.json" 2>&1 | grep -v "^\s*$" | tail -12

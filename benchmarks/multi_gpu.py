@@ -42,11 +42,15 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def make_checkpoint(path: Path) -> None:
+def make_checkpoint(path: Path, all_experts: bool) -> None:
+    """all_experts: every token routes to all 8 experts, so bf16 rounding differences between layouts
+    cannot flip a routing decision (with top-2 of 8, a random model turns such flips into large logit
+    changes: chaos, not an error)."""
     from dsv3.core.config import ModelConfig
     from dsv3.core.synthetic import random_weights, to_checkpoint_format, write_checkpoint, write_tokenizer
-    weights = random_weights(ModelConfig.from_hf(SMALL), seed=7, std=0.1)
-    write_checkpoint(path, SMALL, to_checkpoint_format(weights, "fp8-block"), num_shards=2, fmt="fp8-block")
+    cfg = dict(SMALL, num_experts_per_tok=8, n_group=1, topk_group=1) if all_experts else SMALL
+    weights = random_weights(ModelConfig.from_hf(cfg), seed=7, std=0.1)
+    write_checkpoint(path, cfg, to_checkpoint_format(weights, "fp8-block"), num_shards=2, fmt="fp8-block")
     write_tokenizer(path, SMALL["vocab_size"], PROMPTS * 4)
 
 
@@ -54,7 +58,7 @@ def check(args) -> None:
     from dsv3 import LLM
     ckpt = Path(args.dir) / "ckpt"
     if rank() == 0 and not (ckpt / "config.json").exists():
-        make_checkpoint(ckpt)
+        make_checkpoint(ckpt, args.all_experts)
     if "RANK" in os.environ:   # rank 0 writes the checkpoint; the others wait for it
         local = int(os.environ.get("LOCAL_RANK", 0))
         gpu = torch.cuda.is_available()
@@ -64,6 +68,8 @@ def check(args) -> None:
         atexit.register(dist.destroy_process_group)
         dist.barrier(device_ids=[local] if gpu else None)
     over = {"parallel.tp": args.tp, "parallel.ep": args.ep} if "RANK" in os.environ else {}
+    if args.dtype:
+        over["dtype"] = args.dtype
     llm = LLM(ckpt, profile=args.profile, **over)
     ids = [llm.tokenizer.encode(p) for p in PROMPTS]
     logits = llm.logits(ids)
@@ -182,6 +188,8 @@ def main() -> None:
     c.add_argument("--tp", type=int, default=1)
     c.add_argument("--ep", type=int, default=1)
     c.add_argument("--profile", default="cuda-fp8", help="cpu runs this check on gloo (a dry run of the script)")
+    c.add_argument("--dtype", help="activation dtype override (float32: layouts differ only by reduction order)")
+    c.add_argument("--all-experts", action="store_true", help="route every token to every expert (see make_checkpoint)")
     m = sub.add_parser("compare")
     m.add_argument("--dir", required=True)
     m.add_argument("--out")
