@@ -18,7 +18,7 @@ from dsv3.core.engine import Engine, StepOutput
 from dsv3.core.errors import ProfileError, RequestError
 from dsv3.core.loader import Checkpoint, checkpoint_format, has_mtp, load_weights
 from dsv3.core.model import DeepseekV3
-from dsv3.core.profile import Profile, load_profile, validate_for_backend, with_overrides
+from dsv3.core.profile import Profile, select_profile, validate_for_backend, with_overrides
 from dsv3.core.sampling import SamplingParams
 from dsv3.core.tokenizer import Tokenizer
 from dsv3.parallel import launch, sharding
@@ -49,16 +49,14 @@ class LLM:
             from dsv3.core.demo import demo_model_path
             model_path = demo_model_path()
         self.registry = registry or create_registry()
+        given = {"dtype": dtype, **overrides}
         if isinstance(profile, Profile):
-            prof = profile
-        else:
-            name = profile or self.registry.backend(backend or "cpu").default_profile
-            prof = load_profile(name)
-        if backend is not None and self.registry.backend(backend).name != prof.backend:
-            if profile is not None:
-                raise ProfileError(f"--backend {backend} contradicts profile {prof.source} (backend "
-                                   f"{prof.backend!r}); give one or the other")
-        self.profile = with_overrides(prof, {"dtype": dtype, **overrides})
+            if backend is not None and self.registry.backend(backend).name != self.registry.backend(profile.backend).name:
+                raise ProfileError(f"backend {backend!r} contradicts profile {profile.source} (backend "
+                                   f"{profile.backend!r}); give one or the other")
+            self.profile = with_overrides(profile, given)
+        else:   # --profile, else --backend's default profile, else cpu; then the flags
+            self.profile = select_profile(self.registry, backend, profile, given)
         self.spec, self.device, self.ops = build_runtime(self.profile, self.registry)
         # parallelism (dsv3.parallel): under torchrun this process is one rank of the mesh and holds
         # one slice of the model; in a single process the mesh is SINGLE and nothing below changes.
