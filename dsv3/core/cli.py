@@ -49,7 +49,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tp", type=int, help="tensor-parallel size (attention heads, dense MLPs, vocab); under torchrun")
     g.add_argument("--ep", type=int, help="expert-parallel size (routed experts); under torchrun")
     g.add_argument("-p", dest="plugins", action="append", default=[], metavar="NAME",
-                   help="load the installed plugin with this entry-point name (even with autoload off)")
+                   help="load a plugin by entry-point name or module (even with autoload off); "
+                        "-p no:NAME blocks one, built-ins included (pytest's conventions)")
     g.add_argument("--plugin", dest="plugin_modules", action="append", default=[], metavar="MODULE",
                    help="import MODULE and register it as a plugin")
     g.add_argument("--debug", action="store_true", help="show tracebacks for errors")
