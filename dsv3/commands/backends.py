@@ -49,7 +49,8 @@ def run(args) -> int:
         spec = registry.backends[name]
         plugin = registry.backend_plugin[name]
         missing = _probe(spec)
-        rows.append([name, ", ".join(spec.aliases) or "-", spec.device_type, "no" if missing else "yes",
+        here = "no" if missing else ("emulated" if spec.extra.get("emulated") else "yes")
+        rows.append([name, ", ".join(spec.aliases) or "-", spec.device_type, here,
                      _profile_label(spec.default_profile),
                      f"{plugin} ({registry.versions.get(plugin, 'package unknown')})"])
         if missing:

@@ -61,7 +61,8 @@ def dsv3_register_backends():
         name="ascend", aliases=("npu",), device_type="npu", probe=probe,
         default_profile="ascend-w8a8", weight_formats=("dense", "int8-w8a8"),
         description="Huawei Ascend NPUs (Atlas 800I A2 / 910B) via torch_npu: W8A8 INT8 and BF16",
-        cache_dtypes=("bfloat16", "float16"))]
+        cache_dtypes=("bfloat16", "float16"),
+        extra={"emulated": emulated()})]   # listings say "emulated", never that an NPU is here
 
 
 @hookimpl
