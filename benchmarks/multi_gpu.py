@@ -56,7 +56,7 @@ def make_checkpoint(path: Path, all_experts: bool) -> None:
 
 def check(args) -> None:
     from dsv3 import LLM
-    ckpt = Path(args.dir) / "ckpt"
+    ckpt = Path(args.model) if args.model else Path(args.dir) / "ckpt"
     if rank() == 0 and not (ckpt / "config.json").exists():
         make_checkpoint(ckpt, args.all_experts)
     if "RANK" in os.environ:   # rank 0 writes the checkpoint; the others wait for it
@@ -188,6 +188,7 @@ def main() -> None:
     c.add_argument("--tp", type=int, default=1)
     c.add_argument("--ep", type=int, default=1)
     c.add_argument("--profile", default="cuda-fp8", help="cpu runs this check on gloo (a dry run of the script)")
+    c.add_argument("--model", help="check this checkpoint instead of the small random one (e.g. the demo model)")
     c.add_argument("--dtype", help="activation dtype override (float32: layouts differ only by reduction order)")
     c.add_argument("--all-experts", action="store_true", help="route every token to every expert (see make_checkpoint)")
     m = sub.add_parser("compare")
