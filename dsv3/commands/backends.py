@@ -3,16 +3,14 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
+    from dsv3.core.cli import add_plugin_args
+
     p = subparsers.add_parser(
         "backends", help="list backends, their plugins, hardware here, default profiles and op coverage",
         description="Every backend the installed plugins declare: the plugin and package it came from, its aliases, "
                     "whether its hardware is present on this machine (and if not, why), its default profile, and "
                     "for each op whether the backend implements it natively or falls back to the reference.")
-    p.add_argument("-p", dest="plugins", action="append", default=[], metavar="NAME",
-                   help="load the installed plugin with this entry-point name (even with autoload off); no:NAME blocks one")
-    p.add_argument("--plugin", dest="plugin_modules", action="append", default=[], metavar="MODULE",
-                   help="import MODULE and register it as a plugin")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    add_plugin_args(p)
     p.set_defaults(func=run)
 
 

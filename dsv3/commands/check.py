@@ -7,6 +7,8 @@ from dsv3.core.errors import Dsv3Error
 
 
 def register(subparsers) -> None:
+    from dsv3.core.cli import add_plugin_args
+
     p = subparsers.add_parser(
         "check", help="run a backend's ops against the reference, then a tiny-model generation",
         description="Every op the backend provides runs against the pure-PyTorch reference on fresh random "
@@ -25,11 +27,7 @@ def register(subparsers) -> None:
     g.add_argument("--seed", type=int, help="replay a run's random inputs (each run prints its seed)")
     g.add_argument("--quick", action="store_true", help="small shapes only (skip DeepSeek-V3's real shapes)")
     g.add_argument("--no-generate", dest="generate", action="store_false", help="skip the tiny-model generation")
-    g.add_argument("-p", dest="plugins", action="append", default=[], metavar="NAME",
-                   help="load the installed plugin with this entry-point name (even with autoload off)")
-    g.add_argument("--plugin", dest="plugin_modules", action="append", default=[], metavar="MODULE",
-                   help="import MODULE and register it as a plugin")
-    g.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    add_plugin_args(g)
     p.set_defaults(func=run)
 
 

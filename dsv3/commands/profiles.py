@@ -3,17 +3,15 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
+    from dsv3.core.cli import add_plugin_args
+
     p = subparsers.add_parser(
         "profiles", help="list the shipped YAML profiles, or show one in full",
         description="Without an argument: the profiles shipped in dsv3/configs and the default profiles of plugin "
                     "backends. With NAME or PATH: that profile with every field (defaults filled in), validated "
                     "against its backend.")
     p.add_argument("profile", nargs="?", metavar="NAME|PATH", help="a profile to show in full")
-    p.add_argument("-p", dest="plugins", action="append", default=[], metavar="NAME",
-                   help="load the installed plugin with this entry-point name (even with autoload off); no:NAME blocks one")
-    p.add_argument("--plugin", dest="plugin_modules", action="append", default=[], metavar="MODULE",
-                   help="import MODULE and register it as a plugin")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    add_plugin_args(p)
     p.set_defaults(func=run)
 
 

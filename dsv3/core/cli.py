@@ -48,6 +48,11 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-draft-tokens", type=int, help="MTP draft tokens per step (k)")
     g.add_argument("--tp", type=int, help="tensor-parallel size (attention heads, dense MLPs, vocab); under torchrun")
     g.add_argument("--ep", type=int, help="expert-parallel size (routed experts); under torchrun")
+    add_plugin_args(g)
+
+
+def add_plugin_args(g) -> None:
+    """-p / --plugin / --debug: every command that builds a plugin registry takes them."""
     g.add_argument("-p", dest="plugins", action="append", default=[], metavar="NAME",
                    help="load a plugin by entry-point name or module (even with autoload off); "
                         "-p no:NAME blocks one, built-ins included (pytest's conventions)")
