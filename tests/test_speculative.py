@@ -39,6 +39,7 @@ def test_greedy_speculation_equals_plain_decoding(ckpt, monkeypatch, k):
     spec = LLM(ckpt, backend="cpu", **{"kv_cache.block_size": 8, "speculative.method": "mtp",
                                        "speculative.num_draft_tokens": k})
     prompts = random_prompts(96, [1, 7, 3, 20, 9, 2], seed)
+    accepted = proposed = 0
     for batch in (prompts[:1], prompts):                           # a single sequence, and a ragged batch
         want, _ = plain.generate_ids(batch, max_new_tokens=13, ignore_eos=True)
         got, _ = spec.generate_ids(batch, max_new_tokens=13, ignore_eos=True)   # the real (random) MTP drafts
@@ -49,8 +50,10 @@ def test_greedy_speculation_equals_plain_decoding(ckpt, monkeypatch, k):
         got, _ = spec.generate_ids(batch, max_new_tokens=13, ignore_eos=True)
         monkeypatch.undo()
         assert got == want, f"k={k} seed={seed}"
-        acc = spec.engine.stats.spec
-        assert 0 < sum(acc.accepted) < sum(acc.proposed)            # both paths were taken
+        accepted += sum(spec.engine.stats.spec.accepted)
+        proposed += sum(spec.engine.stats.spec.proposed)
+    # both paths were taken (over ~45 oracle drafts corrupted at 30%; one short sequence alone may not)
+    assert 0 < accepted < proposed
     assert spec.cache.allocator.num_free == spec.cache.num_blocks
 
 
