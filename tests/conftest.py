@@ -18,3 +18,17 @@ import torch
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     assert "triton" not in sys.modules, "triton was imported before tests/conftest.py chose the interpreter"
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+import pytest  # noqa: E402 - after the TRITON_INTERPRET choice above, which must come first
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one intra-op thread for a module: the tiny model's ops gain nothing from threads, and on
+    a busy 2-core runner OpenMP's spinning workers (fighting an engine thread and an event loop) slow
+    them down by an order of magnitude."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -21,14 +21,7 @@ from helpers import make_checkpoint, random_prompts, tiny_config
 BS = 8   # small blocks, so short prompts span several
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny ops gain nothing from intra-op threads, and on a busy 2-core runner OpenMP's spinning
-    # workers slow them down by an order of magnitude.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -33,16 +33,6 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    # The tiny model's ops are too small to gain from intra-op threads; on a busy 2-core runner the
-    # engine thread and the event loop would otherwise fight OpenMP's spinning workers.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def server(ckpt, one_thread):
     llm = LLM(ckpt, backend="cpu", **{"kv_cache.block_size": 16})
     llm.engine.max_waiting = 64

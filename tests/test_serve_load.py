@@ -8,7 +8,6 @@ import random
 import time
 
 import pytest
-import torch
 
 openai = pytest.importorskip("openai", reason="needs the test extra: pip install -e '.[test]'")
 pytest.importorskip("uvicorn", reason="needs the serve extra: pip install -e '.[serve]'")
@@ -30,12 +29,7 @@ def ckpt(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)      # see test_serve_api: tiny ops, busy shared runners
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def _llm(ckpt, max_tokens, sharing=True):
