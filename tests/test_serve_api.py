@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 openai = pytest.importorskip("openai", reason="needs the test extra: pip install -e '.[test]'")
 pytest.importorskip("uvicorn", reason="needs the serve extra: pip install -e '.[serve]'")
