@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 import time
 
 # The official DeepSeek-V3 config.json (../shared/reference/deepseek-v3/config.json), model fields only.
