@@ -164,14 +164,21 @@ def tiny_llm(max_cache_tokens: int | None):
 
 def full_width_llm(layers: int, backend: str, max_cache_tokens: int, max_batch_tokens: int):
     """DeepSeek-V3 at full width and reduced depth with random FP8 weights made on the GPU (as
-    `dsv3-run bench` builds it), behind the same Engine; a small BPE tokenizer for the text side."""
+    `dsv3-run bench` builds it), behind the same Engine and the same model runner (CUDA graphs for
+    decode on `cuda`) that `dsv3-run serve` gets from the backend's default profile; a small BPE
+    tokenizer for the text side."""
     from dsv3.commands.bench import build_model
     from dsv3.core.cache import LatentCache
     from dsv3.core.engine import Engine
+    from dsv3.core.profile import load_profile, with_overrides
     from dsv3.core.synthetic import write_tokenizer
     from dsv3.core.tokenizer import Tokenizer
     from dsv3.plugins.manager import create_registry
-    model, cfg, _, _ = build_model(create_registry(), backend, layers)
+    registry = create_registry()
+    model, cfg, _, _ = build_model(registry, backend, layers)
+    spec = registry.backend(backend)
+    profile = with_overrides(load_profile(spec.default_profile), {"kv_cache.max_tokens": max_cache_tokens})
+    runner = registry.pm.hook.dsv3_model_runner(backend=spec.name, model=model, profile=profile)
     path = Path(tempfile.mkdtemp()) / f"deepseek-v3-{layers}-layers-random"
     path.mkdir()
     write_tokenizer(path, cfg.vocab_size, ["def add(a, b):\n    return a + b\n", "hello world " * 20])
@@ -179,8 +186,9 @@ def full_width_llm(layers: int, backend: str, max_cache_tokens: int, max_batch_t
     block = 64
     cache = LatentCache(model.num_cache_layers, -(-max_cache_tokens // block), block, cfg.latent_dim,
                         torch.bfloat16, "cuda")
-    engine = Engine(model, cache, tok, max_batch_tokens)
-    return SimpleNamespace(engine=engine, tokenizer=tok, config=cfg, path=path, model=model, cache=cache)
+    engine = Engine(model, cache, tok, max_batch_tokens, runner)
+    return SimpleNamespace(engine=engine, tokenizer=tok, config=cfg, path=path, model=model, cache=cache,
+                           runner=runner)
 
 
 def reset(engine) -> None:
@@ -221,10 +229,26 @@ def main(argv=None) -> int:
     llm.engine.prefix_caching = False          # random prompts share nothing; keep the modes comparable
     vocab = llm.config.vocab_size
     modes = args.modes.split(",")
-    rows = []
-    # warm up (first-call allocations, kernel compilation) outside the measurements
+    # warm up outside the measurements: first-call allocations, kernel compilation and, on cuda, the
+    # capture of every decode batch-size bucket the runs will meet (a short run of all the requests at
+    # once passes through each batch size from 1 to the largest concurrency)
     run_in_process(llm.engine, make_requests(4, float("inf"), args.prompt_len, 4, vocab, 1), 4, None)
+    if args.full_width_layers:
+        warm = make_requests(args.num_requests, float("inf"), args.prompt_len, 8, vocab, 1)
+        run_in_process(llm.engine, warm, 8, None)
+        run_in_process(llm.engine, make_requests(args.static_batch, float("inf"), args.prompt_len, 8, vocab, 2), 8,
+                       args.static_batch)
+        if llm.runner is not None:
+            what += f", decode through {type(llm.runner).__name__} (buckets {sorted(llm.runner.graphs)} captured)"
     reset(llm.engine)
+    header = [f"Model: {what}.",
+              (f"{args.num_requests} requests per rate, prompts {args.prompt_len // 2}-{args.prompt_len * 3 // 2} "
+              f"tokens, {args.output_len} output tokens each (ignore_eos); static batch {args.static_batch}; "
+              f"max_batch_tokens {args.max_batch_tokens}; cache {llm.engine.capacity_tokens} tokens; "
+              f"prefix caching off."), "",
+              "| rate (req/s) | mode | output tok/s | TTFT mean (ms) | TTFT p50 (ms) | TTFT p90 (ms) | errors |",
+              "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    table = list(header)
     for rate_s in args.rates.split(","):
         rate = float(rate_s)
         for mode in modes:
@@ -234,26 +258,16 @@ def main(argv=None) -> int:
             else:
                 run_in_process(llm.engine, reqs, args.output_len, args.static_batch if mode == "static" else None)
             s = summarize(reqs)
-            rows.append((rate_s, mode, s))
             print(f"rate {rate_s:>5} {mode:>10}: {s['tok_s']:8.1f} tok/s  TTFT mean {s['ttft_mean']:8.1f} ms  "
-                  f"p50 {s['ttft_p50']:8.1f}  p90 {s['ttft_p90']:8.1f}  errors {s['errors']}", file=sys.stderr)
+                  f"p50 {s['ttft_p50']:8.1f}  p90 {s['ttft_p90']:8.1f}  errors {s['errors']}", file=sys.stderr,
+                  flush=True)
+            table.append(f"| {rate_s} | {mode} | {s['tok_s']:.1f} | {s['ttft_mean']:.1f} | {s['ttft_p50']:.1f} | "
+                         f"{s['ttft_p90']:.1f} | {s['errors']} |")
+            if args.out:      # after every row: a run cut short by a time limit keeps what it measured
+                Path(args.out).write_text("\n".join(table) + "\n")
             reset(llm.engine)
-    table = [f"Model: {what}.",
-             f"{args.num_requests} requests per rate, prompts {args.prompt_len // 2}-{args.prompt_len * 3 // 2} "
-             f"tokens, {args.output_len} output tokens each (ignore_eos); static batch {args.static_batch}; "
-             f"max_batch_tokens {args.max_batch_tokens}; cache {llm.engine.capacity_tokens} tokens; "
-             f"prefix caching off.", "",
-             "| rate (req/s) | mode | output tok/s | TTFT mean (ms) | TTFT p50 (ms) | TTFT p90 (ms) | errors |",
-             "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for rate_s, mode, s in rows:
-        table.append(f"| {rate_s} | {mode} | {s['tok_s']:.1f} | {s['ttft_mean']:.1f} | {s['ttft_p50']:.1f} | "
-                     f"{s['ttft_p90']:.1f} | {s['errors']} |")
-    text = "\n".join(table)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    print("\n".join(table))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
