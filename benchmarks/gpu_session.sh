@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, conformance check, then `dsv3-run bench`; everything lands in $OUT.
-#   run: bash benchmarks/gpu_session.sh [sweep|tests|check|bench|all]   (default all)
+#   run: bash benchmarks/gpu_session.sh [sweep|tests|check|bench|serve|all]   (default all)
+# serve needs starlette/uvicorn, which the device image lacks: copy them from a venv into build/devdeps
+# (pure Python) and carry that path.
 set -u
 OUT=${OUT:-/tmp/dsv3-gpu}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$PWD:$PWD/build/devdeps${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 what=${1:-all}
 {
@@ -24,4 +26,9 @@ fi
 if [[ $what == bench || $what == all ]]; then
   timeout 540 python3 -m dsv3.core.cli bench ${BENCH_ARGS:-} --out "$OUT/bench.md" 2>&1 | tail -150 > "$OUT/bench_log.txt"
   cat "$OUT/bench.md" 2>/dev/null || tail -40 "$OUT/bench_log.txt"
+fi
+if [[ $what == serve ]]; then   # not in `all`: minutes of load at low request rates
+  timeout 500 python3 benchmarks/serve_load.py --full-width-layers 4 --backend cuda --rates 4,16,64,inf \
+    --prompt-len 256 --output-len 64 --num-requests 96 --static-batch 32 --modes static,continuous,http \
+    --out "$OUT/serve_gpu.md" 2>&1 | grep -v "^\s*$" | tail -30
 fi
