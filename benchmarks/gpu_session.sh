@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, conformance check, then `dsv3-run bench`; everything lands in $OUT.
 #   run: bash benchmarks/gpu_session.sh [sweep|tests|check|bench|serve|all]   (default all)
-# serve needs starlette/uvicorn, which the device image lacks: copy them from a venv into build/devdeps
-# (pure Python) and carry that path.
+# serve needs starlette, uvicorn and pydantic, which the device image lacks: copy them from a venv into
+# build/devdeps (pydantic_core from a wheel for the device's Python) and carry that path.
 set -u
 OUT=${OUT:-/tmp/dsv3-gpu}
 mkdir -p "$OUT"
@@ -28,6 +28,7 @@ if [[ $what == bench || $what == all ]]; then
   cat "$OUT/bench.md" 2>/dev/null || tail -40 "$OUT/bench_log.txt"
 fi
 if [[ $what == serve ]]; then   # not in `all`: minutes of load at low request rates
+  python3 -c "import dsv3.serve.app" || { echo "serve dependencies missing: see the top of this script"; exit 1; }
   timeout 500 python3 benchmarks/serve_load.py --full-width-layers 4 --backend cuda --rates 4,16,64,inf \
     --prompt-len 256 --output-len 64 --num-requests 96 --static-batch 32 --modes static,continuous,http \
     --out "$OUT/serve_gpu.md" 2>&1 | grep -v "^\s*$" | tail -30
