@@ -56,11 +56,12 @@ def make_requests(n: int, rate: float, prompt_len: int, output_len: int, vocab: 
     return out
 
 
-def run_in_process(engine, reqs: list[Req], output_len: int, static_batch: int | None) -> None:
-    """Serve `reqs` on this thread. static_batch=None: continuous; else static batches of that size."""
+def run_in_process(engine, reqs: list[Req], output_len: int, static_batch: int | None) -> list[float]:
+    """Serve `reqs` on this thread. static_batch=None: continuous; else static batches of that size.
+    Returns the wall time of every engine step (seconds), to show stalls such as a kernel compile."""
     from dsv3.core.sampling import SamplingParams
     params = SamplingParams(max_new_tokens=output_len, ignore_eos=True)
-    pending, index = deque(reqs), {}
+    pending, index, steps = deque(reqs), {}, []
     t0 = time.perf_counter()
     while pending or engine.has_work():
         now = time.perf_counter() - t0
@@ -73,7 +74,9 @@ def run_in_process(engine, reqs: list[Req], output_len: int, static_batch: int |
         if not engine.has_work():
             time.sleep(max(0.0, pending[0].arrival - (time.perf_counter() - t0)))
             continue
+        began = time.perf_counter()
         outs = engine.step()
+        steps.append(time.perf_counter() - began)
         now = time.perf_counter() - t0
         for o in outs:
             r = index[o.seq.id]
@@ -82,6 +85,7 @@ def run_in_process(engine, reqs: list[Req], output_len: int, static_batch: int |
             r.tokens += len(o.new_tokens)
             if o.finished:
                 r.done = now
+    return steps
 
 
 def _http_client(url: str, model_name: str, reqs: list[Req], output_len: int) -> list[Req]:
@@ -137,7 +141,7 @@ def run_http(llm, reqs: list[Req], output_len: int, model_name: str) -> None:
     reqs[:] = done
 
 
-def summarize(reqs: list[Req]) -> dict:
+def summarize(reqs: list[Req], steps: list[float]) -> dict:
     ok = [r for r in reqs if r.done is not None and not r.errors]
     ttft = sorted(r.first - r.arrival for r in ok)
     span = max(r.done for r in ok) - min(r.arrival for r in reqs)
@@ -145,7 +149,8 @@ def summarize(reqs: list[Req]) -> dict:
     def pct(q):
         return ttft[min(len(ttft) - 1, int(q * len(ttft)))] * 1000
     return {"tok_s": sum(r.tokens for r in ok) / span, "ttft_mean": statistics.mean(ttft) * 1000,
-            "ttft_p50": pct(0.5), "ttft_p90": pct(0.9), "errors": len(reqs) - len(ok)}
+            "ttft_p50": pct(0.5), "ttft_p90": pct(0.9), "errors": len(reqs) - len(ok),
+            "steps": f"{statistics.median(steps) * 1000:.1f} / {max(steps) * 1000:.0f}" if steps else "-"}
 
 
 def tiny_llm(max_cache_tokens: int | None):
@@ -231,11 +236,13 @@ def main(argv=None) -> int:
     modes = args.modes.split(",")
     # warm up outside the measurements: first-call allocations, kernel compilation (Triton specialises
     # on shapes, so mixed prefill/decode steps of many sizes) and, on cuda, the capture of each decode
-    # batch-size bucket, which would otherwise stall the first measured run that meets it for seconds:
-    # one request alone (bucket 1), then every mode at full length and load (buckets up to the peak)
-    run_in_process(llm.engine, make_requests(1, float("inf"), args.prompt_len, 4, vocab, 1), 4, None)
+    # batch-size bucket, which would otherwise stall the first measured run that meets it for seconds
     if args.full_width_layers:
-        for mode in modes:
+        peak = max(args.num_requests, args.static_batch)
+        for k in (1, 2, 4, 8, 16, 32, 64, 128):   # k short requests at once: a decode batch of exactly k
+            if k // 2 < peak:
+                run_in_process(llm.engine, make_requests(k, float("inf"), 8, 3, vocab, k), 3, None)
+        for mode in modes:                         # then every mode at full length and load
             reqs = make_requests(args.num_requests, float("inf"), args.prompt_len, args.output_len, vocab, 1)
             if mode == "http":
                 run_http(llm, reqs, args.output_len, llm.path.name)
@@ -243,6 +250,8 @@ def main(argv=None) -> int:
                 run_in_process(llm.engine, reqs, args.output_len, args.static_batch if mode == "static" else None)
         if llm.runner is not None:
             what += f", decode through {type(llm.runner).__name__} (buckets {sorted(llm.runner.graphs)} captured)"
+    else:
+        run_in_process(llm.engine, make_requests(4, float("inf"), args.prompt_len, 4, vocab, 1), 4, None)
     captured = len(llm.runner.graphs) if args.full_width_layers and llm.runner is not None else 0
     reset(llm.engine)
     header = [f"Model: {what}.",
@@ -250,23 +259,26 @@ def main(argv=None) -> int:
               f"tokens, {args.output_len} output tokens each (ignore_eos); static batch {args.static_batch}; "
               f"max_batch_tokens {args.max_batch_tokens}; cache {llm.engine.capacity_tokens} tokens; "
               f"prefix caching off."), "",
-              "| rate (req/s) | mode | output tok/s | TTFT mean (ms) | TTFT p50 (ms) | TTFT p90 (ms) | errors |",
-              "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+              ("| rate (req/s) | mode | output tok/s | TTFT mean (ms) | TTFT p50 (ms) | TTFT p90 (ms) | "
+              "engine step p50 / max (ms) | errors |"),
+              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     table = list(header)
     for rate_s in args.rates.split(","):
         rate = float(rate_s)
         for mode in modes:
             reqs = make_requests(args.num_requests, rate, args.prompt_len, args.output_len, vocab, args.seed)
+            steps = []
             if mode == "http":
                 run_http(llm, reqs, args.output_len, llm.path.name)
             else:
-                run_in_process(llm.engine, reqs, args.output_len, args.static_batch if mode == "static" else None)
-            s = summarize(reqs)
+                steps = run_in_process(llm.engine, reqs, args.output_len,
+                                       args.static_batch if mode == "static" else None)
+            s = summarize(reqs, steps)
             print(f"rate {rate_s:>5} {mode:>10}: {s['tok_s']:8.1f} tok/s  TTFT mean {s['ttft_mean']:8.1f} ms  "
-                  f"p50 {s['ttft_p50']:8.1f}  p90 {s['ttft_p90']:8.1f}  errors {s['errors']}", file=sys.stderr,
+                  f"p50 {s['ttft_p50']:8.1f}  p90 {s['ttft_p90']:8.1f}  step p50/max {s['steps']} ms  errors {s['errors']}", file=sys.stderr,
                   flush=True)
             table.append(f"| {rate_s} | {mode} | {s['tok_s']:.1f} | {s['ttft_mean']:.1f} | {s['ttft_p50']:.1f} | "
-                         f"{s['ttft_p90']:.1f} | {s['errors']} |")
+                         f"{s['ttft_p90']:.1f} | {s['steps']} | {s['errors']} |")
             if args.out:      # after every row: a run cut short by a time limit keeps what it measured
                 Path(args.out).write_text("\n".join(table) + "\n")
             reset(llm.engine)
