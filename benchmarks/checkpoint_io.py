@@ -3,6 +3,12 @@ DeepSeek-V3 tensor shapes, beside the disk's own sequential read speed, with pea
 largest shard. Not a unit test; run it by hand:
 
     python benchmarks/checkpoint_io.py [--dir /tmp/dsv3-io-bench] [--out benchmarks/results/checkpoint_io.md]
+        [--rows load] [--repeat 3] [--keep] [--reuse]
+
+`--rows load` runs only the FP8 -> FP8 load rows (minutes; the dequantising load and the converts
+take 10-20 more); `--repeat N` runs each load N times and reports the median (a shared machine is
+noisy); `--keep` leaves the synthetic checkpoint in place and `--reuse` loads it instead of
+building a new one.
 
 The checkpoint uses the official config.json with fewer layers and routed experts (every tensor
 keeps its real shape: 7168-wide projections, [2048, 7168] experts, the 129280-row embedding and
@@ -10,7 +16,11 @@ head), about 9 GB in shards of at most 2 GB.
 
 Method:
 - Disk: O_DIRECT sequential reads (64 MiB, page-aligned buffer) of the shards, which bypass the
-  page cache, so this is the device's speed, measured in the same run.
+  page cache, so this is the device's speed, measured in the same run. Beside it, the same reads
+  buffered from a cold page cache: the bound for anything that reads through the page cache (a
+  memory map included), which also allocates every page it caches.
+- Memory: filling freshly allocated tensors of the model's size (torch.empty, then fill_): the
+  first-touch cost every load pays for its parameters, whatever it reads from.
 - Cold runs: every shard is fsynced and dropped from the page cache with posix_fadvise(DONTNEED)
   (no root needed) before the run; `fincore` confirms. Warm runs read from the page cache.
 - Each load / convert runs in a fresh process under `/usr/bin/time -v` (maximum resident set size).
@@ -131,6 +141,15 @@ def direct_read(files) -> float:
     return total / (time.perf_counter() - t0) / 1e9
 
 
+def first_touch(nbytes: int) -> float:
+    """GB/s of filling fresh tensors (first-touch page faults), in 1 GiB pieces like parameters."""
+    t0 = time.perf_counter()
+    pieces = [torch.empty(min(1 << 30, nbytes - o), dtype=torch.uint8).fill_(1) for o in range(0, nbytes, 1 << 30)]
+    seconds = time.perf_counter() - t0
+    del pieces
+    return nbytes / seconds / 1e9
+
+
 def cached_read(files) -> float:
     buf = bytearray(64 << 20)
     total, t0 = 0, time.perf_counter()
@@ -185,50 +204,78 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/dsv3-io-bench")
     ap.add_argument("--out", help="also write the table (markdown) here")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
+    ap.add_argument("--reuse", action="store_true", help="load DIR/fp8 from an earlier --keep run instead of building")
+    ap.add_argument("--rows", choices=("all", "load"), default="all",
+                    help="load: only the FP8 -> FP8 load rows (skip the dequantising load and the converts)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each load row; the table shows the median")
     args = ap.parse_args()
     root = Path(args.dir)
-    if root.exists():
-        raise SystemExit(f"{root} exists; remove it or pass another --dir")
-    root.mkdir(parents=True)
-    free = shutil.disk_usage(root).free
-    if free < 40e9:
-        raise SystemExit(f"{root}: {free / 1e9:.0f} GB free; the benchmark needs ~40 GB (source, bf16 and int8 copies)")
     src = root / "fp8"
+    if args.reuse and not (src / "config.json").is_file():
+        raise SystemExit(f"--reuse: no checkpoint at {src}; run once with --keep first")
+    if root.exists() and not args.reuse:
+        raise SystemExit(f"{root} exists; remove it, pass another --dir, or --reuse its checkpoint")
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    if free < 40e9 and not args.reuse:
+        raise SystemExit(f"{root}: {free / 1e9:.0f} GB free; the benchmark needs ~40 GB (source, bf16 and int8 copies)")
     rows, notes = [], [f"load average at start (other work on the machine): {os.getloadavg()[0]:.1f}"]
     try:
-        t0 = time.perf_counter()
-        info = build(src)
-        notes.append(f"built {info['bytes'] / 1e9:.2f} GB in {info['shards']} shards in "
-                     f"{time.perf_counter() - t0:.0f} s")
+        if args.reuse:
+            files = sorted(src.glob("*.safetensors"))
+            info = {"bytes": sum(f.stat().st_size for f in files), "shards": len(files),
+                    "largest": max(f.stat().st_size for f in files)}
+            notes.append(f"reused the checkpoint in {src}")
+        else:
+            t0 = time.perf_counter()
+            info = build(src)
+            notes.append(f"built {info['bytes'] / 1e9:.2f} GB in {info['shards']} shards in "
+                         f"{time.perf_counter() - t0:.0f} s")
         files = sorted(src.glob("*.safetensors"))
         drop_cache(files)
         disk = direct_read(files)
+        drop_cache(files)
+        cold_gbps = cached_read(files)
         cache_gbps = (cached_read(files), cached_read(files))[1]   # second pass: all cached if RAM allows
-        print(f"disk {disk:.2f} GB/s, page cache {cache_gbps:.2f} GB/s, {info}", flush=True)
+        touch_gbps = first_touch(info["bytes"])
+        print(f"disk {disk:.2f} GB/s, buffered cold {cold_gbps:.2f} GB/s, page cache {cache_gbps:.2f} GB/s, "
+              f"first touch {touch_gbps:.2f} GB/s, {info}", flush=True)
         rows.append(("disk: O_DIRECT sequential read", info["bytes"], info["bytes"] / disk / 1e9, None, None))
+        rows.append(("disk via page cache: buffered read (cold)", info["bytes"], info["bytes"] / cold_gbps / 1e9,
+                     None, None))
         rows.append(("page cache: buffered read (warm)", info["bytes"], info["bytes"] / cache_gbps / 1e9, None, None))
+        rows.append(("memory: fill fresh tensors, first touch", info["bytes"], info["bytes"] / touch_gbps / 1e9,
+                     None, None))
 
-        def run(label, args, cold=True, out=None):
-            note = drop_cache(files) if cold else "warm"
-            r = measured(["--worker", *args])
+        def run(label, args, cold=True, out=None, repeat=1):
+            runs = []
+            for _ in range(repeat):
+                note = drop_cache(files) if cold else "warm"
+                runs.append(measured(["--worker", *args]))
+                print(label, {k: v for k, v in runs[-1].items() if k != "classes"}, flush=True)
+            r = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]     # the median run
             rows.append((label, r["read"], r["seconds"], r["peak_rss"], r["peak_rss"] - r["params"] - r["base_rss"]))
-            print(label, {k: v for k, v in r.items() if k != "classes"}, flush=True)
             notes.append(f"{label}: {note}; model parameters {r['params'] / 1e9:.2f} GB, process RSS before "
                          f"loading {r['base_rss'] / 1e9:.2f} GB" + (f"; wrote {r['written'] / 1e9:.2f} GB" if out else ""))
+            if repeat > 1:
+                notes[-1] += ("; median of " + ", ".join(f"{x['read'] / x['seconds'] / 1e9:.2f}" for x in runs)
+                              + " GB/s")
             if out is not None:
                 worst = max(r["classes"].items(), key=lambda kv: kv[1][0])
                 notes[-1] += f"; worst class {worst[0]}: max rel {worst[1][0]:.2e}, rms rel {worst[1][1]:.2e}"
                 shutil.rmtree(out)
 
-        run("load fp8-block -> fp8-block model (cold)", ["load", str(src), "fp8-block"])
-        run("load fp8-block -> fp8-block model (warm)", ["load", str(src), "fp8-block"], cold=False)
-        run("load fp8-block -> bf16 model, dequantised (cold)", ["load", str(src), "dense"])
-        for to in ("bf16", "int8-w8a8"):
-            out = root / to
-            run(f"convert fp8-block -> {to} (cold, verified)", ["convert", str(src), to, str(out)], out=out)
+        run("load fp8-block -> fp8-block model (cold)", ["load", str(src), "fp8-block"], repeat=args.repeat)
+        run("load fp8-block -> fp8-block model (warm)", ["load", str(src), "fp8-block"], cold=False,
+            repeat=args.repeat)
+        if args.rows == "all":
+            run("load fp8-block -> bf16 model, dequantised (cold)", ["load", str(src), "dense"])
+            for to in ("bf16", "int8-w8a8"):
+                out = root / to
+                run(f"convert fp8-block -> {to} (cold, verified)", ["convert", str(src), to, str(out)], out=out)
         notes.append(f"load average at end: {os.getloadavg()[0]:.1f}")
     finally:
-        if not args.keep:
+        if not (args.keep or args.reuse):
             shutil.rmtree(root, ignore_errors=True)
 
     cpu = platform.processor() or platform.machine()
