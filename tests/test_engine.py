@@ -76,3 +76,20 @@ def test_bad_sampling_values_are_clear():
                         ({"max_new_tokens": 0}, "max_new_tokens"), ({"top_k": -2}, "top_k")):
         with pytest.raises(RequestError, match=key):
             SamplingParams(**kwargs)
+
+
+def test_warm_up_leaves_nothing_behind(tmp_path):
+    path, _ = make_checkpoint(tmp_path / "m", tiny_config(), seed=12, std=0.3)
+    cold = LLM(path, backend="cpu")
+    prompts = [cold.tokenizer.encode(p) for p in ("hello world", "def add(a, b):", "ugly " * 20)]
+    expected, _ = cold.generate_ids(prompts, max_new_tokens=10)
+    warm = LLM(path, backend="cpu")
+    engine = warm.engine
+    engine.max_batch_tokens = 300
+    steps = engine.warm_up(max_batch=8)
+    # decode batches 1, 2, 4, 8 (two steps each) and lone prefills of 16, 17, ..., 256, 257 tokens
+    assert steps == 4 * 2 + 10
+    assert not engine.has_work()
+    assert engine.cache.allocator.num_used == 0 and engine.cache.allocator.num_registered == 0
+    assert engine.prefix_caching and engine.stats.steps == 0
+    assert warm.generate_ids(prompts, max_new_tokens=10)[0] == expected

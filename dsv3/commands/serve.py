@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 from dsv3.core.cli import add_runtime_args, build_llm
 from dsv3.core.errors import Dsv3Error
@@ -37,6 +38,9 @@ def register(subparsers) -> None:
     g.add_argument("--max-prompt-tokens", type=int, help="prompt length limit (default: context and cache)")
     g.add_argument("--max-batch-tokens", type=int, help="tokens per engine step (chunked-prefill budget)")
     g.add_argument("--no-prefix-caching", action="store_true", help="do not share prompt blocks between requests")
+    g.add_argument("--no-warmup", action="store_true",
+                   help="skip the start-up warm-up (throwaway requests that compile kernels and capture CUDA graphs "
+                        "for each batch size before the port opens, instead of during the first clients' requests)")
     g.add_argument("--drain-timeout", type=float, default=60.0,
                    help="on SIGTERM/Ctrl-C, seconds to let running requests finish (default 60)")
     g.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -60,6 +64,11 @@ def run(args) -> int:
     engine.max_waiting = args.max_waiting
     if args.max_batch_tokens:
         engine.max_batch_tokens = args.max_batch_tokens
+    if not args.no_warmup:         # every rank: the warm-up's collectives run in lockstep
+        began = time.perf_counter()
+        steps = engine.warm_up()
+        if llm.mesh.rank == 0:
+            print(f"dsv3 serve: warmed up in {time.perf_counter() - began:.1f} s ({steps} steps)", flush=True)
     if llm.mesh.rank != 0:
         # Under torchrun only rank 0 serves HTTP; the others step in lockstep with it. torchrun passes
         # SIGTERM to every rank: these ranks ignore it and end when rank 0, having drained, says so.
