@@ -238,10 +238,7 @@ def main(argv=None) -> int:
     # on shapes, so mixed prefill/decode steps of many sizes) and, on cuda, the capture of each decode
     # batch-size bucket, which would otherwise stall the first measured run that meets it for seconds
     if args.full_width_layers:
-        peak = max(args.num_requests, args.static_batch)
-        for k in (1, 2, 4, 8, 16, 32, 64, 128):   # k short requests at once: a decode batch of exactly k
-            if k // 2 < peak:
-                run_in_process(llm.engine, make_requests(k, float("inf"), 8, 3, vocab, k), 3, None)
+        llm.engine.warm_up()                       # what `dsv3-run serve` does before opening its port
         for mode in modes:                         # then every mode at full length and load
             reqs = make_requests(args.num_requests, float("inf"), args.prompt_len, args.output_len, vocab, 1)
             if mode == "http":
