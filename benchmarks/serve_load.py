@@ -238,7 +238,9 @@ def main(argv=None) -> int:
     # on shapes, so mixed prefill/decode steps of many sizes) and, on cuda, the capture of each decode
     # batch-size bucket, which would otherwise stall the first measured run that meets it for seconds
     if args.full_width_layers:
-        llm.engine.warm_up()                       # what `dsv3-run serve` does before opening its port
+        began = time.perf_counter()
+        steps = llm.engine.warm_up()               # what `dsv3-run serve` does before opening its port
+        print(f"Engine.warm_up: {steps} steps in {time.perf_counter() - began:.1f} s", file=sys.stderr, flush=True)
         for mode in modes:                         # then every mode at full length and load
             reqs = make_requests(args.num_requests, float("inf"), args.prompt_len, args.output_len, vocab, 1)
             if mode == "http":
