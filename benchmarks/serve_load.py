@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import statistics
 import sys
@@ -74,9 +75,12 @@ def run_in_process(engine, reqs: list[Req], output_len: int, static_batch: int |
         if not engine.has_work():
             time.sleep(max(0.0, pending[0].arrival - (time.perf_counter() - t0)))
             continue
-        began = time.perf_counter()
+        began, before = time.perf_counter(), (engine.stats.prefill_tokens, len(engine.running))
         outs = engine.step()
         steps.append(time.perf_counter() - began)
+        if STALLS is not None and steps[-1] > 0.25:
+            STALLS.append(f"{steps[-1] * 1000:.0f} ms step: {engine.stats.prefill_tokens - before[0]} prompt tokens "
+                          f"with {before[1]} running; compiled: {', '.join(new_triton_kernels()) or 'nothing'}")
         now = time.perf_counter() - t0
         for o in outs:
             r = index[o.seq.id]
@@ -86,6 +90,19 @@ def run_in_process(engine, reqs: list[Req], output_len: int, static_batch: int |
             if o.finished:
                 r.done = now
     return steps
+
+
+STALLS: list[str] | None = None        # slow engine steps of the measured runs (GPU), for the notes
+_seen_kernels: set[str] = set()
+
+
+def new_triton_kernels() -> list[str]:
+    """Kernels that entered Triton's on-disk cache since the last call: what a slow step compiled."""
+    root = Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
+    entries = {d.name: d for d in root.iterdir()} if root.is_dir() else {}
+    fresh = [d for name, d in entries.items() if name not in _seen_kernels]
+    _seen_kernels.update(entries)
+    return sorted({j.stem for d in fresh for j in d.glob("*.json") if not j.name.startswith("__")})
 
 
 def _http_client(url: str, model_name: str, reqs: list[Req], output_len: int) -> list[Req]:
@@ -251,6 +268,10 @@ def main(argv=None) -> int:
             what += f", decode through {type(llm.runner).__name__} (buckets {sorted(llm.runner.graphs)} captured)"
     else:
         run_in_process(llm.engine, make_requests(4, float("inf"), args.prompt_len, 4, vocab, 1), 4, None)
+    global STALLS
+    if args.full_width_layers:
+        new_triton_kernels()                       # what the warm-up compiled is not news
+        STALLS = []
     captured = len(llm.runner.graphs) if args.full_width_layers and llm.runner is not None else 0
     reset(llm.engine)
     header = [f"Model: {what}.",
@@ -284,6 +305,11 @@ def main(argv=None) -> int:
     if args.full_width_layers and llm.runner is not None and len(llm.runner.graphs) != captured:
         table.append(f"\nNote: buckets {sorted(llm.runner.graphs)} by the end: some were captured during the "
                      f"measured runs, whose TTFT includes that capture.")
+        if args.out:
+            Path(args.out).write_text("\n".join(table) + "\n")
+    if STALLS:
+        table += ["", "Engine steps over 250 ms during the measured runs (kernels that entered Triton's cache then):"]
+        table += [f"- {line}" for line in STALLS]
         if args.out:
             Path(args.out).write_text("\n".join(table) + "\n")
     print("\n".join(table))
