@@ -35,6 +35,16 @@ SMALL = {  # every width splits on 128-row/column blocks at tp = 2 and W/ep = 2
                      "mscale_all_dim": 1.0},
     "bos_token_id": 0, "eos_token_id": 1, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
 }
+
+
+def small_config(world: int) -> dict:
+    """SMALL widened so that every width still splits on 128-row/column blocks at tp = ep = world
+    (world <= 2 gives SMALL itself)."""
+    w = max(2, world)
+    return dict(SMALL, hidden_size=128 * w, intermediate_size=256 * w, moe_intermediate_size=128 * w,
+                num_attention_heads=2 * w, num_key_value_heads=2 * w, n_routed_experts=max(8, w))
+
+
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "class Config:\n    def __init__(self", "hello world " * 30]
 
 
@@ -42,13 +52,14 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def make_checkpoint(path: Path, all_experts: bool) -> None:
+def make_checkpoint(path: Path, all_experts: bool, world: int = 2) -> None:
     """all_experts: every token routes to all 8 experts, so bf16 rounding differences between layouts
     cannot flip a routing decision (with top-2 of 8, a random model turns such flips into large logit
     changes: chaos, not an error)."""
     from dsv3.core.config import ModelConfig
     from dsv3.core.synthetic import random_weights, to_checkpoint_format, write_checkpoint, write_tokenizer
-    cfg = dict(SMALL, num_experts_per_tok=8, n_group=1, topk_group=1) if all_experts else SMALL
+    small = small_config(world)
+    cfg = dict(small, num_experts_per_tok=small["n_routed_experts"], n_group=1, topk_group=1) if all_experts else small
     weights = random_weights(ModelConfig.from_hf(cfg), seed=7, std=0.1)
     write_checkpoint(path, cfg, to_checkpoint_format(weights, "fp8-block"), num_shards=2, fmt="fp8-block")
     write_tokenizer(path, SMALL["vocab_size"], PROMPTS * 4)
@@ -58,7 +69,7 @@ def check(args) -> None:
     from dsv3 import LLM
     ckpt = Path(args.model) if args.model else Path(args.dir) / "ckpt"
     if rank() == 0 and not (ckpt / "config.json").exists():
-        make_checkpoint(ckpt, args.all_experts)
+        make_checkpoint(ckpt, args.all_experts, args.widths_for)
     if "RANK" in os.environ:   # rank 0 writes the checkpoint; the others wait for it
         local = int(os.environ.get("LOCAL_RANK", 0))
         gpu = torch.cuda.is_available()
@@ -176,8 +187,16 @@ def bench(args) -> None:
             if rank() == 0:
                 print(json.dumps(row), flush=True)
     if rank() == 0:
-        print(json.dumps(result, indent=1))
+        print(json.dumps(result, indent=1), flush=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
+    # Tear down in order while every rank is still here: graphs that captured NCCL kernels, then the
+    # communicator. Left to interpreter exit (atexit destroys the group, graphs go later), a ws2 run on
+    # H200s hung after writing its results.
+    runner = None                                  # frees the captured graphs now
+    torch.cuda.synchronize()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def main() -> None:
@@ -191,6 +210,7 @@ def main() -> None:
     c.add_argument("--model", help="check this checkpoint instead of the small random one (e.g. the demo model)")
     c.add_argument("--dtype", help="activation dtype override (float32: layouts differ only by reduction order)")
     c.add_argument("--all-experts", action="store_true", help="route every token to every expert (see make_checkpoint)")
+    c.add_argument("--widths-for", type=int, default=2, help="make the small model's widths split at tp = ep = this")
     m = sub.add_parser("compare")
     m.add_argument("--dir", required=True)
     m.add_argument("--out")
