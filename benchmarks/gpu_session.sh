@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, conformance check, then `dsv3-run bench`; everything lands in $OUT.
-#   run: bash benchmarks/gpu_session.sh [sweep|tests|check|bench|serve|all]   (default all)
+#   run: bash benchmarks/gpu_session.sh [sweep|tests|check|bench|serve|smoke|all]   (default all)
 # serve needs starlette, uvicorn and pydantic, which the device image lacks: copy them from a venv into
 # build/devdeps (pydantic_core from a wheel for the device's Python) and carry that path.
 set -u
@@ -32,4 +32,13 @@ if [[ $what == serve ]]; then   # not in `all`: minutes of load at low request r
   timeout 500 python3 benchmarks/serve_load.py --full-width-layers 4 --backend cuda --rates 4,16,64,inf \
     --prompt-len 256 --output-len 64 --num-requests 96 --static-batch 32 --modes static,continuous,http \
     --out "$OUT/serve_gpu.md" 2>&1 | grep -v "^\s*$" | tail -30
+fi
+if [[ $what == smoke ]]; then   # `dsv3-run serve --backend cuda` on the demo model with MTP, driven over HTTP
+  python3 -c "import dsv3.serve.app" || { echo "serve dependencies missing: see the top of this script"; exit 1; }
+  python3 -m dsv3.core.cli serve --backend cuda --speculative mtp --port 8765 > "$OUT/serve_log.txt" 2>&1 &
+  server=$!
+  timeout 300 python3 benchmarks/serve_smoke.py --url http://127.0.0.1:8765 2>&1 | tee "$OUT/serve_smoke.txt"
+  kill -TERM $server; wait $server; echo "server exit status $? after SIGTERM"; grep -v "^INFO" "$OUT/serve_log.txt" | tail -5
+  timeout 200 python3 -m dsv3.core.cli --backend cuda --profile cuda-bf16 --prompt "def read_file(path):" \
+    --max-new-tokens 48 --verbose 2>&1 | tail -6 | tee "$OUT/cuda_bf16.txt"
 fi
