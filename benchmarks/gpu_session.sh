@@ -39,6 +39,9 @@ if [[ $what == smoke ]]; then   # `dsv3-run serve --backend cuda` on the demo mo
   server=$!
   timeout 300 python3 benchmarks/serve_smoke.py --url http://127.0.0.1:8765 2>&1 | tee "$OUT/serve_smoke.txt"
   kill -TERM $server; wait $server; echo "server exit status $? after SIGTERM"; grep -v "^INFO" "$OUT/serve_log.txt" | tail -5
-  timeout 200 python3 -m dsv3.core.cli --backend cuda --profile cuda-bf16 --prompt "def read_file(path):" \
-    --max-new-tokens 48 --verbose 2>&1 | tail -6 | tee "$OUT/cuda_bf16.txt"
+  prompt="def read_file(path):"
+  out=$(timeout 200 python3 -m dsv3.core.cli --backend cuda --profile cuda-bf16 --prompt "$prompt" --max-new-tokens 48 \
+        --verbose 2> "$OUT/cuda_bf16_log.txt")
+  { echo "cuda-bf16 profile: $out"; tail -2 "$OUT/cuda_bf16_log.txt"
+    python3 benchmarks/serve_smoke.py --text "${out#"$prompt"}"; } 2>&1 | tee "$OUT/cuda_bf16.txt"
 fi
