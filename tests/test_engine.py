@@ -87,8 +87,8 @@ def test_warm_up_leaves_nothing_behind(tmp_path):
     engine = warm.engine
     engine.max_batch_tokens = 300
     steps = engine.warm_up(max_batch=8)
-    # decode batches 1, 2, 4, 8 (two steps each) and lone prefills of 16, 17, ..., 256, 257 tokens
-    assert steps == 4 * 2 + 10
+    # decode batches of 1, 2, 4, 8 (a prefill and 4 decode steps each), lone prefills of 16, 17, ..., 256, 257 tokens
+    assert steps == 4 * 5 + 10
     assert not engine.has_work()
     assert engine.cache.allocator.num_used == 0 and engine.cache.allocator.num_registered == 0
     assert engine.prefix_caching and engine.stats.steps == 0

@@ -133,3 +133,16 @@ def test_cache_rollback_matches_plain_decoding(ckpt, monkeypatch):
         ours = spec.cache.layers[layer].view(-1, plain.config.latent_dim)[slots(seq.blocks, n)]
         theirs = cache.layers[layer].view(-1, plain.config.latent_dim)[slots(blocks, n)]
         assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5), f"cache layer {layer}"
+
+
+def test_warm_up_of_a_speculative_engine_changes_nothing(ckpt):
+    plain = LLM(ckpt, backend="cpu", **{"kv_cache.block_size": 8})
+    prompts = random_prompts(96, [1, 7, 20], random.randrange(2**31))
+    want, _ = plain.generate_ids(prompts, max_new_tokens=9, ignore_eos=True)
+    spec = LLM(ckpt, backend="cpu", **{"kv_cache.block_size": 8, "speculative.method": "mtp",
+                                       "speculative.num_draft_tokens": 2})
+    spec.engine.max_batch_tokens = 64
+    assert spec.engine.warm_up(max_batch=4) > 0
+    assert spec.cache.allocator.num_used == 0 and spec.engine.stats.spec.verify_steps == 0
+    got, _ = spec.generate_ids(prompts, max_new_tokens=9, ignore_eos=True)
+    assert got == want

@@ -386,8 +386,8 @@ class Engine:
     def warm_up(self, max_batch: int = 128) -> int:
         """Run throwaway requests through the shapes serving meets, so that kernel compilation and
         CUDA-graph capture happen now instead of inside some client's time to first token (on an
-        H100 a Triton compile or a capture met mid-run stalled one step by 1.4-2.9 s): decode batches
-        of 1, 2, 4, ... max_batch sequences, and a lone prefill of n and of n + 1 tokens for every
+        H100 a Triton compile or a capture met mid-run stalled one step by 1.4-2.9 s): a few decode
+        steps of 1, 2, 4, ... max_batch sequences, and a lone prefill of n and of n + 1 tokens for every
         power of two n from 16 to max_batch_tokens (shape-specialising compilers key on size ranges
         and on divisibility). The requests are fixed, so every rank of a parallel engine runs the same
         steps in lockstep. Leaves no sequence, cache block, prefix-cache entry or statistic behind.
@@ -401,14 +401,17 @@ class Engine:
         def prompt(n: int, salt: int) -> list[int]:
             return [2 + (salt * 7919 + i * 104729) % (vocab - 2) for i in range(n)]
 
-        room = self.cache.num_blocks // max(1, self.cache.blocks_needed(3 + self.reserve))
         longest = min(self.max_batch_tokens, self.max_context - 2,
                       self.capacity_tokens - self.cache.block_size - 2 - self.reserve)
         steps, k = 0, 1
         try:
-            while k <= min(max_batch, room):               # prefill k x 2 tokens, then decode k
+            # prefill k x 2 tokens, then several decode steps of k sequences: with speculation, the
+            # verify and draft shapes of both accepted and rejected drafts are met only after a few rounds
+            new_tokens = 2 + 3 * self.tokens_per_decode
+            room = self.cache.num_blocks // self.cache.blocks_needed(2 + new_tokens + self.reserve)
+            while k <= min(max_batch, room):
                 for i in range(k):
-                    self.add(prompt(2, i), SamplingParams(max_new_tokens=2, ignore_eos=True))
+                    self.add(prompt(2, i), SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
                 steps += self._drain()
                 k *= 2
             n = 16
