@@ -244,8 +244,10 @@ def test_sigterm_drains_running_requests_then_exits(ckpt, tmp_path):
                              "--port", "0", "--log-level", "warning", "--served-model-name", MODEL],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     try:
-        line = proc.stdout.readline()                     # "dsv3 serve: model ... on http://127.0.0.1:PORT ..."
-        assert "http://127.0.0.1:" in line, line + proc.stdout.read()
+        seen = []                                         # "dsv3 serve: warmed up ...", then "... on http://127.0.0.1:PORT"
+        while "http://127.0.0.1:" not in (line := proc.stdout.readline()):
+            seen.append(line)
+            assert line and len(seen) < 20, "".join(seen)    # the server exited, or never printed its URL
         port = int(line.split("http://127.0.0.1:")[1].split()[0])
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         conn.request("POST", "/v1/completions", headers={"Content-Type": "application/json"}, body=json.dumps(
