@@ -22,12 +22,14 @@ from dsv3.backends.triton.tuning import Target, mla_decode_config, mla_decode_sp
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# the block table's width and the split count change from step to step in eager (mixed) steps: left
+# unspecialised, so they do not each compile a new variant mid-serving (1.1-1.5 s per compile on H100)
+@triton.jit(do_not_specialize=["stride_bt", "splits"])
 def mla_decode_kernel(ql_ptr, qr_ptr, cache_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, H, scale,
                       stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_cb, stride_cs, stride_bt,
-                      stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
+                      stride_ot, stride_oh, stride_os, stride_lt, stride_lh, splits,
                       C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-                      PAGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+                      PAGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                       DIRECT: tl.constexpr, STAGES: tl.constexpr):
     # Everything is computed transposed (keys / latent channels as rows, heads as columns) so that
     # the cache tile is the A operand of both products and q is the B operand kept in shared
@@ -43,9 +45,9 @@ def mla_decode_kernel(ql_ptr, qr_ptr, cache_ptr, bt_ptr, lens_ptr, o_ptr, lse_pt
     qr_t = tl.load(qr_ptr + t * stride_qrt + heads[None, :] * stride_qrh + r[:, None],
                    mask=hmask[None, :] & (r[:, None] < R), other=0.0)                         # [BR, BH]
     ctx = tl.load(lens_ptr + t)
-    # each token's context is cut into SPLITS equal runs (read on the device: no host sync, and a
+    # each token's context is cut into `splits` equal runs (read on the device: no host sync, and a
     # short context leaves trailing splits empty instead of idling on a long block table)
-    per_split = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N
+    per_split = tl.cdiv(tl.cdiv(ctx, splits), BLOCK_N) * BLOCK_N
     start = s * per_split
     end = tl.minimum(start + per_split, ctx)
     m_i = tl.full((BLOCK_H,), -1.0e30, dtype=tl.float32)  # finite: fully masked columns give 0, not NaN
@@ -142,9 +144,9 @@ def mla_decode(target: Target, q_latent, q_rope, cache, block_table, context_len
     mla_decode_kernel[(head_blocks, t, splits)](
         q_latent, q_rope, cache, block_table, context_lens, o, lse, nh, scale * LOG2E,
         q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1), cache.stride(0), cache.stride(1),
-        block_table.stride(0), *so, *sl,
+        block_table.stride(0), *so, *sl, splits,
         C=c, R=r, BLOCK_C=triton.next_power_of_2(c), BLOCK_R=max(16, triton.next_power_of_2(r)), PAGE=page,
-        BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, SPLITS=splits, DIRECT=direct, STAGES=cfg.num_stages,
+        BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, DIRECT=direct, STAGES=cfg.num_stages,
         num_warps=cfg.num_warps, **cfg.extra)
     if not direct:
         mla_decode_combine_kernel[(t, nh)](

@@ -24,7 +24,8 @@ from dsv3.core.quant import FP8_MAX
 TOKEN_CHUNK = 4096  # tokens per pass in prefill: bounds the [T*k, D] routed-row buffer
 
 
-@triton.jit
+# token-count arguments are left unspecialised (see mla_decode_kernel): serving meets every count
+@triton.jit(do_not_specialize=["N", "max_blocks"])
 def moe_align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, N, first_expert, max_blocks,
                      E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr):
     e = tl.program_id(0)
@@ -62,7 +63,7 @@ def moe_align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, N, first_expert, max
             tl.store(block_expert_ptr + b, -1, mask=b < max_blocks)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def moe_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, b2_ptr, b2s_ptr, out_ptr, outs_ptr, sorted_ptr, block_expert_ptr,
                     topk_w_ptr, N, K, num_rows, a_row_div,
                     stride_am, stride_asm, stride_be, stride_bn, stride_bse, stride_bsn,

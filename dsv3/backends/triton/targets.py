@@ -84,12 +84,12 @@ def kernel_specs(t: tuning.Target):
         for direct in (False, True):
             add(f"mla_decode[{cache},{'direct' if direct else 'split'}]", mla.mla_decode_kernel,
                 "ql_ptr qr_ptr cache_ptr bt_ptr lens_ptr o_ptr lse_ptr H scale stride_qlt stride_qlh stride_qrt "
-                "stride_qrh stride_cb stride_cs stride_bt stride_ot stride_oh stride_os stride_lt stride_lh C R "
-                "BLOCK_C BLOCK_R PAGE BLOCK_H BLOCK_N SPLITS DIRECT STAGES",
+                "stride_qrh stride_cb stride_cs stride_bt stride_ot stride_oh stride_os stride_lt stride_lh splits C R "
+                "BLOCK_C BLOCK_R PAGE BLOCK_H BLOCK_N DIRECT STAGES",
                 {"ql_ptr": "*bf16", "qr_ptr": "*bf16", "cache_ptr": "*" + cache, "bt_ptr": "*i32", "lens_ptr": "*i32",
                  "o_ptr": "*bf16" if direct else "*fp32", "lse_ptr": "*fp32", "scale": F32},
                 {"C": 512, "R": 64, "BLOCK_C": 512, "BLOCK_R": 64, "PAGE": 64, "BLOCK_H": dcfg.block_h,
-                 "BLOCK_N": dcfg.block_n, "SPLITS": 1 if direct else 8, "DIRECT": direct,
+                 "BLOCK_N": dcfg.block_n, "DIRECT": direct,
                  "STAGES": dcfg.num_stages}, dcfg.num_warps, dcfg.num_stages, dcfg.extra)
     add("mla_decode_combine", mla.mla_decode_combine_kernel, "o_part_ptr lse_ptr out_ptr H stride_pt stride_ph "
         "stride_ps stride_lt stride_lh stride_ot stride_oh S C BLOCK_S BLOCK_C",
