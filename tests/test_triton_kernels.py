@@ -4,9 +4,8 @@ Inputs are fresh random data each run (never zeros). Tolerances, and why:
 - fp8 loads and fp8 tl.dot are exact in the interpreter, so GEMMs on pre-quantised inputs match
   float64 math to fp32 rounding (rel 1e-5).
 - the interpreter's fp32->fp8 cast is wrong when rounding carries into the exponent (the value
-  comes out halved, ~2% of random values) and sometimes on subnormals (a neighbouring code); the
-  GPU cast is right. Kernels that quantise inside are
-  therefore compared with the same quantisation done by our own act_quant kernel (which shares the
+  comes out halved, ~2% of random values), sometimes on subnormals, and rarely elsewhere (a
+  neighbouring code); the GPU cast is right. Kernels that quantise inside are therefore compared with the same quantisation done by our own act_quant kernel (which shares the
   cast), and act_quant itself is checked for exact scales and <5% of codes at exactly half.
 - inputs are float32: bf16 arithmetic in the interpreter is wrong, and kernels compute in fp32.
 """
@@ -64,7 +63,12 @@ def assert_fp8_close(q, want):
     assert diff.float().mean() < 0.05
     halved = q[diff] == want[diff] / 2
     subnormal = (want[diff].abs() <= 2 ** -6) & ((q[diff] - want[diff]).abs() <= 2 ** -8)
-    assert torch.all(halved | subnormal)
+    # the neighbouring code (3 mantissa bits: one step is 2^(exponent - 3)); seen ~1 in 700 calls with
+    # e4m3fnuz and ue8m0 scales, never more than one value per call
+    step = torch.exp2(torch.floor(torch.log2(want[diff].abs().clamp_min(2 ** -6))) - 3)
+    neighbour = (q[diff] - want[diff]).abs() == step
+    assert torch.all(halved | subnormal | neighbour), list(zip(q[diff].tolist(), want[diff].tolist()))
+    assert neighbour.float().sum() <= max(1, 0.001 * q.numel())
 
 
 def fp8_weight(n, kk, fp8):

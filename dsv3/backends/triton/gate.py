@@ -15,8 +15,7 @@ import triton
 import triton.language as tl
 
 
-# token-count arguments are left unspecialised (see mla_decode_kernel): serving meets every count
-@triton.jit(do_not_specialize=["T"])
+@triton.jit
 def gate_logits_kernel(x_ptr, w_ptr, part_ptr, T, D, E, d_per_split, stride_x, stride_w,
                        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
     """part[s, t, e] = sum over split s's slice of D of x[t, d] * w[e, d], fp32."""
@@ -35,7 +34,7 @@ def gate_logits_kernel(x_ptr, w_ptr, part_ptr, T, D, E, d_per_split, stride_x, s
     tl.store(part_ptr + (s * T + tok[:, None]) * E + e[None, :], acc, mask=tmask[:, None] & emask[None, :])
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit
 def moe_gate_kernel(part_ptr, bias_ptr, wout_ptr, iout_ptr, T, SPLITS, routed_scale,
                     E: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr,
                     NORM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,

@@ -19,8 +19,7 @@ from dsv3.backends.triton.tuning import GemmConfig
 BLOCK_K = 128
 
 
-# token-count arguments are left unspecialised (see mla_decode_kernel): serving meets every count
-@triton.jit(do_not_specialize=["M"])
+@triton.jit
 def fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, k_steps_per_split,
                     stride_am, stride_asm, stride_bn, stride_bsn, stride_cs, stride_cm,
                     QUANT_A: tl.constexpr, UE8M0: tl.constexpr, FP8_MAX: tl.constexpr,
@@ -64,7 +63,7 @@ def fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, k_steps_per_sp
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit(do_not_specialize=["MN"])
+@triton.jit
 def splitk_reduce_kernel(ws_ptr, c_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
