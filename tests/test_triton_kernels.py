@@ -5,8 +5,9 @@ Inputs are fresh random data each run (never zeros). Tolerances, and why:
   float64 math to fp32 rounding (rel 1e-5).
 - the interpreter's fp32->fp8 cast is wrong when rounding carries into the exponent (the value
   comes out halved, ~2% of random values), sometimes on subnormals, and rarely elsewhere (a
-  neighbouring code); the GPU cast is right. Kernels that quantise inside are therefore compared with the same quantisation done by our own act_quant kernel (which shares the
-  cast), and act_quant itself is checked for exact scales and <5% of codes at exactly half.
+  neighbouring code); the GPU cast is right. Kernels that quantise inside are therefore compared
+  with the same quantisation done by our own act_quant kernel (which shares the cast), and
+  act_quant itself is checked for exact scales and <5% of codes at exactly half.
 - inputs are float32: bf16 arithmetic in the interpreter is wrong, and kernels compute in fp32.
 """
 import importlib
