@@ -23,18 +23,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-SMALL = {  # every width splits on 128-row/column blocks at tp = 2 and W/ep = 2
-    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 512,
-    "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 256, "num_hidden_layers": 3,
-    "first_k_dense_replace": 1, "num_attention_heads": 4, "num_key_value_heads": 4, "q_lora_rank": 256,
-    "kv_lora_rank": 128, "qk_nope_head_dim": 64, "qk_rope_head_dim": 64, "v_head_dim": 64,
-    "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2,
-    "routed_scaling_factor": 2.5, "norm_topk_prob": True, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
-    "num_nextn_predict_layers": 1, "rms_norm_eps": 1e-6, "rope_theta": 10000, "max_position_embeddings": 1024,
-    "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "mscale": 1.0,
-                     "mscale_all_dim": 1.0},
-    "bos_token_id": 0, "eos_token_id": 1, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-}
+from dsv3.core.synthetic import TINY_CONFIG
+
+# the tests' tiny model, widened so that every width splits on 128-row/column blocks at tp = 2 and W/ep = 2
+SMALL = dict(TINY_CONFIG, hidden_size=256, intermediate_size=512, moe_intermediate_size=256, q_lora_rank=256,
+             kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64)
 
 
 def small_config(world: int) -> dict:

@@ -403,7 +403,7 @@ class Engine:
 
         longest = min(self.max_batch_tokens, self.max_context - 2,
                       self.capacity_tokens - self.cache.block_size - 2 - self.reserve)
-        steps, k = 0, 1
+        before, k = self.stats.steps, 1
         try:
             # prefill k x 2 tokens, then several decode steps of k sequences: with speculation, the
             # verify and draft shapes of both accepted and rejected drafts are met only after a few rounds
@@ -412,23 +412,16 @@ class Engine:
             while k <= min(max_batch, room):
                 for i in range(k):
                     self.add(prompt(2, i), SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
-                steps += self._drain()
+                self.run_to_completion()
                 k *= 2
             n = 16
             while n <= longest:
                 for length in (n, n + 1):
                     if length <= longest:
                         self.add(prompt(length, length), SamplingParams(max_new_tokens=1, ignore_eos=True))
-                        steps += self._drain()
+                        self.run_to_completion()
                 n *= 2
+            return self.stats.steps - before
         finally:
             self.prefix_caching, self.max_waiting = saved
             self.stats = EngineStats()
-        return steps
-
-    def _drain(self) -> int:
-        steps = 0
-        while self.has_work():
-            self.step()
-            steps += 1
-        return steps
