@@ -44,7 +44,7 @@ for what in ${@:-all}; do
     for w in 1 $N; do
       stamp "bench ws$w"; timeout 200 torchrun --nproc-per-node $w --no-python python3 benchmarks/multi_gpu.py bench \
         --layers ${LAYERS:-8} --out "$OUT/scaling_ws$w.json" 2>&1 | grep -v "^\s*$" | tail -8
-      echo "exit status $?"
+      echo "exit status ${PIPESTATUS[0]} (torchrun)"
     done
   fi
 done

@@ -57,9 +57,11 @@ def make_requests(n: int, rate: float, prompt_len: int, output_len: int, vocab: 
     return out
 
 
-def run_in_process(engine, reqs: list[Req], output_len: int, static_batch: int | None) -> list[float]:
+def run_in_process(engine, reqs: list[Req], output_len: int, static_batch: int | None,
+                   stalls: list[str] | None = None) -> list[float]:
     """Serve `reqs` on this thread. static_batch=None: continuous; else static batches of that size.
-    Returns the wall time of every engine step (seconds), to show stalls such as a kernel compile."""
+    Returns the wall time of every engine step (seconds); steps over 250 ms are described in `stalls`
+    (with the Triton kernels compiled meanwhile) when it is given."""
     from dsv3.core.sampling import SamplingParams
     params = SamplingParams(max_new_tokens=output_len, ignore_eos=True)
     pending, index, steps = deque(reqs), {}, []
@@ -78,8 +80,8 @@ def run_in_process(engine, reqs: list[Req], output_len: int, static_batch: int |
         began, before = time.perf_counter(), (engine.stats.prefill_tokens, len(engine.running))
         outs = engine.step()
         steps.append(time.perf_counter() - began)
-        if STALLS is not None and steps[-1] > 0.25:
-            STALLS.append(f"{steps[-1] * 1000:.0f} ms step: {engine.stats.prefill_tokens - before[0]} prompt tokens "
+        if stalls is not None and steps[-1] > 0.25:
+            stalls.append(f"{steps[-1] * 1000:.0f} ms step: {engine.stats.prefill_tokens - before[0]} prompt tokens "
                           f"with {before[1]} running; compiled: {', '.join(new_triton_kernels()) or 'nothing'}")
         now = time.perf_counter() - t0
         for o in outs:
@@ -92,7 +94,6 @@ def run_in_process(engine, reqs: list[Req], output_len: int, static_batch: int |
     return steps
 
 
-STALLS: list[str] | None = None        # slow engine steps of the measured runs (GPU), for the notes
 _seen_kernels: set[str] = set()
 
 
@@ -268,21 +269,20 @@ def main(argv=None) -> int:
             what += f", decode through {type(llm.runner).__name__} (buckets {sorted(llm.runner.graphs)} captured)"
     else:
         run_in_process(llm.engine, make_requests(4, float("inf"), args.prompt_len, 4, vocab, 1), 4, None)
-    global STALLS
+    stalls = None                                  # slow engine steps of the measured runs (GPU)
     if args.full_width_layers:
         new_triton_kernels()                       # what the warm-up compiled is not news
-        STALLS = []
+        stalls = []
     captured = len(llm.runner.graphs) if args.full_width_layers and llm.runner is not None else 0
     reset(llm.engine)
-    header = [f"Model: {what}.",
-              (f"{args.num_requests} requests per rate, prompts {args.prompt_len // 2}-{args.prompt_len * 3 // 2} "
+    table = [f"Model: {what}.",
+             (f"{args.num_requests} requests per rate, prompts {args.prompt_len // 2}-{args.prompt_len * 3 // 2} "
               f"tokens, {args.output_len} output tokens each (ignore_eos); static batch {args.static_batch}; "
               f"max_batch_tokens {args.max_batch_tokens}; cache {llm.engine.capacity_tokens} tokens; "
               f"prefix caching off."), "",
-              ("| rate (req/s) | mode | output tok/s | TTFT mean (ms) | TTFT p50 (ms) | TTFT p90 (ms) | "
+             ("| rate (req/s) | mode | output tok/s | TTFT mean (ms) | TTFT p50 (ms) | TTFT p90 (ms) | "
               "engine step p50 / max (ms) | errors |"),
-              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    table = list(header)
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for rate_s in args.rates.split(","):
         rate = float(rate_s)
         for mode in modes:
@@ -292,7 +292,7 @@ def main(argv=None) -> int:
                 run_http(llm, reqs, args.output_len, llm.path.name)
             else:
                 steps = run_in_process(llm.engine, reqs, args.output_len,
-                                       args.static_batch if mode == "static" else None)
+                                       args.static_batch if mode == "static" else None, stalls)
             s = summarize(reqs, steps)
             print(f"rate {rate_s:>5} {mode:>10}: {s['tok_s']:8.1f} tok/s  TTFT mean {s['ttft_mean']:8.1f} ms  "
                   f"p50 {s['ttft_p50']:8.1f}  p90 {s['ttft_p90']:8.1f}  step p50/max {s['steps']} ms  errors {s['errors']}", file=sys.stderr,
@@ -307,9 +307,9 @@ def main(argv=None) -> int:
                      f"measured runs, whose TTFT includes that capture.")
         if args.out:
             Path(args.out).write_text("\n".join(table) + "\n")
-    if STALLS:
+    if stalls:
         table += ["", "Engine steps over 250 ms during the measured runs (kernels that entered Triton's cache then):"]
-        table += [f"- {line}" for line in STALLS]
+        table += [f"- {line}" for line in stalls]
         if args.out:
             Path(args.out).write_text("\n".join(table) + "\n")
     print("\n".join(table))
