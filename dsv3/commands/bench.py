@@ -1,21 +1,30 @@
 """`dsv3-run bench`: how close the GPU backend runs to what the hardware allows.
 
-(a) op level, at DeepSeek-V3 shapes: each op's time, achieved TFLOP/s or GB/s, its floor (bytes over
-    the measured copy bandwidth, FLOPs over the measured FP8 cuBLAS peak; the larger), the ratio
-    time / floor, and the library baseline beside it (cuBLAS block-scaled torch._scaled_mm for the
-    FP8 GEMMs, torch for the rest). GEMMs show the op as dispatched and the Triton kernel alone.
-(b) end to end: DeepSeek-V3 at full width and reduced depth (default 4 layers: 1 dense + 3 MoE),
-    random FP8 weights generated on the GPU (no files), prefill tokens/s and decode ms/step at
-    batch 1, 8, 64 beside the weight-read floor of the step.
+The ceilings are measured in the same run, each the way the work it bounds uses the GPU: streaming
+read bandwidth (a 4 GiB reduction timed with CUDA events) is the floor of every byte-bound op and
+decode step; FP8 and BF16 cuBLAS at 8192^3 are the FLOP ceilings; a device copy is reported as
+information only (timed as a CUDA graph of copies it shows ~2.75 of ~4.3 TB/s on an H200).
 
-Both ceilings are measured in the same run. Small ops are timed as CUDA-graph replays of many calls
-(decode runs them that way); weight-streaming ops rotate over enough weight copies to defeat L2.
+(a) op level, at DeepSeek-V3 shapes: each op's time, achieved TFLOP/s or GB/s, its floor (bytes over
+    the read bandwidth, FLOPs over the FP8 / BF16 peak; the larger), the ratio time / floor, and the
+    library baseline beside it (cuBLAS block-scaled torch._scaled_mm for the FP8 GEMMs, torch for the
+    rest). GEMMs show the op as dispatched and the Triton kernel alone.
+(b) end to end at the model's real depth (`--depth`, default the config's 61 layers, 3 dense + 58
+    MoE): full width, random FP8 weights made on the GPU (no files). One GPU cannot hold 61 layers,
+    so a few layers' storage is shared across depth; each layer's working set is far above L2, so
+    every layer still reads its weights from memory and per-layer costs show as in production.
+    Decode at batch 1/8/64/256 (CUDA graphs) and contexts 1024/4096, prefill 1x4096 and 4x2048:
+    ms, tok/s, GB read, floor, x floor; then where decode kernel time goes (torch.profiler).
+
+Small ops are timed as CUDA-graph replays of many calls (decode runs them that way); weight-streaming
+ops rotate over enough weight copies to defeat L2.
 """
 from __future__ import annotations
 
 import math
 import statistics
 import time
+from dataclasses import dataclass
 
 # The official DeepSeek-V3 config.json (../shared/reference/deepseek-v3/config.json), model fields only.
 DEEPSEEK_V3 = {
@@ -37,22 +46,37 @@ DEEPSEEK_V3 = {
 GEMM_SHAPES = [("q_a", 1536, 7168), ("q_b", 24576, 1536), ("kv_a", 576, 7168), ("kv_b", 32768, 512),
                ("o_proj", 7168, 16384), ("dense gate/up", 18432, 7168), ("dense down", 7168, 18432),
                ("shared gate/up", 2048, 7168), ("shared down", 7168, 2048)]
-DEMO_DECODE_MS = 25.0   # the official demo, batch 1, this 4-layer model on one H100 (issue 5's figure)
 L2_DEFEAT_BYTES = 256 << 20
+STORED_MOE_LAYERS = 2   # MoE layers with their own storage in the depth-shared model (dense: 1)
+GPU_BACKENDS = ("cuda", "rocm")
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="benchmark ops at DeepSeek-V3 shapes and end-to-end decode/prefill",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("--backend", default="cuda", help="cuda (default) or rocm")
+    p.add_argument("--backend", default="cuda", help="cuda (default) or rocm: bench measures a GPU backend")
     p.add_argument("--part", choices=("ops", "e2e", "all"), default="all")
-    p.add_argument("--layers", type=int, default=4, help="decoder layers of the end-to-end model (1 dense + rest MoE)")
-    p.add_argument("--context", type=int, default=1024, help="cached tokens per sequence in the decode benchmark")
-    p.add_argument("--batches", default="1,8,64", help="decode batch sizes")
-    p.add_argument("--prefill", default="4x2048", help="prefill batch: SEQUENCESxTOKENS")
+    p.add_argument("--depth", type=int, default=DEEPSEEK_V3["num_hidden_layers"],
+                   help="decoder layers of the end-to-end model (default 61, the config's; the first "
+                        f"min({DEEPSEEK_V3['first_k_dense_replace']}, depth - 1) dense); storage shared across depth")
+    p.add_argument("--contexts", default="1024,4096", help="cached tokens per sequence in the decode rows")
+    p.add_argument("--batches", default="1,8,64,256", help="decode batch sizes")
+    p.add_argument("--prefill", default="1x4096,4x2048", help="prefill batches: SEQUENCESxTOKENS, comma-separated")
     p.add_argument("--gemm-m", default="1,16,64,512,4096,8192", help="M values of the GEMM table")
+    p.add_argument("--no-profile", action="store_true", help="skip the per-op-class profile of the decode rows")
     p.add_argument("--out", help="also write the tables (markdown) to this file")
     p.set_defaults(func=run)
+
+
+def check_backend(registry, name: str):
+    """The backend spec `bench` will measure, or a Dsv3Error before anything is built or timed."""
+    from dsv3.core.errors import Dsv3Error
+    spec = registry.backend(name)             # an unknown name: a PluginError listing the known ones
+    if spec.name not in GPU_BACKENDS:
+        raise Dsv3Error(f"dsv3-run bench measures a GPU backend against the GPU's own ceilings; "
+                        f"{name!r} is the {spec.name!r} backend. Use --backend cuda (NVIDIA) or rocm (AMD); "
+                        f"for correctness on any backend run dsv3-run check --backend {spec.name}")
+    return spec
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -104,24 +128,51 @@ def time_calls(fns, calls: int = 20, reps: int = 10, graph: bool = True) -> tupl
     return statistics.median(samples), "events"
 
 
-def measure_ceilings():
-    """(copy bytes/s counting read + write, FP8 cuBLAS FLOP/s, BF16 cuBLAS FLOP/s), measured now."""
+@dataclass(frozen=True)
+class Ceilings:
+    read: float     # streaming read, bytes/s: the floor of byte-bound ops and decode steps
+    copy: float     # device copy, bytes/s counting read + write (information)
+    fp8: float      # FP8 cuBLAS FLOP/s at 8192^3
+    bf16: float     # BF16 cuBLAS FLOP/s at 8192^3
+
+    def line(self) -> str:
+        return (f"measured ceilings: streaming read {self.read / 1e12:.2f} TB/s (4 GiB x.sum(), CUDA events; the "
+                f"byte floor), copy {self.copy / 1e12:.2f} TB/s (read + write, events; information), FP8 cuBLAS "
+                f"{self.fp8 / 1e12:.0f} TFLOP/s, BF16 cuBLAS {self.bf16 / 1e12:.0f} TFLOP/s (8192^3)")
+
+
+def time_events(fn, reps: int = 10, warmup: int = 2) -> float:
+    """Median seconds of one `fn()`, each call between its own pair of CUDA events."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(reps):
+        a, b = _events()
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        samples.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(samples)
+
+
+def measure_ceilings() -> Ceilings:
     import torch
-    n = 1 << 28                                   # 1 GiB of float32
-    src = torch.randn(n, device="cuda")
+    x = torch.empty(1 << 30, device="cuda").normal_()       # 4 GiB of float32, ~70x the L2
+    read = x.numel() * 4 / time_events(lambda: x.sum())
+    del x
+    src = torch.empty(1 << 28, device="cuda").normal_()     # 1 GiB
     dst = torch.empty_like(src)
-    t, _ = time_calls([lambda: dst.copy_(src)], calls=5, reps=10)
-    copy_bw = 2 * 4 * n / t
+    copy = 2 * src.numel() * 4 / time_events(lambda: dst.copy_(src))
     del src, dst
     m = 8192
     a = torch.randn(m, m, device="cuda").to(torch.float8_e4m3fn)
     b = torch.randn(m, m, device="cuda").to(torch.float8_e4m3fn)
     one = torch.ones((), device="cuda")
-    t8, _ = time_calls([lambda: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)],
-                       calls=5, reps=10)
+    t8 = time_events(lambda: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
     ah, bh = a.to(torch.bfloat16), b.to(torch.bfloat16)
-    t16, _ = time_calls([lambda: ah @ bh.t()], calls=5, reps=10)
-    return copy_bw, 2 * m ** 3 / t8, 2 * m ** 3 / t16
+    t16 = time_events(lambda: ah @ bh.t())
+    return Ceilings(read, copy, 2 * m ** 3 / t8, 2 * m ** 3 / t16)
 
 
 # ------------------------------------------------------------------------------------------ op table
@@ -160,7 +211,7 @@ def gemm_table(ops, target, ceil, m_values) -> Table:
     from dsv3.backends.nvidia.ops import cublas_takes
     from dsv3.backends.triton.ops import triton_linear
     from dsv3.backends.triton.quant import act_quant
-    copy_bw, fp8_peak, _ = ceil
+    read_bw, fp8_peak = ceil.read, ceil.fp8
     tab = Table("FP8 block-scaled linear (x bf16 -> y bf16; times include the 1x128 activation quantisation)",
                 ["GEMM", "M", "N", "K", "dispatched us", "TFLOP/s", "GB/s", "floor us", "x floor",
                  "triton us", "cuBLAS us", "dispatched / cuBLAS", "triton / cuBLAS"])
@@ -171,7 +222,7 @@ def gemm_table(ops, target, ceil, m_values) -> Table:
         for m in m_values:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             flops, nbytes = 2 * m * n * k, wbytes + wbytes / 16384 * 4 + 2 * m * k + 2 * m * n
-            floor = max(nbytes / copy_bw, flops / fp8_peak)
+            floor = max(nbytes / read_bw, flops / fp8_peak)
             td, _ = time_calls([lambda w=w: ops["linear"](x, w) for w in ws])
             tt, _ = time_calls([lambda w=w: triton_linear(target, x, w) for w in ws])
             tc = None
@@ -199,15 +250,15 @@ def op_table(ops, ceil) -> Table:
     from dsv3.core.ops import ExpertWeights, GateSpec
     from dsv3.core.quant import quantize_act_fp8
     from dsv3.core.weights import QuantWeight
-    copy_bw, fp8_peak, bf16_peak = ceil
+    read_bw, fp8_peak, bf16_peak = ceil.read, ceil.fp8, ceil.bf16
     dev, bf = "cuda", torch.bfloat16
     tab = Table("Other ops (ratio = time / floor; baseline: torch)",
                 ["op", "shape", "us", "achieved", "floor us", "x floor", "torch us", "torch / ours"])
 
     def row(op, shape, ours, base, nbytes=0.0, flops=0.0, flop_peak=fp8_peak, graph=True):
         t, _ = time_calls(ours, graph=graph)
-        floor = max(nbytes / copy_bw, flops / flop_peak)
-        ach = f"{flops / t / 1e12:.0f} TFLOP/s" if flops / flop_peak > nbytes / copy_bw else f"{nbytes / t / 1e9:.0f} GB/s"
+        floor = max(nbytes / read_bw, flops / flop_peak)
+        ach = f"{flops / t / 1e12:.0f} TFLOP/s" if flops / flop_peak > nbytes / read_bw else f"{nbytes / t / 1e9:.0f} GB/s"
         tb = None
         if base is not None:
             try:
@@ -291,15 +342,18 @@ def op_table(ops, ceil) -> Table:
 
 
 # -------------------------------------------------------------------------------------------- end to end
-def build_model(registry, backend: str, layers: int, mtp: bool = False, parallel=None, device="cuda"):
-    """Full-width DeepSeek-V3 with `layers` layers and random FP8 weights made on the GPU (no files);
-    `parallel` (a dsv3.parallel Mesh) builds one rank's slice."""
+def build_model(registry, backend: str, layers: int, mtp: bool = False, parallel=None, device="cuda",
+                dense: int = 1, hf: dict | None = None):
+    """Full-width DeepSeek-V3 (or the model of `hf`) with `layers` layers, the first `dense` of them dense,
+    and random FP8 weights made on the device (no files); `parallel` (a dsv3.parallel Mesh) builds one
+    rank's slice."""
     import dataclasses
     import torch
     from dsv3.core.config import ModelConfig
     from dsv3.core.model import DeepseekV3, Linear
     from dsv3.plugins.manager import resolve_ops
-    hf = dict(DEEPSEEK_V3, num_hidden_layers=layers, first_k_dense_replace=1, num_nextn_predict_layers=int(mtp))
+    hf = dict(hf or DEEPSEEK_V3, num_hidden_layers=layers, first_k_dense_replace=dense,
+              num_nextn_predict_layers=int(mtp))
     cfg = ModelConfig.from_hf(hf)
     ops = resolve_ops(registry, backend)
     from dsv3.parallel.mesh import SINGLE
@@ -326,120 +380,246 @@ def build_model(registry, backend: str, layers: int, mtp: bool = False, parallel
     return model, cfg, ops, dataclasses
 
 
-def weight_bytes(model, cfg, touched_per_layer: list[int]) -> dict:
-    """Bytes a decode step must read: every non-expert weight, the routed experts it touches, lm_head."""
-    from dsv3.core.model import Experts
-    total_routed = per_expert = 0
-    for mod in model.modules():
-        if isinstance(mod, Experts):
-            per_expert = sum(lin.weight[0].numel() * lin.weight.element_size() +
-                             getattr(lin, lin.scale_name)[0].numel() * 4
-                             for lin in (mod.gate_proj, mod.up_proj, mod.down_proj))
-            total_routed += sum(p.numel() * p.element_size() for p in mod.parameters())
-    everything = sum(p.numel() * p.element_size() for p in model.parameters())
-    embed = model.model.embed_tokens.weight
-    dense_part = everything - total_routed - embed.numel() * embed.element_size()
-    return {"non_expert": dense_part, "per_expert": per_expert, "touched": sum(touched_per_layer),
-            "decode": dense_part + per_expert * sum(touched_per_layer), "all": everything}
+def depth_layout(depth: int, config_dense: int) -> tuple[int, int, int]:
+    """(dense layers, stored dense layers, stored MoE layers) of a depth-shared model of `depth` layers."""
+    dense = min(config_dense, max(depth - 1, 0))
+    return dense, min(1, dense), min(STORED_MOE_LAYERS, depth - dense)
 
 
-def e2e_tables(registry, backend, ceil, layers, context, batches, prefill) -> Table:
+def share_depth(model, depth: int, dense: int) -> None:
+    """In place: `model` (its stored layers: dense ones first, then MoE) becomes a `depth`-layer model whose
+    first `dense` layers reuse the stored dense layer(s) and the rest the stored MoE layers in turn. Each
+    layer keeps its own latent cache (caches are per layer index); the weights are shared storage."""
     import dataclasses
+    from torch import nn
+    cfg = model.cfg
+    stored = list(model.model.layers[:cfg.num_hidden_layers])
+    dense_blocks = [b for i, b in enumerate(stored) if not cfg.is_moe_layer(i)]
+    moe_blocks = [b for i, b in enumerate(stored) if cfg.is_moe_layer(i)]
+    if (dense and not dense_blocks) or (depth > dense and not moe_blocks):
+        raise ValueError(f"cannot share {len(dense_blocks)} dense + {len(moe_blocks)} MoE stored layers into "
+                         f"{dense} dense + {depth - dense} MoE")
+    layers = [dense_blocks[i % len(dense_blocks)] if i < dense else moe_blocks[(i - dense) % len(moe_blocks)]
+              for i in range(depth)]
+    extra = list(model.model.layers[cfg.num_hidden_layers:])          # an MTP layer stays last
+    model.model.layers = nn.ModuleList(layers + extra)
+    model.cfg = dataclasses.replace(cfg, num_hidden_layers=depth, first_k_dense_replace=dense)
+
+
+def _nbytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def step_bytes(model, touched: list[int], tokens: int, cache_tokens: int) -> dict:
+    """Bytes one step must read, per logical layer (shared storage counted once per layer that reads it):
+    every non-expert weight of each layer, the routed experts its tokens touch (`touched[j]` for the j-th
+    MoE layer), the final norm and lm_head, the token embeddings, and `cache_tokens` cached latents per layer."""
+    from dsv3.core.model import MoE
+    cfg = model.cfg
+    layer_bytes = experts = 0
+    moe_seen = 0
+    for i in range(cfg.num_hidden_layers):
+        block = model.model.layers[i]
+        routed = set()
+        if isinstance(block.mlp, MoE):
+            ex = block.mlp.experts
+            routed = {id(p) for p in ex.parameters()}
+            per_expert = sum(_nbytes([lin.weight[0], getattr(lin, lin.scale_name)[0]])
+                             for lin in (ex.gate_proj, ex.up_proj, ex.down_proj))
+            experts += per_expert * touched[moe_seen]
+            moe_seen += 1
+        layer_bytes += _nbytes(p for p in block.parameters() if id(p) not in routed)
+    head = _nbytes(model.model.norm.parameters()) + _nbytes(model.lm_head.parameters())
+    embed = tokens * cfg.hidden_size * model.model.embed_tokens.weight.element_size()
+    cache = cfg.num_hidden_layers * cache_tokens * cfg.latent_dim * 2
+    return {"weights": layer_bytes + experts + head + embed, "cache": cache, "total": layer_bytes + experts + head
+            + embed + cache, "touched": sum(touched), "moe_layers": moe_seen}
+
+
+def step_flops(model, seqs: int, tokens_per_seq: int) -> tuple[float, float]:
+    """(FP8 GEMM FLOPs, attention FLOPs) of a prefill step of `seqs` fresh sequences, per logical layer:
+    every projection once per token (kv_b over every context token), k routed experts + shared per token,
+    causal attention with qk head dim nope + rope and v head dim."""
+    from dsv3.core.model import MoE
+    cfg = model.cfg
+    toks = seqs * tokens_per_seq
+    gemm = 0.0
+    for i in range(cfg.num_hidden_layers):
+        block = model.model.layers[i]
+        gemm += 2 * toks * sum(p.numel() for n, p in block.named_parameters()
+                               if n.endswith("proj.weight") and ".experts." not in f".{n}")
+        if isinstance(block.mlp, MoE):
+            gemm += 2 * toks * cfg.num_experts_per_tok * 3 * cfg.moe_intermediate_size * cfg.hidden_size
+    attn = cfg.num_hidden_layers * 2 * cfg.num_attention_heads * seqs * (tokens_per_seq ** 2 / 2) * (
+        cfg.qk_head_dim + cfg.v_head_dim)
+    return gemm, attn
+
+
+# kernel name fragments -> op class, first match wins (cuBLAS kernels: the dense head, absorbed MLA products)
+OP_CLASSES = (
+    ("gate", ("gate_logits", "moe_gate")),
+    ("MoE", ("moe_align", "moe_gemm", "moe_sum")),
+    ("attention", ("mla_decode", "mla_prefill", "flash", "attention")),
+    ("norms/rope/quant", ("rms_norm", "rope", "act_quant", "silu_mul", "write_latent_cache")),
+    ("GEMM", ("fp8_gemm", "splitk", "gemm", "gemv", "nvjet", "xmma", "cutlass", "sm90", "cublas")),
+)
+CLASS_NAMES = tuple(c for c, _ in OP_CLASSES) + ("other",)
+
+
+def op_class(kernel: str) -> str:
+    name = kernel.lower()
+    return next((c for c, frags in OP_CLASSES if any(f in name for f in frags)), "other")
+
+
+def profile_kernels(step, steps: int = 3) -> dict[str, tuple[int, float]]:
+    """{kernel name: (launches per step, device seconds per step)} over `steps` calls of `step`."""
     import torch
-    from dsv3.backends.nvidia.graphs import CudaGraphRunner
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    out: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            c = out.setdefault(e.name, [0, 0.0])
+            c[0] += 1
+            c[1] += (e.time_range.end - e.time_range.start) / 1e6
+    return {k: (round(n / steps), t / steps) for k, (n, t) in out.items()}
+
+
+def share_row(kernels: dict[str, tuple[int, float]]) -> tuple[float, dict[str, float], list[str]]:
+    """(kernel seconds per step, {op class: share}, the top kernels as 'name xN us')."""
+    total = sum(t for _, t in kernels.values()) or 1e-30
+    share = dict.fromkeys(CLASS_NAMES, 0.0)
+    for name, (_, t) in kernels.items():
+        share[op_class(name)] += t / total
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:4]
+    return total, share, [f"{n[:40]} x{c} {t * 1e6:.0f} us" for n, (c, t) in top]
+
+
+def e2e_tables(registry, backend, ceil: Ceilings, depth, contexts, batches, prefills, profile=True) -> list[Table]:
+    import torch
+    from dsv3.backends.nvidia.graphs import BUCKETS, CudaGraphRunner
     from dsv3.core.batch import Batch, Chunk
     from dsv3.core.cache import LatentCache
-    copy_bw, fp8_peak, bf16_peak = ceil
     t0 = time.perf_counter()
-    model, cfg, ops, _ = build_model(registry, backend, layers)
+    dense, stored_dense, stored_moe = depth_layout(depth, DEEPSEEK_V3["first_k_dense_replace"])
+    model, cfg, ops, dataclasses = build_model(registry, backend, stored_dense + stored_moe, dense=stored_dense)
+    share_depth(model, depth, dense)
+    cfg = model.cfg
     torch.cuda.synchronize()
-    print(f"  model built in {time.perf_counter() - t0:.1f} s ({sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9:.1f} GB)", flush=True)
-    tab = Table(f"End to end: DeepSeek-V3 full width, {layers} layers (1 dense + {layers - 1} MoE), random FP8 "
-                f"weights, bf16 activations and latent cache",
-                ["run", "result", "time", "floor", "x floor", "floor basis"])
+    stored_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    print(f"  model built in {time.perf_counter() - t0:.1f} s ({stored_gb:.1f} GB stored for {depth} layers)", flush=True)
+    title = (f"End to end at depth {depth} ({dense} dense + {depth - dense} MoE layers; storage of {stored_dense} dense + "
+             f"{stored_moe} MoE layers shared across depth, {stored_gb:.1f} GB), DeepSeek-V3 full width, random FP8 "
+             f"weights, bf16 activations and latent cache; floor = bytes / streaming read {ceil.read / 1e12:.2f} TB/s "
+             f"(decode) or the larger of that and FLOPs / the FP8 + BF16 peaks (prefill)")
+    tab = Table(title, ["run", "ms", "tok/s", "GB read", "floor ms", "x floor", "floor basis"])
+    prof_tab = Table("Where decode kernel time goes: torch.profiler over CUDA-graph replays, share of kernel time "
+                     "per op class (GEMM: FP8 linears, lm_head, absorbed MLA products)",
+                     ["run", "kernel ms/step", *CLASS_NAMES, "largest kernels per step"])
     bs = 64
-    nseq = max(max(batches), int(prefill.split("x")[0]))
-    per_seq = -(-(max(context, int(prefill.split("x")[1])) + 64) // bs)
-    cache = LatentCache(layers, nseq * per_seq, bs, cfg.latent_dim, torch.bfloat16, "cuda")
+    pre = [tuple(int(v) for v in p.split("x")) for p in prefills]
+    nseq = max(max(batches), *(s for s, _ in pre))
+    per_seq = -(-(max(max(contexts), *(n for _, n in pre)) + bs) // bs)
+    cache = LatentCache(depth, nseq * per_seq, bs, cfg.latent_dim, torch.bfloat16, "cuda")
     for layer in cache.layers:
         layer.normal_()
-    # prefill
-    ns, lp = (int(v) for v in prefill.split("x"))
-    chunks = [Chunk([int(i) for i in torch.randint(2, cfg.vocab_size, (lp,))], 0,
-                    list(range(s * per_seq, s * per_seq + -(-lp // bs)))) for s in range(ns)]
-    batch = Batch.build(chunks, bs, "cuda")
-    with torch.inference_mode():
-        def prefill_step():
-            h = model(batch, cache.layers)
-            return model.logits(h[batch.last_rows])
-        tp, _ = time_calls([prefill_step], calls=1, reps=3, graph=False)
-    toks = ns * lp
-    lin_flops = 2 * toks * sum(p.numel() for n, p in model.named_parameters() if n.endswith("proj.weight")
-                               and "experts." not in n)
-    moe_flops = 2 * toks * (layers - 1) * cfg.num_experts_per_tok * 3 * cfg.moe_intermediate_size * cfg.hidden_size
-    attn_flops = layers * 2 * cfg.num_attention_heads * ns * (lp * lp / 2) * (cfg.qk_head_dim + cfg.v_head_dim)
-    floor_p = (lin_flops + moe_flops) / fp8_peak + attn_flops / bf16_peak
-    tab.add(f"prefill {ns}x{lp}", f"{toks / tp:.0f} tok/s", f"{tp * 1e3:.1f} ms", f"{floor_p * 1e3:.1f} ms",
-            tp / floor_p, "FP8 GEMM FLOPs / FP8 cuBLAS peak + attention FLOPs / BF16 peak")
-    # decode, CUDA graphs per batch
-    runner = CudaGraphRunner(model, bs, max_context=context + bs)
-    for b in batches:
-        chunks = [Chunk([int(torch.randint(2, cfg.vocab_size, ()))], context,
-                        list(range(s * per_seq, s * per_seq + -(-(context + 1) // bs))), decode=True)
-                  for s in range(b)]
-        batch = Batch.build(chunks, bs, "cuda")
-        touched = []
+    touched: list[int] = []
 
-        def counting(x, w, ids, ex, _inner=ops.moe_experts):
-            touched.append(int(torch.unique(ids).numel()))
-            return _inner(x, w, ids, ex)
+    def counting(x, w, ids, ex, _inner=ops.moe_experts):
+        touched.append(int(torch.unique(ids).numel()))
+        return _inner(x, w, ids, ex)
+
+    def count_touched(batch):
+        touched.clear()
         with torch.inference_mode():
             model.set_ops(dataclasses.replace(ops, moe_experts=counting))
             model(batch, cache.layers)
             model.set_ops(ops)
+        return list(touched)
+
+    for ns, lp in pre:
+        chunks = [Chunk([int(i) for i in torch.randint(2, cfg.vocab_size, (lp,))], 0,
+                        list(range(s * per_seq, s * per_seq + -(-lp // bs)))) for s in range(ns)]
+        batch = Batch.build(chunks, bs, "cuda")
+        used = count_touched(batch)
+        with torch.inference_mode():
+            def prefill_step():
+                h = model(batch, cache.layers)
+                return model.logits(h[batch.last_rows])
+            tp, _ = time_calls([prefill_step], calls=1, reps=3, graph=False)
+        toks = ns * lp
+        nb = step_bytes(model, used, toks, 0)
+        gemm_f, attn_f = step_flops(model, ns, lp)
+        flop_floor = gemm_f / ceil.fp8 + attn_f / ceil.bf16
+        floor = max(flop_floor, nb["total"] / ceil.read)
+        tab.add(f"prefill {ns}x{lp}", f"{tp * 1e3:.1f}", f"{toks / tp:.0f}", f"{nb['total'] / 1e9:.1f}",
+                f"{floor * 1e3:.1f}", tp / floor,
+                f"{(gemm_f + attn_f) / 1e12:.0f} TFLOP: FP8 GEMMs / FP8 peak + attention / BF16 peak"
+                + ("" if flop_floor >= nb["total"] / ceil.read else "; bytes bound"))
+        del batch
+    torch.cuda.empty_cache()
+    runner = CudaGraphRunner(model, bs, max_context=max(contexts) + bs,
+                             buckets=tuple(b for b in BUCKETS if b <= max(batches)) or (max(batches),))
+    for context in contexts:
+        for b in batches:
+            chunks = [Chunk([int(torch.randint(2, cfg.vocab_size, ()))], context,
+                            list(range(s * per_seq, s * per_seq + -(-(context + 1) // bs))), decode=True)
+                      for s in range(b)]
+            batch = Batch.build(chunks, bs, "cuda")
+            used = count_touched(batch)
+            graphed = b <= runner.main.buckets[-1]
 
             def step():
-                h = runner(batch, cache.layers)
-                return model.logits(h)
+                with torch.inference_mode():
+                    h = runner(batch, cache.layers)
+                    return model.logits(h)
             td, _ = time_calls([step], calls=1, reps=20, graph=False)
-        wb = weight_bytes(model, cfg, touched)
-        kv = layers * b * (context + 1) * cfg.latent_dim * 2
-        floor_d = (wb["decode"] + kv) / copy_bw
-        tab.add(f"decode batch {b}, context {context}", f"{td * 1e3:.2f} ms/step ({b / td:.0f} tok/s)",
-                f"{td * 1e3:.2f} ms", f"{floor_d * 1e3:.2f} ms", td / floor_d,
-                f"{(wb['decode'] + kv) / 1e9:.2f} GB read: weights + {wb['touched']} routed experts touched + "
-                f"lm_head + latent cache, / copy bandwidth" + (f"; official demo {DEMO_DECODE_MS:.0f} ms = "
-                                                               f"{DEMO_DECODE_MS / (td * 1e3):.1f}x slower" if b == 1 else ""))
+            nb = step_bytes(model, used, b, b * (context + 1))
+            floor = nb["total"] / ceil.read
+            run = f"decode batch {b}, context {context}" + ("" if graphed else " (eager: above the graph buckets)")
+            tab.add(run, f"{td * 1e3:.2f}", f"{b / td:.0f}", f"{nb['total'] / 1e9:.1f}", f"{floor * 1e3:.2f}",
+                    td / floor, f"weights of {depth} layers + {nb['touched']} routed experts touched + lm_head + "
+                                f"{nb['cache'] / 1e9:.2f} GB latent cache")
+            if profile:
+                total, share, top = share_row(profile_kernels(step))
+                prof_tab.add(run, f"{total * 1e3:.2f}", *(f"{share[c] * 100:.0f}%" for c in CLASS_NAMES),
+                             "; ".join(top))
+            del batch
     print(f"  graph replays: {runner.replays}, captured buckets: {sorted(runner.graphs)}")
-    return tab
+    return [tab] + ([prof_tab] if profile else [])
 
 
 def run(args) -> int:
-    import torch
+    import os
+    import subprocess
     from dsv3.core.errors import Dsv3Error
     from dsv3.plugins.manager import create_registry, resolve_ops
-    if not torch.cuda.is_available():
-        raise Dsv3Error("dsv3-run bench needs a GPU (torch.cuda.is_available() is False)")
     registry = create_registry()
-    spec = registry.backend(args.backend)
+    spec = check_backend(registry, args.backend)         # before torch touches the device
+    import torch
+    if not torch.cuda.is_available():
+        raise Dsv3Error(f"dsv3-run bench --backend {spec.name} needs a GPU here (torch.cuda.is_available() is False)")
     if spec.probe():
         raise Dsv3Error(f"backend {spec.name!r} cannot run here: {spec.probe()}")
     props = torch.cuda.get_device_properties(0)
-    import os
-    import subprocess
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = ""
-    commit = commit or os.environ.get("DSV3_COMMIT", "?")   # the device copy of the tree may have no .git
+    commit = os.environ.get("DSV3_COMMIT") or commit or "?"   # the device copy of the tree has no .git
     import triton
-    head = (f"dsv3-run bench on {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
-            f"triton {triton.__version__}, backend {spec.name}, commit {commit or '?'}")
+    head = (f"dsv3-run bench on {props.name} ({props.multi_processor_count} SMs, "
+            f"{props.total_memory / 2 ** 30:.0f} GiB), torch {torch.__version__}, triton {triton.__version__}, "
+            f"backend {spec.name}, commit {commit}")
     print(head, flush=True)
     ceil = measure_ceilings()
-    ceil_line = (f"measured ceilings: copy {ceil[0] / 1e12:.2f} TB/s (read + write), FP8 cuBLAS "
-                 f"{ceil[1] / 1e12:.0f} TFLOP/s, BF16 cuBLAS {ceil[2] / 1e12:.0f} TFLOP/s (8192^3)")
-    print(ceil_line, flush=True)
+    print(ceil.line(), flush=True)
     tables = []
     if args.part in ("ops", "all"):
         ops = resolve_ops(registry, spec.name)
@@ -453,10 +633,12 @@ def run(args) -> int:
             target = rocm_target()
         tables.append(gemm_table(impls, target, ceil, [int(m) for m in args.gemm_m.split(",")]))
         tables.append(op_table(impls, ceil))
+        torch.cuda.empty_cache()
     if args.part in ("e2e", "all"):
-        tables.append(e2e_tables(registry, spec.name, ceil, args.layers, args.context,
-                                 [int(b) for b in args.batches.split(",")], args.prefill))
-    text = f"{head}\n\n{ceil_line}\n\n" + "\n".join(t.markdown() for t in tables)
+        tables += e2e_tables(registry, spec.name, ceil, args.depth, [int(c) for c in args.contexts.split(",")],
+                             [int(b) for b in args.batches.split(",")], args.prefill.split(","),
+                             profile=not args.no_profile)
+    text = f"{head}\n\n{ceil.line()}\n\n" + "\n".join(t.markdown() for t in tables)
     print("\n" + text)
     if args.out:
         with open(args.out, "w") as f:

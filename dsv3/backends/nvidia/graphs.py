@@ -12,7 +12,7 @@ import torch
 
 from dsv3.core.batch import Batch
 
-BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # reference ops a decode step may run that read device tensors back to the host (.tolist() over
 # context lengths / routed experts): a capture would fail on them
 HOST_SYNCING_REFERENCE_OPS = ("mla_decode", "moe_experts")
