@@ -587,7 +587,10 @@ def e2e_tables(registry, backend, ceil: Ceilings, depth, contexts, batches, pref
                     td / floor, f"weights of {depth} layers + {nb['touched']} routed experts touched + lm_head + "
                                 f"{nb['cache'] / 1e9:.2f} GB latent cache")
             if profile:
-                total, share, top = share_row(profile_kernels(step))
+                kernels = profile_kernels(step)
+                for name, (n, t) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:16]:
+                    print(f"    {t * 1e6:9.1f} us/step  x{n:<4} {name[:110]}")
+                total, share, top = share_row(kernels)
                 prof_tab.add(run, f"{total * 1e3:.2f}", *(f"{share[c] * 100:.0f}%" for c in CLASS_NAMES),
                              "; ".join(top))
             del batch
