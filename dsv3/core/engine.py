@@ -18,6 +18,7 @@ slot i depends on token i + 1 as well, so a block's key then also covers the tok
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from dsv3.core.speculative import MTPDrafter, SpecStats, accept
 from dsv3.core.tokenizer import Tokenizer
 
 _ids = itertools.count()
+log = logging.getLogger("dsv3.engine")
 
 
 @dataclass
@@ -44,7 +46,7 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     num_cached: int = 0
     generator: torch.Generator | None = None
-    finish_reason: str | None = None   # "stop" (EOS or stop string), "length"
+    finish_reason: str | None = None   # "stop" (EOS or stop string), "length", "error" (see StepOutput)
     text: str = ""                     # detokenised output, cut at a stop string
     emitted: int = 0                   # characters of `text` already streamed
     drafts: list[int] = field(default_factory=list)   # MTP proposals for the positions after the last token
@@ -52,6 +54,7 @@ class Sequence:
     mtp_valid: int = 0                 # positions whose MTP-layer cache slot holds a verified result
     prefix_keys: list[bytes] = field(default_factory=list)   # prefix-cache keys of the leading full blocks
     num_prefix_cached: int = 0         # prompt tokens taken from the prefix cache at admission
+    stop_scanned: int = 0              # characters of the text already searched for stop strings
 
     @property
     def output_ids(self) -> list[int]:
@@ -68,6 +71,19 @@ class StepOutput:
     delta: str          # new text safe to show (held back while it may start a stop string)
     finished: bool
     new_tokens: list[int] = field(default_factory=list)
+    error: str | None = None   # set when this sequence failed (isolate_failures): what went wrong
+
+
+def _stop_prefix_at_end(text: str, stop: str) -> int:
+    """Length of the longest proper prefix of `stop` that `text` ends with (0 if none): the leftmost
+    place in text's last len(stop) - 1 characters where the rest of text starts `stop`."""
+    tail = text[len(text) - len(stop) + 1:] if len(stop) > 1 else ""
+    i = tail.find(stop[0])
+    while i >= 0:
+        if stop.startswith(tail[i:]):
+            return len(tail) - i
+        i = tail.find(stop[0], i + 1)
+    return 0
 
 
 class QueueFullError(RequestError):
@@ -121,6 +137,9 @@ class Engine:
         self.reserve = k + 1 if k else 0
         self.tokens_per_decode = k + 1
         self._early: list[StepOutput] = []   # sequences finished while scheduling (cache exhausted)
+        # A server sets this: a step that raises is retried one sequence at a time, and only the
+        # sequences that fail alone end (finish_reason "error"). Offline callers see the exception.
+        self.isolate_failures = False
 
     @property
     def capacity_tokens(self) -> int:
@@ -292,6 +311,24 @@ class Engine:
         if not plan:
             return early
         t0 = time.perf_counter()
+        try:
+            groups, failed = [self._compute(plan)], []
+        except Exception:  # noqa: BLE001 - isolate below, or re-raise
+            if not self.isolate_failures:
+                raise
+            log.exception("engine step over %d sequences failed; retrying each on its own", len(plan))
+            groups, failed = self._compute_isolated(plan)
+        outputs = failed + [out for g in groups for out in self._post_process(*g)]
+        self.stats.steps += 1
+        self.stats.prefill_tokens += sum(len(c.token_ids) for _, c in plan if not c.decode)
+        self.stats.generated_tokens += sum(len(o.new_tokens) for o in outputs)
+        self.stats.seconds += time.perf_counter() - t0
+        return early + outputs
+
+    def _compute(self, plan: list[tuple[Sequence, Chunk]]):
+        """Run the model over the plan and choose each sequence's new tokens; changes no sequence, so a
+        failed plan can be retried (its cache writes lie past every num_cached and are rewritten later).
+        Returns (plan, batch, hidden [N, D], [(tokens, accepted drafts or None)] per planned sequence)."""
         batch = Batch.build([c for _, c in plan], self.cache.block_size, self.device)
         hidden = self.runner(batch, self.cache.layers)
         # rows whose logits are needed: every row of a verify chunk, the last row of a finished prompt
@@ -305,40 +342,87 @@ class Engine:
                 needed.append([])
         flat = [r for rows in needed for r in rows]
         logits = self.model.logits(hidden[flat]) if flat else None
-        outputs, drafting, offset = [], [], 0
-        for i, (s, c) in enumerate(plan):
-            rows, start = needed[i], s.num_cached
+        chosen, offset = [], 0
+        for (s, c), rows in zip(plan, needed):
             if s.drafts:                                   # verify [last, d_1..d_k]
-                tokens, a = accept(logits[offset: offset + len(rows)], s.drafts, s.draft_probs, s.params, s.generator)
-                self.stats.spec.record(len(s.drafts), a)
-                s.num_cached += a + 1                       # roll back: positions after the accepted drafts are void
+                chosen.append(accept(logits[offset: offset + len(rows)], s.drafts, s.draft_probs, s.params,
+                                     s.generator))
             elif rows:
-                tokens = [sample(logits[offset], s.params, s.generator)]
-                s.num_cached += len(c.token_ids)
+                chosen.append(([sample(logits[offset], s.params, s.generator)], None))
             else:                                          # a prompt chunk that does not finish the prompt
-                tokens = []
-                s.num_cached += len(c.token_ids)
+                chosen.append(([], None))
             offset += len(rows)
+        return plan, batch, hidden, chosen
+
+    def _compute_isolated(self, plan):
+        """After a failed step: each planned sequence alone, so one request that breaks an op (a bad
+        kernel shape, a plugin that raises) fails on its own and the others go on."""
+        groups, failed = [], []
+        for item in plan:
+            try:
+                groups.append(self._compute([item]))
+            except Exception as e:  # noqa: BLE001 - this sequence's own failure
+                log.warning("sequence %d failed on its own too: %s: %s", item[0].id, type(e).__name__, e)
+                failed.append(self._fail(item[0], e))
+        return groups, failed
+
+    def _post_process(self, plan, batch, hidden, chosen) -> list[StepOutput]:
+        """Advance each sequence by its chosen tokens (EOS, max tokens, stop strings, context), then draft."""
+        outputs, drafting = [], []
+        for i, ((s, c), (tokens, accepted)) in enumerate(zip(plan, chosen)):
+            start = s.num_cached
+            if accepted is not None:
+                self.stats.spec.record(len(s.drafts), accepted)
+                s.num_cached += accepted + 1                 # roll back: positions after the accepted drafts are void
+            else:
+                s.num_cached += len(c.token_ids)
             s.drafts, s.draft_probs = [], []
             out = self._append_all(s, tokens)
             if out is not None:
                 outputs.append(out)
             if self.drafter and not s.finished:
                 drafting.append((s, start, s.num_cached, hidden[batch.token_rows[i][: s.num_cached - start]]))
-        if drafting:
-            room = [(s, a, e, h) for s, a, e, h in drafting if e + self.drafter.k < self.max_context]
-            if room:                                       # schedule() reserved the blocks drafting writes
-                self.drafter.draft(room, self.device)
-            for s, _, e, _ in room:
-                s.mtp_valid = e
+        room = [d for d in drafting if d[2] + self.drafter.k < self.max_context] if drafting else []
+        for failed_seq, e in self._draft(room):          # schedule() reserved the blocks drafting writes
+            outputs = [o for o in outputs if o.seq is not failed_seq] + [self._fail(failed_seq, e)]
         for s, _ in plan:
             if not s.finished:
                 self._register_blocks(s)
-        self.stats.steps += 1
-        self.stats.prefill_tokens += sum(len(c.token_ids) for _, c in plan if not c.decode)
-        self.stats.generated_tokens += sum(len(o.new_tokens) for o in outputs)
-        self.stats.seconds += time.perf_counter() - t0
-        return early + outputs
+        return outputs
+
+    def _draft(self, work: list[tuple]) -> list[tuple[Sequence, Exception]]:
+        """Propose the next drafts; returns the sequences whose drafting failed (isolated like a step)."""
+        if not work:
+            return []
+        try:
+            self.drafter.draft(work, self.device)
+            groups = [work]
+        except Exception:  # noqa: BLE001
+            if not self.isolate_failures:
+                raise
+            log.exception("MTP drafting over %d sequences failed; retrying each on its own", len(work))
+            groups, failures = [], []
+            for w in work:
+                w[0].drafts, w[0].draft_probs = [], []
+                try:
+                    self.drafter.draft([w], self.device)
+                    groups.append([w])
+                except Exception as e:  # noqa: BLE001
+                    failures.append((w[0], e))
+            for g in groups:
+                for s, _, e, _ in g:
+                    s.mtp_valid = e
+            return failures
+        for s, _, e, _ in work:
+            s.mtp_valid = e
+        return []
+
+    def _fail(self, s: Sequence, error: Exception) -> StepOutput:
+        """End one sequence with an error the caller can report; its blocks are freed."""
+        s.finish_reason = "error"
+        s.drafts, s.draft_probs = [], []
+        self.release(s)
+        return StepOutput(s, "", True, [], error=f"{type(error).__name__}: {error}")
 
     def _append_all(self, s: Sequence, tokens: list[int]) -> StepOutput | None:
         """Append this step's tokens (one, or several after speculative verification) and post-process."""
@@ -360,19 +444,24 @@ class Engine:
         return StepOutput(s, delta, s.finished, s.output_ids[before:])
 
     def _detokenize(self, s: Sequence) -> str:
-        """Update s.text; return the newly visible part. Stops at (and drops) the first stop string."""
+        """Update s.text; return the newly visible part. Stops at (and drops) the first stop string.
+        Each step looks for stop strings only in the text that could hold a new match, and holds back
+        the longest tail that could start one: linear in the stop strings' length, not quadratic."""
         if self.tokenizer is None:
             return ""
         text = self.tokenizer.decode(s.output_ids)
-        hits = [text.find(stop) for stop in s.params.stop if stop and stop in text]
-        if hits:
-            text, s.finish_reason = text[: min(hits)], "stop"
+        if s.params.stop:
+            hits = [i for stop in s.params.stop
+                    if (i := text.find(stop, max(0, s.stop_scanned - len(stop)))) >= 0]
+            if hits:
+                text, s.finish_reason = text[: min(hits)], "stop"
         if not s.finished:
             if text.endswith("\ufffd"):          # an incomplete UTF-8 sequence: wait for its next byte
                 text = text.rstrip("\ufffd")
-            hold = max((k for stop in s.params.stop for k in range(1, len(stop))
-                        if text.endswith(stop[:k])), default=0)
-            text = text[: len(text) - hold]
+            # text before the last few characters no longer changes as tokens arrive (a token decodes
+            # to at most one replacement character per byte); rescan a margin behind it next step
+            s.stop_scanned = max(0, len(text) - 8)
+            text = text[: len(text) - max((_stop_prefix_at_end(text, stop) for stop in s.params.stop), default=0)]
         s.text = text if s.finished or len(text) > len(s.text) else s.text
         delta, s.emitted = s.text[s.emitted:], max(s.emitted, len(s.text))
         return delta

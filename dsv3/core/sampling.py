@@ -1,11 +1,17 @@
 """Sampling parameters and the token sampler (temperature, top-k, top-p, per-request seed)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from dsv3.core.errors import RequestError
+
+
+SEED_RANGE = (-(2**63), 2**64 - 1)      # what torch.Generator.manual_seed accepts
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024                     # per stop string: the hold-back check is linear in it
 
 
 @dataclass(frozen=True)
@@ -19,13 +25,22 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
+        lo, hi = SEED_RANGE
         checks = ((self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1"),
-                  (self.temperature >= 0, "temperature", "must be >= 0 (0 means greedy)"),
+                  (math.isfinite(self.temperature) and self.temperature >= 0, "temperature",
+                   "must be a finite number >= 0 (0 means greedy)"),
                   (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
-                  (self.top_k >= 0, "top_k", "must be >= 0 (0 means no limit)"))
+                  (self.top_k >= 0, "top_k", "must be >= 0 (0 means no limit)"),
+                  (self.seed is None or lo <= self.seed <= hi, "seed", f"must be an integer in [{lo}, {hi}]"),
+                  (len(self.stop) <= MAX_STOP_STRINGS and all(self.stop), "stop",
+                   f"give at most {MAX_STOP_STRINGS} non-empty strings"),
+                  (all(len(s) <= MAX_STOP_CHARS for s in self.stop), "stop",
+                   f"each stop string may hold at most {MAX_STOP_CHARS} characters"))
         for ok, key, msg in checks:
             if not ok:
-                raise RequestError(f"{key} = {getattr(self, key)!r}: {msg}")
+                value = getattr(self, key)
+                shown = repr(value) if len(repr(value)) <= 80 else f"{repr(value)[:60]}... ({len(repr(value))} chars)"
+                raise RequestError(f"{key} = {shown}: {msg}")
 
     @property
     def greedy(self) -> bool:

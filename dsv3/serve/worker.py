@@ -90,6 +90,10 @@ class EngineWorker:
         self.engine = engine
         self.metrics = metrics or Metrics()
         self.mesh = mesh if mesh is not None and mesh.world > 1 else None
+        # Alone, a step that raises is retried per sequence and only the guilty request fails. Ranks of
+        # a parallel engine must run identical steps, so there a failed step stops serving instead.
+        engine.isolate_failures = self.mesh is None
+        self.step_started: float | None = None      # monotonic time the step in progress began
         self._replay: list[tuple] = []               # commands applied since the last broadcast
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._active: dict[int, Handle] = {}          # sequence id -> handle
@@ -103,6 +107,11 @@ class EngineWorker:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopping
+
+    def busy_for(self) -> float:
+        """Seconds the engine has spent in the step now running (0 when between steps)."""
+        started = self.step_started
+        return 0.0 if started is None else time.monotonic() - started
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Handle:
         h = Handle(prompt_ids, params, asyncio.get_running_loop())
@@ -121,12 +130,22 @@ class EngineWorker:
 
     # -- engine thread ------------------------------------------------------------------------------
     def _run(self) -> None:
-        try:
-            self._loop()
-        except Exception as e:  # noqa: BLE001 - parallel only: a collective failed, or a step raised
-            log.exception("the engine thread stopped")
-            self._stopping = True                      # /health answers 503 from now on
-            self._fail_all(f"the engine stopped ({type(e).__name__}: {e}); the server must be restarted")
+        while True:
+            try:
+                self._loop()
+                return
+            except Exception as e:  # noqa: BLE001 - a bug outside any one request's step
+                if self.mesh is not None:     # a collective failed or a step raised: the ranks may differ
+                    log.exception("the engine thread stopped")
+                    self._stopping = True                      # /health answers 503 from now on
+                    self._fail_all(f"the engine stopped ({type(e).__name__}: {e}); the server must be restarted")
+                    return
+                log.exception("engine loop error; failing the %d requests in flight and serving on",
+                              len(self._active))
+                self._fail_all(f"internal error in the engine ({type(e).__name__}: {e}); the request was "
+                               f"dropped, retry it")
+                for seq in list(self.engine.running) + list(self.engine.waiting):
+                    self.engine.release(seq)
 
     def _loop(self) -> None:
         eng = self.engine
@@ -173,16 +192,19 @@ class EngineWorker:
             try:
                 h.seq = self.engine.add(h.prompt_ids, h.params)
             except QueueFullError as e:
-                self.metrics.http_errors.labels("503").inc()
                 h._send(Failed(503, f"the server is overloaded: {e}", "server_error", "overloaded"))
                 return
             except RequestError as e:
-                self.metrics.http_errors.labels("400").inc()
                 h._send(Failed(400, str(e)))
+                return
+            except Exception as e:  # noqa: BLE001 - this request alone is refused; the engine goes on
+                log.exception("engine.add failed")
+                h._send(Failed(500, f"internal error admitting the request ({type(e).__name__}: {e})",
+                                       "server_error"))
                 return
             self._active[h.seq.id] = h
             self._replay.append(("add", h.seq.id, h.prompt_ids, h.params))
-            h._send(Accepted())
+            h._send(Accepted())         # refusals above are counted once, by the HTTP layer
         elif kind == "abort":
             h.aborted = True
             if h.seq is not None and not h.seq.finished and self._active.pop(h.seq.id, None) is not None:
@@ -191,15 +213,13 @@ class EngineWorker:
                 self.metrics.requests.labels("aborted").inc()
 
     def _step(self) -> None:
+        self.step_started = time.monotonic()
         try:
+            # Alone, a failing sequence comes back as an output with .error (Engine.isolate_failures);
+            # what still raises is a bug outside any one sequence, which _run handles.
             outputs = self.engine.step()
-        except Exception as e:  # noqa: BLE001 - a bug in a step must not take the server down
-            if self.mesh is not None:
-                raise    # the ranks' schedules may now differ (or a peer is gone): stop serving
-            log.exception("engine step failed; dropping the %d requests in flight", len(self._active))
-            self._fail_all(f"internal error in the engine step ({type(e).__name__}: {e}); the request was "
-                           f"dropped, retry it")
-            return
+        finally:
+            self.step_started = None
         now = time.monotonic()
         new_tokens, sends = 0, {}             # event loop -> [(handle, event)]
         for out in outputs:
@@ -217,6 +237,13 @@ class EngineWorker:
                         self.metrics.itl.observe((now - h.last_token_at) / n)
                 h.last_token_at = now
             s = out.seq
+            if out.error is not None:
+                del self._active[s.id]
+                self.metrics.requests.labels("error").inc()
+                sends.setdefault(h.loop, []).append((h, Failed(
+                    500, f"internal error while generating this request ({out.error}); it was dropped, the "
+                         f"server serves on", "server_error")))
+                continue
             if out.finished:
                 del self._active[s.id]
                 self.metrics.requests.labels(s.finish_reason).inc()
