@@ -11,7 +11,8 @@ EPILOG = """formats:
   int8-w8a8  Ascend W8A8_DYNAMIC (ModelSlim layout): int8 weights, per-channel scales and offsets
 
 Output is written to .DST.partial and renamed to DST when complete; run the same command again to
-resume an interrupted conversion. Each converted tensor is checked against its float64 source.
+resume an interrupted conversion (finished shards whose SHA-256 still matches are kept; a full disk
+keeps them too). Each converted tensor is checked against its float64 source.
 
 examples:
   dsv3-run convert ~/DeepSeek-V3 ~/DeepSeek-V3-bf16 --to bf16
@@ -38,10 +39,15 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from dsv3.core.convert import convert_checkpoint, parse_size
-    report = convert_checkpoint(args.src, args.dst, args.to, ue8m0=args.ue8m0, device=args.device,
-                                overwrite=args.overwrite, max_shard_bytes=parse_size(args.max_shard_size),
-                                log=lambda msg: print(msg, file=sys.stderr))
+    from dsv3.core import convert
+    try:
+        report = convert.convert_checkpoint(args.src, args.dst, args.to, ue8m0=args.ue8m0, device=args.device,
+                                            overwrite=args.overwrite,
+                                            max_shard_bytes=convert.parse_size(args.max_shard_size),
+                                            log=lambda msg: print(msg, file=sys.stderr))
+    except KeyboardInterrupt:
+        print("interrupted: the finished shards are kept; run the same command again to resume", file=sys.stderr)
+        return 130
     print(report.table())
     resumed = f" ({report.shards_resumed} resumed)" if report.shards_resumed else ""
     print(f"wrote {report.dst} ({report.to}): {report.output_bytes / 1e9:.2f} GB in "

@@ -14,9 +14,16 @@ heads are copied (cast to BF16 for `--to bf16`).
 How it stays safe and small:
 - Everything is validated from headers first (the same plan `load_weights` uses): a hostile or
   mismatched checkpoint fails before anything is written.
+- One conversion per DST at a time: `.<DST>.lock` next to DST is locked before anything is read or
+  removed, so a second command fails at once and leaves the first one's work alone.
 - Output goes to `.<DST>.partial/` next to DST and is renamed to DST only when complete. Each shard
-  is written under a temporary name, then renamed and recorded in a state file; re-running the same
-  command resumes after the last finished shard; a different command or a changed source restarts.
+  is written under a temporary name, then renamed and recorded, with its SHA-256, in a state file;
+  re-running the same command resumes with the finished shards whose checksum still matches (a
+  shard changed on disk is converted again); a different command or a changed source restarts.
+  The state file stays until DST is in place, so a kill at any point before then resumes.
+- A full disk (or any other write error) stops with a message and keeps the finished shards.
+- `--overwrite` moves the old DST to `.<DST>.old-PID`, the new one into place, then deletes the
+  old one; a run killed in between leaves the old DST there, and the next run puts it back first.
 - Source shards are read in order from their memory maps; each tensor is converted in row chunks
   into one output buffer and streamed to disk (our own safetensors writer: the header is known from
   the plan), so host memory is about one source shard's pages plus one tensor.
@@ -25,7 +32,10 @@ How it stays safe and small:
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
+import glob
 import hashlib
 import json
 import math
@@ -177,14 +187,19 @@ class SafetensorsWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         self.size = 8 + len(raw) + offset
+        self.sha256 = hashlib.sha256()   # of the bytes written, recorded so a resume can check the file
         self.f = open(path, "wb")
-        self.f.write(len(raw).to_bytes(8, "little") + raw)
+        self._put(len(raw).to_bytes(8, "little") + raw)
+
+    def _put(self, data) -> None:
+        self.f.write(data)
+        self.sha256.update(data)
 
     def write(self, name: str, t: torch.Tensor) -> None:
         o = self.outputs[self.i]
         if name != o.name or t.dtype != o.dtype or list(t.shape) != o.shape:
             raise AssertionError(f"writer expected {o}, got {name} {t.dtype} {list(t.shape)}")  # a bug, not input
-        self.f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self._put(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
         self.i += 1
 
     def close(self) -> None:
@@ -323,87 +338,183 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, *, ue8m0: bool
         raise ConversionError(f"--to {to!r}: choose one of {', '.join(TARGETS)}")
     if ue8m0 and to != "fp8-block":
         raise ConversionError("--ue8m0 applies to --to fp8-block (power-of-two block scales, as in V3.1)")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConversionError(f"--device {device}: no CUDA device here; leave it out to convert on the CPU")
+    dev = _device(device)
+    if not Path(src).expanduser().is_dir():
+        raise ConversionError(f"{src}: no such directory; SRC is the DeepSeek-V3 HF checkpoint directory to convert")
     dst = Path(dst).expanduser().absolute()
     ckpt = Checkpoint(src)
     src_dir = ckpt.path.resolve()
     if dst.resolve() == src_dir or src_dir in dst.resolve().parents or dst.resolve() in src_dir.parents:
         raise ConversionError(f"{dst}: the output must be a new directory outside the source {src_dir}")
-    if dst.exists() and not overwrite:
-        raise ConversionError(f"{dst} already exists; pass --overwrite to replace it, or choose another directory")
-    raw_config = json.loads((ckpt.path / "config.json").read_text())
-    cfg = ModelConfig.from_file(ckpt.path / "config.json")
-    source_ue8m0 = bool(cfg.quantization and cfg.quantization.scale_fmt == "ue8m0")
-    jobs, dropped, with_mtp = _plan(ckpt, cfg, to, ue8m0, source_ue8m0)
-    n_shards = _assign_shards(jobs, max_shard_bytes)
-    names = [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)]
-    out_bytes = sum(j.nbytes for j in jobs)
     if not dst.parent.is_dir():
         raise ConversionError(f"{dst.parent}: no such directory to create {dst.name} in")
-    free = shutil.disk_usage(dst.parent).free
+    if dst.exists() and not dst.is_dir():
+        raise ConversionError(f"{dst} is a file, not a checkpoint directory; --overwrite replaces only a directory: "
+                              f"remove the file or choose another DST")
+    cfg = ModelConfig.from_file(ckpt.path / "config.json")    # a clear error for a broken config.json
+    raw_config = json.loads((ckpt.path / "config.json").read_text())
 
     part = dst.with_name(f".{dst.name}.partial")
-    fingerprint = _fingerprint(ckpt, to, ue8m0, max_shard_bytes)
-    state = {"fingerprint": fingerprint, "shards": {}}
-    if part.exists():
-        try:
-            old = json.loads((part / STATE_FILE).read_text())
-        except (OSError, json.JSONDecodeError):
-            old = {}
-        if old.get("fingerprint") == fingerprint:
-            state["shards"] = {k: v for k, v in old.get("shards", {}).items()
-                               if (part / k).is_file() and (part / k).stat().st_size == v.get("size")}
-            log(f"resuming {part}: {len(state['shards'])}/{n_shards} shards already written")
-        else:
-            log(f"{part} is from a different conversion or source; starting over")
-            shutil.rmtree(part)
-    done_bytes = sum((part / k).stat().st_size for k in state["shards"]) if part.exists() else 0
-    if out_bytes - done_bytes > free:
-        raise ConversionError(f"{dst.parent}: {free / 1e9:.1f} GB free, the {to} checkpoint needs "
-                              f"{(out_bytes - done_bytes) / 1e9:.1f} GB more")
-    part.mkdir(exist_ok=True)
-    lock = open(part / ".lock", "w")
     try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            raise ConversionError(f"{part} is being written by another `dsv3-run convert`; wait for it or "
-                                  f"stop it") from e
-        for p in part.iterdir():   # half-written shards of an interrupted run
-            if p.name not in state["shards"] and p.name not in (STATE_FILE, ".lock"):
-                p.unlink()
-        try:
-            stats, written = _write_shards(ckpt, jobs, names, part, state, to, ue8m0, dev, progress)
-        except ConversionError:
-            shutil.rmtree(part, ignore_errors=True)   # a tensor failed verification: nothing here is trustworthy
-            raise
-        ue8m0_out = ue8m0 or (source_ue8m0 and to in ("fp8-block", "fp8-fnuz") and
-                              all(j.kind == "exact" for j in jobs if j.projection))
-        weight_map = {o.name: names[j.shard] for j in jobs for o in j.outputs}
-        _write_json(part / INDEX_FILE, {"metadata": {"total_size": out_bytes}, "weight_map": weight_map})
-        _write_json(part / "config.json", _output_config(raw_config, to, ue8m0_out))
-        if to == "int8-w8a8":
-            desc = {"model_quant_type": "W8A8_DYNAMIC"}
-            desc.update({o.name: "W8A8_DYNAMIC" if j.projection else "FLOAT" for j in jobs for o in j.outputs})
-            _write_json(part / MODELSLIM_DESCRIPTION, desc)
-        for f in _side_files(ckpt.path):
-            shutil.copy2(f, part / f.name)
-        (part / STATE_FILE).unlink()
-        (part / ".lock").unlink()
-    finally:
-        lock.close()
-        ckpt.close()
-    if dst.exists():   # --overwrite: swap in the new directory, then remove the old one
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(part, dst)
-        shutil.rmtree(old)
-    else:
-        os.replace(part, dst)
+        # locked before anything next to DST is read or removed
+        with _locked(dst), contextlib.closing(ckpt):
+            _recover_overwrite(dst, log)
+            if dst.exists() and not overwrite:
+                raise ConversionError(f"{dst} already exists; pass --overwrite to replace it, or choose another "
+                                      f"directory")
+            source_ue8m0 = bool(cfg.quantization and cfg.quantization.scale_fmt == "ue8m0")
+            jobs, dropped, with_mtp = _plan(ckpt, cfg, to, ue8m0, source_ue8m0)
+            n_shards = _assign_shards(jobs, max_shard_bytes)
+            names = [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)]
+            out_bytes = sum(j.nbytes for j in jobs)
+            state = _resume_state(part, _fingerprint(ckpt, to, ue8m0, max_shard_bytes), n_shards, log)
+            done_bytes = sum((part / k).stat().st_size for k in state["shards"])
+            free = shutil.disk_usage(dst.parent).free
+            if out_bytes - done_bytes > free:
+                raise ConversionError(f"{dst.parent}: {free / 1e9:.1f} GB free, the {to} checkpoint needs "
+                                      f"{(out_bytes - done_bytes) / 1e9:.1f} GB more")
+            part.mkdir(exist_ok=True)
+            for p in part.iterdir():   # half-written shards of an interrupted run
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.name not in state["shards"] and p.name != STATE_FILE:
+                    p.unlink()
+            try:
+                stats, written = _write_shards(ckpt, jobs, names, part, state, to, ue8m0, dev, progress)
+            except ConversionError:
+                shutil.rmtree(part, ignore_errors=True)   # a tensor failed verification: nothing here is trustworthy
+                raise
+            ue8m0_out = ue8m0 or (source_ue8m0 and to in ("fp8-block", "fp8-fnuz") and
+                                  all(j.kind == "exact" for j in jobs if j.projection))
+            weight_map = {o.name: names[j.shard] for j in jobs for o in j.outputs}
+            _write_json(part / INDEX_FILE, {"metadata": {"total_size": out_bytes}, "weight_map": weight_map})
+            _write_json(part / "config.json", _output_config(raw_config, to, ue8m0_out))
+            if to == "int8-w8a8":
+                desc = {"model_quant_type": "W8A8_DYNAMIC"}
+                desc.update({o.name: "W8A8_DYNAMIC" if j.projection else "FLOAT" for j in jobs for o in j.outputs})
+                _write_json(part / MODELSLIM_DESCRIPTION, desc)
+            for f in _side_files(ckpt.path):
+                shutil.copy2(f, part / f.name)
+            _swap_in(part, dst)
+    except OSError as e:   # a full disk, a read-only directory, ...: keep what is finished
+        for p in part.glob("*.incomplete"):
+            p.unlink(missing_ok=True)
+        where = e.filename or dst.parent
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ConversionError(f"{where}: no space left on the device ({shutil.disk_usage(dst.parent).free / 1e9:.1f} "
+                                  f"GB free); the finished shards are kept in {part}: free some space and run the "
+                                  f"same command again to resume") from e
+        raise ConversionError(f"{where}: {e.strerror or e}; the finished shards (if any) are kept in {part}: fix "
+                              f"this and run the same command again to resume") from e
     return ConvertReport(dst, to, stats, sum(j.unit.nbytes for j in jobs), out_bytes, time.monotonic() - t0,
                          written, n_shards - written, dropped)
+
+
+def _device(name: str) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConversionError(f"--device {name!r} is not a torch device; use cpu (the default) or cuda[:N]") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConversionError(f"--device {name}: no CUDA device here; leave it out to convert on the CPU")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConversionError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                                  f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return dev
+
+
+@contextlib.contextmanager
+def _locked(dst: Path):
+    """Hold `.<DST>.lock` (next to DST, outside the partial directory it protects) for the block."""
+    path = dst.with_name(f".{dst.name}.lock")
+    while True:
+        f = open(path, "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise ConversionError(f"{dst} is being written by another `dsv3-run convert` (it holds {path}); wait "
+                                  f"for it to finish, or stop it and run this command again to resume") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()   # its holder finished and removed it between our open and our lock: lock the new one
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)   # still held: whoever opened it meanwhile sees it gone and retries
+        f.close()
+
+
+def _old_copies(dst: Path) -> list[Path]:
+    return sorted(dst.parent.glob(f".{glob.escape(dst.name)}.old-*"), key=lambda p: p.stat().st_mtime_ns)
+
+
+def _recover_overwrite(dst: Path, log) -> None:
+    """Undo what a run killed while moving its result into place left: the old DST moved aside, or
+    the progress record in the new DST."""
+    olds = _old_copies(dst)
+    if olds and not dst.exists():
+        os.replace(olds[-1], dst)
+        log(f"restored {dst} from {olds[-1].name}, where an interrupted --overwrite had moved it")
+        olds = olds[:-1]
+    for old in olds:      # DST is in place: these are what an --overwrite replaced
+        shutil.rmtree(old)
+        log(f"removed {old}, the replaced checkpoint an interrupted --overwrite left behind")
+    (dst / STATE_FILE).unlink(missing_ok=True)
+
+
+def _swap_in(part: Path, dst: Path) -> None:
+    """Rename the finished partial directory to DST (the old DST is moved aside first, then deleted)."""
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}") if dst.exists() else None
+    if old is not None:
+        os.replace(dst, old)
+    os.replace(part, dst)
+    (dst / STATE_FILE).unlink()   # kept until now: a kill before this point resumes with every shard
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _resume_state(part: Path, fingerprint: str, n_shards: int, log) -> dict:
+    """The finished shards of an earlier run of the same conversion that are intact on disk."""
+    state = {"fingerprint": fingerprint, "shards": {}}
+    if not part.exists():
+        return state
+    try:
+        old = json.loads((part / STATE_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        old = None
+    if not isinstance(old, dict):
+        log(f"{part} has no readable progress record ({STATE_FILE}); starting over")
+    elif old.get("fingerprint") != fingerprint:
+        log(f"{part} is from a different conversion or source; starting over")
+    else:
+        changed = []
+        for name, rec in old.get("shards", {}).items():
+            f = part / name
+            if not f.is_file():
+                continue
+            if f.stat().st_size == rec.get("size") and rec.get("sha256") == _sha256(f):
+                state["shards"][name] = rec
+            else:
+                changed.append(name)
+        log(f"resuming {part}: {len(state['shards'])}/{n_shards} shards already written")
+        for name in changed:
+            log(f"{part / name} differs from what was written (size or SHA-256); converting it again")
+        return state
+    shutil.rmtree(part)
+    return state
 
 
 def _write_shards(ckpt: Checkpoint, jobs: list[_Job], names: list[str], part: Path, state: dict, to: str,
@@ -448,7 +559,7 @@ def _write_shards(ckpt: Checkpoint, jobs: list[_Job], names: list[str], part: Pa
 def _finish_shard(writer: SafetensorsWriter, part: Path, name: str, state: dict, shard_stats: dict) -> None:
     writer.close()
     os.replace(writer.path, part / name)
-    state["shards"][name] = {"size": (part / name).stat().st_size,
+    state["shards"][name] = {"size": (part / name).stat().st_size, "sha256": writer.sha256.hexdigest(),
                              "stats": {k: [s.tensors, s.max_rel, s.err2, s.ref2, list(s.bound)]
                                        for k, s in shard_stats.items()}}
     _write_json(part / STATE_FILE, state)
