@@ -193,3 +193,50 @@ def test_full_cache_queues_then_answers_503(ckpt):
         got_a, got_b = asyncio.run(asyncio.wait_for(scenario(), BOUND_S))
         assert (got_a, got_b) == (want_a, want_b)
         _wait_idle(llm)
+
+
+def test_abusive_requests_beside_normal_ones(ckpt):
+    """The audit's three server killers (a seed past 2**64 with sampling, a 1 MiB stop string, a 3.9 MB
+    prompt) sent while 16 normal streams run: every abuser gets its 400, and the normal streams get
+    their solo answers in about the time they take alone (before: the seed killed the engine thread
+    for good; the stop string stalled every stream for ~90 s; each prompt cost 3 s and 400 MB)."""
+    seed = random.randrange(2**31)
+    rng = random.Random(seed)
+    prompts = random_prompts(512, [rng.randrange(4, 40) for _ in range(16)], seed)
+    lengths = [rng.randrange(10, 20) for _ in range(16)]
+    ref = _llm(ckpt, 16384, sharing=False)
+    want = [ref.generate_ids([ids], max_new_tokens=n, ignore_eos=True)[1][0] for ids, n in zip(prompts, lengths)]
+    abusive = [{"prompt": [5, 6, 7], "max_tokens": 8, "temperature": 1, "seed": 2**64 + k} for k in range(4)]
+    abusive += [{"prompt": [5, 6], "max_tokens": 8, "stop": "z" * 1048576}] * 2
+    abusive += [{"prompt": "word " * 780_000, "max_tokens": 4}] * 2
+    bodies = [json.dumps(a).encode() for a in abusive]
+
+    llm = _llm(ckpt, 16384)
+    with ServerThread(llm, ServeOptions(MODEL)) as server:
+        async def normal(client, i):
+            stream = await client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=lengths[i],
+                                                     temperature=0, stream=True, extra_body={"ignore_eos": True})
+            return "".join([c.choices[0].text async for c in stream])
+
+        async def abuse(k):
+            await asyncio.sleep(0.01 * k)
+            data = await _http(server.url, _post("/v1/completions", bodies[k]))
+            return int(data.split(b" ", 2)[1]), json.loads(data.split(b"\r\n\r\n", 1)[1])["error"]
+
+        async def run(with_abuse: bool):
+            t0 = time.monotonic()
+            client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0,
+                                        timeout=BOUND_S)
+            results = await asyncio.gather(*[normal(client, i) for i in range(16)],
+                                           *[abuse(k) for k in range(len(bodies)) if with_abuse])
+            return results, time.monotonic() - t0
+
+        (alone, t_alone) = asyncio.run(asyncio.wait_for(run(False), BOUND_S))
+        (mixed, t_mixed) = asyncio.run(asyncio.wait_for(run(True), BOUND_S))
+        assert alone == want, f"seed={seed}"
+        assert mixed[:16] == want, f"normal streams changed beside the abusers (seed={seed})"
+        for status, err in mixed[16:]:
+            assert status == 400 and err["param"] in ("seed", "stop", "prompt"), err
+        assert t_mixed < 2 * t_alone + 3.0, (t_alone, t_mixed)
+        assert server.worker.alive
+        _wait_idle(llm)

@@ -77,7 +77,7 @@ class StepOutput:
 def _stop_prefix_at_end(text: str, stop: str) -> int:
     """Length of the longest proper prefix of `stop` that `text` ends with (0 if none): the leftmost
     place in text's last len(stop) - 1 characters where the rest of text starts `stop`."""
-    tail = text[len(text) - len(stop) + 1:] if len(stop) > 1 else ""
+    tail = text[max(0, len(text) - len(stop) + 1):] if len(stop) > 1 else ""
     i = tail.find(stop[0])
     while i >= 0:
         if stop.startswith(tail[i:]):

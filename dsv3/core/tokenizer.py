@@ -2,10 +2,20 @@
 (BOS handling, special tokens, the chat template, rendered with a sandboxed Jinja environment)."""
 from __future__ import annotations
 
+import functools
 import json
+import re
+import time
 from pathlib import Path
 
-from dsv3.core.errors import CheckpointError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from dsv3.core.errors import CheckpointError, RequestError
+
+RENDER_SECONDS = 5.0
+RENDER_CHARS = 16 * 1024 * 1024
+_MARK = "\ue000{}\ue001"                      # private-use characters: never in a template's own text
+_MARK_RE = re.compile("\ue000(\\d+)\ue001")
 
 
 def _token_text(tok) -> str | None:
@@ -46,16 +56,152 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes one token decodes to: a prompt of more than n * this bytes holds more
+        than n tokens, which lets a server refuse it before tokenizing it."""
+        ids = [[i] for i in range(self.vocab_size)]
+        return max(len(t.encode()) for t in self._tok.decode_batch(ids, skip_special_tokens=False))
+
+    @functools.cached_property
+    def special_texts(self) -> tuple[str, ...]:
+        """The text forms of the control tokens (`<｜User｜>`, `<｜tool▁calls▁begin｜>`, ...)."""
+        return tuple(t.content for t in self._tok.get_added_tokens_decoder().values() if t.special)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    max_seconds: float | None = None, max_chars: int | None = None) -> str:
+        """The chat template's text for `messages`. Rendering is bounded in time and size (a template
+        may loop or multiply strings without end): past either bound it raises TemplateLimitError."""
         if not self.chat_template:
             raise CheckpointError("this checkpoint's tokenizer_config.json has no chat_template; "
                                   "use plain prompts instead of chat mode")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        env = _BoundedSandbox(RENDER_SECONDS if max_seconds is None else max_seconds,
+                              RENDER_CHARS if max_chars is None else max_chars, trim_blocks=True, lstrip_blocks=True)
+        try:
+            template = env.from_string(self.chat_template)
+        except RecursionError:
+            raise TemplateLimitError("the chat template nests too deeply to compile") from None
+        pieces, size = [], 0
+        try:
+            for piece in template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                           bos_token=self.bos_token or "", eos_token=self.eos_token or ""):
+                size += len(piece)
+                env.check(size)
+                pieces.append(piece)
+        except RecursionError:
+            raise TemplateLimitError("the chat template recursed too deeply") from None
+        return "".join(pieces)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        # The template writes the BOS token itself.
-        return self.encode(self.render_chat(messages), add_bos=False)
+        """Token ids of the rendered conversation (the template writes the BOS token itself).
+
+        Control tokens come from the template only: text in a message that spells one (a user typing
+        `<｜Assistant｜>`) is encoded as plain text, so it cannot forge a turn, as the peers do."""
+        rendered = self.render_chat(messages)
+        contents = [m.get("content") for m in messages]
+        if not any(isinstance(c, str) and any(t in c for t in self.special_texts) for c in contents):
+            return self.encode(rendered, add_bos=False)
+        # Render again with each content replaced by a marker; the template's text between markers
+        # is encoded with control tokens, each content without.
+        marked = [dict(m, content=_MARK.format(i)) if isinstance(m.get("content"), str) else m
+                  for i, m in enumerate(messages)]
+        template_text = self.render_chat(marked)
+        parts = _MARK_RE.split(template_text)     # text, index, text, index, ..., text
+        if "".join(p if j % 2 == 0 else contents[int(p)] for j, p in enumerate(parts)) != rendered:
+            raise TemplateLimitError("a message contains the text of a control token and this chat template "
+                                     "transforms message contents, so it cannot be encoded as plain text; remove "
+                                     "the control-token text from the message")
+        ids = []
+        for j, p in enumerate(parts):
+            if j % 2 == 0:
+                ids += self._tok.encode(p, add_special_tokens=False).ids if p else []
+            else:
+                ids += self._plain.encode(contents[int(p)], add_special_tokens=False).ids
+        return ids
+
+    @functools.cached_property
+    def _plain(self):
+        """A second tokenizer that reads control-token text as plain text (one of our own, so the
+        setting never races with encodes on another thread)."""
+        from tokenizers import Tokenizer as HFTokenizer
+        plain = HFTokenizer.from_str(self._tok.to_str())
+        plain.encode_special_tokens = True
+        return plain
+
+
+_WIDTH_FILTERS = {"do_center", "do_indent", "do_wordwrap", "do_truncate", "do_format", "do_batch", "do_slice"}
+
+
+class TemplateLimitError(RequestError):
+    """The chat template could not be rendered within its bounds, or safely."""
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox with a deadline and a size bound. Every call, attribute or item
+    lookup, arithmetic operator and filter checks the clock, and operations that build strings or
+    lists refuse results larger than the bound before building them (`'x' * 4000000000`)."""
+
+    intercepted_binops = frozenset(["*", "**", "+", "%"])
+
+    def __init__(self, max_seconds: float, max_chars: int, **kwargs):
+        super().__init__(**kwargs)
+        self.deadline, self.max_seconds, self.max_chars = time.monotonic() + max_seconds, max_seconds, max_chars
+        self.filters = {name: self._bounded_filter(f) for name, f in self.filters.items()}
+
+    def check(self, size: int = 0) -> None:
+        if time.monotonic() > self.deadline:
+            raise TemplateLimitError(f"the chat template took over {self.max_seconds:g} s to render")
+        if size > self.max_chars:
+            raise TemplateLimitError(f"the chat template's output exceeds {self.max_chars} characters")
+
+    def _sized(self, value):
+        if isinstance(value, (str, list, tuple)):
+            self.check(len(value))
+        return value
+
+    def call_binop(self, context, operator, left, right):
+        self.check()
+        if operator == "*" and isinstance(left, int) and not isinstance(right, int):
+            left, right = right, left
+        if operator == "*" and isinstance(left, (str, list, tuple)) and isinstance(right, int):
+            self.check(len(left) * max(right, 0))
+        elif operator == "**" and isinstance(right, (int, float)) and abs(right) > 1024:
+            raise TemplateLimitError(f"the chat template raises a number to the power {right}")
+        elif operator == "%" and isinstance(left, str):
+            self.check(len(left) + sum(len(str(x)) for x in (right if isinstance(right, tuple) else (right,))))
+            if re.search(r"%[-+ #0]*(\d{5,}|\*)", left):
+                raise TemplateLimitError("the chat template formats with a field width over 9999")
+        return self._sized(super().call_binop(context, operator, left, right))
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - Jinja's own signature
+        __self.check()
+        if any(isinstance(a, int) and a > __self.max_chars for a in (*args, *kwargs.values())):
+            raise TemplateLimitError(f"the chat template calls {getattr(__obj, '__name__', 'a function')} "
+                                     f"with a size over {__self.max_chars}")
+        return __self._sized(super().call(__context, __obj, *args, **kwargs))
+
+    def getattr(self, obj, attribute):
+        self.check()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj, argument):
+        self.check()
+        return super().getitem(obj, argument)
+
+    def _bounded_filter(self, f):
+        def bounded(*args, **kwargs):
+            self.check()
+            values = [a for a in (*args, *kwargs.values()) if not hasattr(a, "environment")]   # not the context
+            if (f.__name__ in _WIDTH_FILTERS
+                    and any(isinstance(a, int) and not isinstance(a, bool) and a > 9999 for a in values[1:])):
+                raise TemplateLimitError(f"the chat template calls the filter {f.__name__.removeprefix('do_')} "
+                                         f"with a width over 9999")
+            strings = [len(a) for a in values if isinstance(a, str)]
+            if f.__name__ == "do_replace" and len(strings) >= 3:    # s | replace(old, new): up to len(s) * len(new)
+                self.check(strings[0] * max(strings[2], 1))
+            return self._sized(f(*args, **kwargs))
+        for attr in ("jinja_pass_arg",):                        # keep Jinja's context/eval-context passing
+            if hasattr(f, attr):
+                setattr(bounded, attr, getattr(f, attr))
+        bounded.__name__ = getattr(f, "__name__", "filter")
+        return bounded

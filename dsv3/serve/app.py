@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import hmac
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from dsv3.core.errors import RequestError
 from dsv3.core.sampling import SamplingParams
+from dsv3.core.tokenizer import TemplateLimitError
 from dsv3.serve import protocol as P
 from dsv3.serve.worker import Accepted, EngineWorker, Failed
 
@@ -33,6 +37,26 @@ class ServeOptions:
     api_key: str | None = None
     max_body_bytes: int = 4 * 1024 * 1024
     max_prompt_tokens: int | None = None     # None: what the context and the cache allow
+    header_timeout_s: float = 10.0           # a connection's request headers must arrive within this
+    body_timeout_s: float = 30.0             # and its body within this, once the headers are in
+    stuck_after_s: float = 120.0             # /health answers 503 when one engine step runs longer
+
+
+class _ClientGone(Exception):
+    """The client hung up while its request body was being read: there is nobody to answer."""
+
+
+def _malloc_trim() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it otherwise): tokenizing a multi-MB prompt
+    leaves hundreds of MB of free but resident arena pages behind."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+with contextlib.suppress(OSError, AttributeError, TypeError):
+    _LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
+    _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
 
 
 class _Disconnected:
@@ -55,7 +79,22 @@ def create_app(llm, worker: EngineWorker, options: ServeOptions) -> Starlette:
     # slots speculative decoding reserves), since one request must fit the cache on its own.
     context = min(engine.max_context, engine.capacity_tokens - engine.reserve)
     max_prompt = min(options.max_prompt_tokens or context - 1, context - 1)
+    # No token is longer than max_token_bytes, so text over this many bytes cannot fit max_prompt
+    # tokens: refused before it is tokenized (which costs seconds and hundreds of MB for megabytes).
+    max_prompt_bytes = (max_prompt + 1) * tok.max_token_bytes
     created = int(time.time())
+    # Tokenizing and template rendering run off the event loop, on threads of their own: a slow one
+    # (a long prompt, a template at its time bound) never delays the engine's events or other requests.
+    tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dsv3-tokenize")
+
+    async def off_loop(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(tokenize_pool, fn, *args)
+
+    def check_prompt_bytes(nbytes: int, param: str) -> None:
+        if nbytes > max_prompt_bytes:
+            raise P.APIError(400, f"the prompt is {nbytes} bytes of text, more than {max_prompt} tokens can hold "
+                                  f"(this server accepts at most {max_prompt} prompt tokens, context {context}); "
+                                  f"shorten it", param=param, code="context_length_exceeded")
 
     def authorize(request: Request) -> None:
         if options.api_key is None:
@@ -73,11 +112,21 @@ def create_app(llm, worker: EngineWorker, options: ServeOptions) -> Starlette:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise P.APIError(413, f"request body is {declared} bytes; the limit is {limit} (--max-body-bytes)")
         chunks, size = [], 0
-        async for chunk in request.stream():        # also bounds chunked bodies with no length header
-            size += len(chunk)
-            if size > limit:
-                raise P.APIError(413, f"request body exceeds {limit} bytes (--max-body-bytes)")
-            chunks.append(chunk)
+
+        async def read() -> None:
+            nonlocal size
+            async for chunk in request.stream():        # also bounds chunked bodies with no length header
+                size += len(chunk)
+                if size > limit:
+                    raise P.APIError(413, f"request body exceeds {limit} bytes (--max-body-bytes)")
+                chunks.append(chunk)
+        try:
+            await asyncio.wait_for(read(), options.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise P.APIError(408, f"the request body did not arrive within {options.body_timeout_s:g} s "
+                                  f"({size} bytes came); send it at once") from None
+        except ClientDisconnect:
+            raise _ClientGone() from None
         return b"".join(chunks)
 
     def check_model(name: str | None) -> None:
@@ -86,6 +135,8 @@ def create_app(llm, worker: EngineWorker, options: ServeOptions) -> Starlette:
                                   f"(GET /v1/models)", param="model", code="model_not_found")
 
     def sampling(req, prompt_len: int, max_tokens: int | None) -> SamplingParams:
+        if max_tokens is None and isinstance(req, P.CompletionRequest):
+            max_tokens = min(16, context - prompt_len)    # OpenAI's default for legacy completions
         if prompt_len > max_prompt:
             raise P.APIError(400, f"the prompt is {prompt_len} tokens; this server accepts at most {max_prompt} "
                                   f"(context {context}); shorten it", param="messages" if hasattr(req, "messages")
@@ -198,24 +249,33 @@ def create_app(llm, worker: EngineWorker, options: ServeOptions) -> Starlette:
             authorize(request)
             if not worker.alive:
                 raise P.APIError(503, "the server is shutting down; retry on another instance", "server_error")
-            req = P.parse(schema, await read_body(request))
+            body = await read_body(request)
+            req = P.parse(schema, body)
             check_model(req.model)
             if chat:
                 messages = [m.as_template_input() for m in req.messages]
+                check_prompt_bytes(sum(len(m["content"].encode()) for m in messages), "messages")
                 try:
-                    prompt_ids = await asyncio.to_thread(tok.encode_chat, messages)
+                    prompt_ids = await off_loop(tok.encode_chat, messages)
+                except TemplateLimitError as e:
+                    raise P.APIError(400, f"messages: {e}", param="messages") from None
                 except Exception as e:  # noqa: BLE001 - the template raises for conversations it rejects
                     raise P.APIError(400, f"messages: the chat template rejected them ({e})", param="messages")
             else:
                 prompt = req.single_prompt()
                 if isinstance(prompt, str):
-                    prompt_ids = await asyncio.to_thread(tok.encode, prompt)
+                    check_prompt_bytes(len(prompt.encode()), "prompt")
+                    prompt_ids = await off_loop(tok.encode, prompt)
                 else:
                     check_ids(prompt)
                     prompt_ids = list(prompt)
+            if len(body) >= 1 << 20:
+                await off_loop(_malloc_trim)
             return await generate(request, req, prompt_ids, chat)
         except P.APIError as e:
             return _error(e, metrics)
+        except _ClientGone:
+            return Response(status_code=499)
 
     async def completions(request: Request) -> Response:
         return await handle(request, P.CompletionRequest, chat=False)
@@ -233,9 +293,13 @@ def create_app(llm, worker: EngineWorker, options: ServeOptions) -> Starlette:
              "max_model_len": context}]})
 
     async def health(request: Request) -> Response:
-        if worker.alive:
-            return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "unavailable"}, status_code=503)
+        if not worker.alive:
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        busy = worker.busy_for()
+        if busy > options.stuck_after_s:
+            return JSONResponse({"status": "stuck", "message": f"one engine step has run for {busy:.0f} s "
+                                 f"(limit {options.stuck_after_s:g} s); restart the server"}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     async def prometheus(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -252,6 +316,7 @@ def create_app(llm, worker: EngineWorker, options: ServeOptions) -> Starlette:
         # uvicorn has stopped accepting connections and waited for the open ones (draining), so the
         # engine is idle unless the drain timed out; stop its thread without blocking the loop.
         await asyncio.to_thread(worker.stop, 30.0)
+        tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     routes = [
         Route("/v1/completions", completions, methods=["POST"]),

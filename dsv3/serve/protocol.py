@@ -145,10 +145,8 @@ def parse(schema: type[_Strict], body: bytes):
 
 
 def stop_list(stop) -> tuple[str, ...]:
-    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    if len(stops) > 16 or any(not s for s in stops):
-        raise APIError(400, "stop: give at most 16 non-empty strings", param="stop")
-    return stops
+    """The request's stop strings; SamplingParams bounds their count and length."""
+    return (stop,) if isinstance(stop, str) else tuple(stop or ())
 
 
 # -- response bodies ------------------------------------------------------------------------------

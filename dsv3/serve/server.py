@@ -6,9 +6,36 @@ import threading
 import time
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from dsv3.serve.app import ServeOptions, create_app
 from dsv3.serve.worker import EngineWorker
+
+
+def _timed_h11(header_timeout: float) -> type:
+    """uvicorn's h11 protocol, closing a connection whose request headers have not all arrived
+    `header_timeout` s after it opened (or after its previous response): a client that opens
+    sockets and trickles bytes would otherwise hold them for ever. Idle keep-alive connections are
+    closed by uvicorn's own keep-alive timeout; slow bodies by the app (ServeOptions.body_timeout_s)."""
+
+    class TimedH11Protocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_header_timer()
+
+        def _arm_header_timer(self) -> None:
+            armed_at = self.cycle                  # a new request replaces the cycle
+            self.loop.call_later(header_timeout, self._header_timeout, armed_at)
+
+        def _header_timeout(self, armed_at) -> None:
+            if self.cycle is armed_at and not self.transport.is_closing():
+                self.transport.close()
+
+    return TimedH11Protocol
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -27,7 +54,8 @@ def make_server(llm, options: ServeOptions, log_level: str = "info", drain_timeo
     worker = EngineWorker(llm.engine, mesh=getattr(llm, "mesh", None))
     app = create_app(llm, worker, options)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=drain_timeout,
-                            lifespan="on", access_log=log_level == "debug")
+                            lifespan="on", access_log=log_level == "debug",
+                            http=_timed_h11(options.header_timeout_s))
     return uvicorn.Server(config), worker
 
 
