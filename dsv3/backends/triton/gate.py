@@ -1,27 +1,36 @@
-"""noaux_tc MoE routing in one kernel: logits, sigmoid, biased group-limited top-k, weights.
+"""noaux_tc MoE routing in one launch: logits, sigmoid, biased group-limited top-k, weights.
 
 x [T, D] @ W^T [D, E] with fp32 accumulation (bf16 products are exact in fp32, as in the
 reference's float32 matmul), s = sigmoid; choose with s + bias: group score = sum of the top-2
 biased scores of each group, keep `topk_group` groups, take the top-k experts of those; weights are
 the unbiased s of the chosen experts, normalised and scaled.
 
-Two launches: `gate_logits_kernel` spreads the logits over (token tiles x expert tiles x D splits)
-so a decode step streams the 3.7 MB gate matrix with the whole GPU (one program per token tile read
-it at one SM's bandwidth: 50 us), writing fp32 partial logits; `moe_gate_kernel` sums the partials
-and does the routing for BLOCK_T tokens per program.
+Decode reads the 3.7 MB gate matrix with the whole GPU: the grid is (token tiles x expert tiles x
+D splits), each program writes fp32 partial logits. The last program of a token tile to finish (an
+atomic count per tile, reset by that program) sums the partials in split order, so the logits do not
+depend on timing, and routes the tile's tokens. One launch instead of two: inside a CUDA graph the
+second launch's latency was most of the op's time at T <= 64.
 """
 import torch
 import triton
 import triton.language as tl
 
+from dsv3.backends.triton.counters import tile_counters
+
 
 @triton.jit
-def gate_logits_kernel(x_ptr, w_ptr, part_ptr, T, D, E, d_per_split, stride_x, stride_w,
-                       BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
-    """part[s, t, e] = sum over split s's slice of D of x[t, d] * w[e, d], fp32."""
-    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-    s = tl.program_id(2)
+def moe_gate_kernel(x_ptr, w_ptr, bias_ptr, part_ptr, count_ptr, wout_ptr, iout_ptr, T, D, d_per_split,
+                    stride_x, stride_w, routed_scale,
+                    E: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr,
+                    NORM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                    BLOCK_D: tl.constexpr, ROUTE_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_EG: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    EPG: tl.constexpr = E // N_GROUP
+    pid_t, pid_e, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    splits = tl.num_programs(2)
+    # 1. partial logits part[s, t, e] over this split's slice of D
+    tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     d = tl.arange(0, BLOCK_D)
     tmask, emask = tok < T, e < E
     acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
@@ -32,60 +41,74 @@ def gate_logits_kernel(x_ptr, w_ptr, part_ptr, T, D, E, d_per_split, stride_x, s
         ws = tl.load(w_ptr + e[:, None] * stride_w + d0 + d[None, :], mask=emask[:, None] & dm[None, :], other=0.0)
         acc += tl.dot(xs, tl.trans(ws))
     tl.store(part_ptr + (s * T + tok[:, None]) * E + e[None, :], acc, mask=tmask[:, None] & emask[None, :])
+    # 2. the tile's last program routes its tokens (release: this program's stores before the count;
+    #    acquire: the others' stores before the reads below, which bypass L1)
+    tl.debug_barrier()
+    done = tl.atomic_add(count_ptr + pid_t, 1, sem="acq_rel", scope="gpu")
+    if done == tl.num_programs(1) * splits - 1:
+        g = tl.arange(0, BLOCK_G)
+        j = tl.arange(0, BLOCK_EG)
+        expert = g[:, None] * EPG + j[None, :]                                           # [BG, BEG]
+        valid = (g[:, None] < N_GROUP) & (j[None, :] < EPG)
+        flat = tl.reshape(g[:, None] * BLOCK_EG + j[None, :], (BLOCK_G * BLOCK_EG,))    # position in the flat view
+        flat_expert = tl.reshape(expert, (BLOCK_G * BLOCK_EG,))
+        bias = tl.zeros((BLOCK_G, BLOCK_EG), dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + expert, mask=valid, other=0.0)
+        slot = tl.arange(0, BLOCK_K)
+        for r0 in range(0, BLOCK_T, ROUTE_T):
+            rt = pid_t * BLOCK_T + r0 + tl.arange(0, ROUTE_T)
+            rmask = rt < T
+            m3 = rmask[:, None, None] & valid[None, :, :]
+            logits = tl.zeros((ROUTE_T, BLOCK_G, BLOCK_EG), dtype=tl.float32)
+            for sp in range(0, splits):
+                logits += tl.load(part_ptr + (sp * T + rt[:, None, None]) * E + expert[None, :, :], mask=m3,
+                                  other=0.0, cache_modifier=".cg")
+            scores = tl.sigmoid(logits)                                                  # [RT, BG, BEG]
+            choice = tl.where(m3, scores + bias[None, :, :], float("-inf"))
+            # group score = sum of the group's top-2 biased scores (ties: the first index, as argmax)
+            top1 = tl.max(choice, axis=2)                                                # [RT, BG]
+            if EPG >= 2:
+                arg1 = tl.argmax(choice, axis=2)
+                top1 += tl.max(tl.where(j[None, None, :] == arg1[:, :, None], float("-inf"), choice), axis=2)
+            gs = tl.where((g < N_GROUP)[None, :], top1, float("-inf"))
+            # keep the topk_group best groups: rank = groups ahead of g (higher score, or equal and earlier)
+            ahead = (gs[:, None, :] > gs[:, :, None]) | ((gs[:, None, :] == gs[:, :, None]) &
+                                                          (g[None, None, :] < g[None, :, None]))
+            keep = tl.sum(ahead.to(tl.int32), axis=2) < TOPK_GROUP                        # [RT, BG]
+            masked = tl.where(keep[:, :, None], choice, float("-inf"))
+            # top-k over the kept experts, in the flat view; one max per pick (value and first index packed)
+            bits = tl.reshape(masked, (ROUTE_T, BLOCK_G * BLOCK_EG)).to(tl.int32, bitcast=True)
+            order = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)           # sorts as the floats do
+            key = order * 65536 + (65535 - flat[None, :])
+            sflat = tl.reshape(scores, (ROUTE_T, BLOCK_G * BLOCK_EG))
+            ids = tl.zeros((ROUTE_T, BLOCK_K), dtype=tl.int64)
+            wts = tl.zeros((ROUTE_T, BLOCK_K), dtype=tl.float32)
+            for kk in tl.static_range(TOP_K):
+                best = tl.max(key, axis=1)                                               # [RT]
+                hit = key == best[:, None]
+                wk = tl.sum(tl.where(hit, sflat, 0.0), axis=1)
+                ek = tl.sum(tl.where(hit, flat_expert[None, :], 0), axis=1)
+                ids = tl.where(slot[None, :] == kk, ek[:, None].to(tl.int64), ids)
+                wts = tl.where(slot[None, :] == kk, wk[:, None], wts)
+                key = tl.where(hit, -9223372036854775807, key)
+            if NORM:
+                wts = wts / (tl.sum(wts, axis=1)[:, None] + 1e-20)
+            wts = wts * routed_scale
+            omask = rmask[:, None] & (slot[None, :] < TOP_K)
+            tl.store(wout_ptr + rt[:, None] * TOP_K + slot[None, :], wts, mask=omask)
+            tl.store(iout_ptr + rt[:, None] * TOP_K + slot[None, :], ids, mask=omask)
+        tl.store(count_ptr + pid_t, 0)                          # ready for the next launch
 
 
-@triton.jit
-def moe_gate_kernel(part_ptr, bias_ptr, wout_ptr, iout_ptr, T, SPLITS, routed_scale,
-                    E: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr,
-                    NORM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-                    BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
-    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    e = tl.arange(0, BLOCK_E)
-    tmask, emask = tok < T, e < E
-    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
-    for s in range(0, SPLITS):
-        acc += tl.load(part_ptr + (s * T + tok[:, None]) * E + e[None, :], mask=tmask[:, None] & emask[None, :],
-                       other=0.0)
-    scores = tl.sigmoid(acc)                                                    # [BT, BE]
-    choice = scores
-    if HAS_BIAS:
-        choice = choice + tl.load(bias_ptr + e, mask=emask, other=0.0)[None, :]
-    choice = tl.where(emask[None, :], choice, float("-inf"))
-    gid = e // (E // N_GROUP)
-    g = tl.arange(0, BLOCK_G)
-    gscore = tl.full((BLOCK_T, BLOCK_G), float("-inf"), dtype=tl.float32)
-    for gi in tl.static_range(N_GROUP):                       # group score = sum of its top-2
-        v = tl.where((gid == gi)[None, :], choice, float("-inf"))
-        best = tl.argmax(v, axis=1)
-        top = tl.max(v, axis=1)
-        if E // N_GROUP >= 2:
-            top += tl.max(tl.where(e[None, :] == best[:, None], float("-inf"), v), axis=1)
-        gscore = tl.where(g[None, :] == gi, top[:, None], gscore)
-    keep = tl.zeros((BLOCK_T, BLOCK_G), dtype=tl.int32)
-    for _ in tl.static_range(TOPK_GROUP):
-        pick = tl.argmax(tl.where(keep > 0, float("-inf"), gscore), axis=1)
-        keep = tl.where(g[None, :] == pick[:, None], 1, keep)
-    keep_e = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int32)
-    for gi in tl.static_range(N_GROUP):
-        kept = tl.max(tl.where(g[None, :] == gi, keep, 0), axis=1)            # [BT]
-        keep_e = tl.where((gid == gi)[None, :] & (kept[:, None] > 0), 1, keep_e)
-    masked = tl.where(keep_e > 0, choice, float("-inf"))
-    slot = tl.arange(0, BLOCK_K)
-    ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int64)
-    wts = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
-    for j in tl.static_range(TOP_K):
-        pick = tl.argmax(masked, axis=1)
-        hit = e[None, :] == pick[:, None]
-        wj = tl.sum(tl.where(hit, scores, 0.0), axis=1)
-        ids = tl.where(slot[None, :] == j, pick[:, None].to(tl.int64), ids)
-        wts = tl.where(slot[None, :] == j, wj[:, None], wts)
-        masked = tl.where(hit, float("-inf"), masked)
-    if NORM:
-        wts = wts / (tl.sum(wts, axis=1)[:, None] + 1e-20)
-    wts = wts * routed_scale
-    omask = tmask[:, None] & (slot[None, :] < TOP_K)
-    tl.store(wout_ptr + tok[:, None] * TOP_K + slot[None, :], wts, mask=omask)
-    tl.store(iout_ptr + tok[:, None] * TOP_K + slot[None, :], ids, mask=omask)
+def gate_config(t: int, e: int, d: int, num_sms: int) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_E, D splits, ROUTE_T): ~2 waves of programs; narrow expert tiles at decode."""
+    block_t = 16 if t <= 256 else 64
+    block_e = min(16 if t <= 64 else 64, max(16, triton.next_power_of_2(e)))
+    tiles = triton.cdiv(t, block_t) * triton.cdiv(e, block_e)
+    d_steps = triton.cdiv(d, 128)
+    splits = max(1, min(triton.cdiv(2 * num_sms, tiles), d_steps))
+    return block_t, block_e, splits, min(8, triton.next_power_of_2(t))
 
 
 def moe_gate(x, weight, bias, spec, num_sms: int = 132):
@@ -99,22 +122,17 @@ def moe_gate(x, weight, bias, spec, num_sms: int = 132):
         x = x.contiguous()
     if weight.dtype != x.dtype:
         weight = weight.to(x.dtype)
-    block_t = 16 if t <= 256 else 64
-    block_e = min(64, max(16, triton.next_power_of_2(e)))
+    block_t, block_e, splits, route_t = gate_config(t, e, d, num_sms)
     block_d = min(128, max(16, triton.next_power_of_2(d)))
-    tiles = triton.cdiv(t, block_t) * triton.cdiv(e, block_e)
-    d_steps = triton.cdiv(d, block_d)
-    splits = max(1, min(triton.cdiv(2 * num_sms, tiles), d_steps // 4))      # >= 4 D steps per program
-    d_per_split = triton.cdiv(d_steps, splits) * block_d
+    d_per_split = triton.cdiv(triton.cdiv(d, block_d), splits) * block_d
     splits = triton.cdiv(d, d_per_split)
     part = torch.empty((splits, t, e), dtype=torch.float32, device=x.device)
-    gate_logits_kernel[(triton.cdiv(t, block_t), triton.cdiv(e, block_e), splits)](
-        x, weight, part, t, d, e, d_per_split, x.stride(0), weight.stride(0),
-        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=block_d, num_warps=4, num_stages=3)
-    moe_gate_kernel[(triton.cdiv(t, 16),)](
-        part, bias if bias is not None else part, weights, ids, t, splits,
-        float(spec.routed_scaling_factor), E=e, N_GROUP=spec.n_group, TOPK_GROUP=spec.topk_group, TOP_K=spec.top_k,
-        NORM=bool(spec.norm_topk_prob), HAS_BIAS=bias is not None, BLOCK_T=16,
-        BLOCK_E=max(16, triton.next_power_of_2(e)), BLOCK_G=max(2, triton.next_power_of_2(spec.n_group)),
-        BLOCK_K=max(2, triton.next_power_of_2(spec.top_k)), num_warps=4)
+    t_tiles = triton.cdiv(t, block_t)
+    moe_gate_kernel[(t_tiles, triton.cdiv(e, block_e), splits)](
+        x, weight, bias if bias is not None else part, part, tile_counters(x.device, t_tiles), weights, ids,
+        t, d, d_per_split, x.stride(0), weight.stride(0), float(spec.routed_scaling_factor),
+        E=e, N_GROUP=spec.n_group, TOPK_GROUP=spec.topk_group, TOP_K=spec.top_k, NORM=bool(spec.norm_topk_prob),
+        HAS_BIAS=bias is not None, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=block_d, ROUTE_T=route_t,
+        BLOCK_G=triton.next_power_of_2(spec.n_group), BLOCK_EG=triton.next_power_of_2(e // spec.n_group),
+        BLOCK_K=max(2, triton.next_power_of_2(spec.top_k)), num_warps=4, num_stages=3)
     return weights, ids

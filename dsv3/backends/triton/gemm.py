@@ -6,25 +6,27 @@ fp8 round trip). w: fp8 [N, K] with float32 weight_scale_inv [ceil(N/128), ceil(
 BLOCK_K is 128 so one K step meets exactly one activation scale per row and one weight scale per
 128 output columns; the partial dot of each K step is scaled in fp32 and accumulated.
 
-Small M (decode) is bound by reading w once: the grid is split along K (SPLIT_K programs per output
-tile write fp32 partials, `splitk_reduce_kernel` sums them) so every SM streams weight bytes even
-when there are only a few output tiles.
+Small M (decode) is bound by reading w once: the grid is split along K so every SM streams weight
+bytes even when there are only a few output tiles. The splits of a tile write fp32 partials; the last
+one to arrive (dsv3.backends.triton.counters) sums them in split order and writes the output, so a
+split-K GEMM is one launch and its result does not depend on timing.
 """
 import torch
 import triton
 import triton.language as tl
 
+from dsv3.backends.triton.counters import tile_counters
 from dsv3.backends.triton.tuning import GemmConfig
 
 BLOCK_K = 128
 
 
 @triton.jit
-def fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, k_steps_per_split,
-                    stride_am, stride_asm, stride_bn, stride_bsn, stride_cs, stride_cm,
+def fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, ws_ptr, count_ptr, M, N, K, k_steps_per_split,
+                    stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
                     QUANT_A: tl.constexpr, UE8M0: tl.constexpr, FP8_MAX: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    GROUP_M: tl.constexpr):
+                    GROUP_M: tl.constexpr, SPLIT: tl.constexpr):
     pid, pid_k = tl.program_id(0), tl.program_id(1)
     # grouped order: GROUP_M row tiles share each column tile of w while it is in L2
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -59,18 +61,21 @@ def fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, k_steps_per_sp
             a = tl.load(a_rows + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             a_s = tl.load(as_ptr + offs_m * stride_asm + kb, mask=mask_m, other=0.0)
         acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
-    c = c_ptr + pid_k * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
-@triton.jit
-def splitk_reduce_kernel(ws_ptr, c_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < MN
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        acc += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
-    tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    mask_c = mask_m[:, None] & mask_n[None, :]
+    c = offs_m[:, None] * stride_cm + offs_n[None, :]
+    if SPLIT:  # partial sums ws [splits, M, N]; the tile's last split adds them up in order
+        splits = tl.num_programs(1)
+        tl.store(ws_ptr + pid_k * M * N + c, acc, mask=mask_c)
+        tl.debug_barrier()
+        done = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if done == splits - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for sp in range(0, splits):
+                acc += tl.load(ws_ptr + sp * M * N + c, mask=mask_c, other=0.0, cache_modifier=".cg")
+            tl.store(c_ptr + c, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
+            tl.store(count_ptr + pid, 0)
+    else:
+        tl.store(c_ptr + c, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
 
 
 def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_scale: torch.Tensor,
@@ -85,17 +90,13 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_s
     split = max(1, min(cfg.split_k, k_steps))
     per_split = triton.cdiv(k_steps, split)
     split = triton.cdiv(k_steps, per_split)          # no empty splits
-    target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=a.device)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    ws = torch.empty((split, m, n), dtype=torch.float32, device=a.device) if split > 1 else out
     quant_a = a_scale is None
-    fp8_gemm_kernel[grid](
-        a, a if quant_a else a_scale, w, w_scale, target, m, n, k, per_split,
-        a.stride(0), 0 if quant_a else a_scale.stride(0), w.stride(0), w_scale.stride(0),
-        target.stride(0) if split > 1 else 0, n,
+    fp8_gemm_kernel[(tiles, split)](
+        a, a if quant_a else a_scale, w, w_scale, out, ws, tile_counters(a.device, tiles), m, n, k, per_split,
+        a.stride(0), 0 if quant_a else a_scale.stride(0), w.stride(0), w_scale.stride(0), n,
         QUANT_A=quant_a, UE8M0=ue8m0, FP8_MAX=fp8_max,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=BLOCK_K, GROUP_M=cfg.group_m,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=BLOCK_K, GROUP_M=cfg.group_m, SPLIT=split > 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.extra)
-    if split > 1:
-        block = 1024
-        splitk_reduce_kernel[(triton.cdiv(m * n, block),)](target, out, m * n, SPLIT_K=split, BLOCK=block, num_warps=4)
     return out

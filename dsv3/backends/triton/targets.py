@@ -53,18 +53,17 @@ def kernel_specs(t: tuning.Target):
     add("act_quant", quant.act_quant_kernel, "x_ptr q_ptr s_ptr K num_groups stride_x stride_q stride_sr stride_sg "
         "FP8_MAX UE8M0 GROUP GROUPS", {"x_ptr": "*bf16", "q_ptr": "*" + f8, "s_ptr": "*fp32"},
         {"FP8_MAX": fmax, "UE8M0": False, "GROUP": 128, "GROUPS": 8})
-    gemm_names = ("a_ptr as_ptr b_ptr bs_ptr c_ptr M N K k_steps_per_split stride_am stride_asm stride_bn "
-                  "stride_bsn stride_cs stride_cm QUANT_A UE8M0 FP8_MAX BLOCK_M BLOCK_N BLOCK_K GROUP_M")
+    gemm_names = ("a_ptr as_ptr b_ptr bs_ptr c_ptr ws_ptr count_ptr M N K k_steps_per_split stride_am stride_asm "
+                  "stride_bn stride_bsn stride_cm QUANT_A UE8M0 FP8_MAX BLOCK_M BLOCK_N BLOCK_K GROUP_M SPLIT")
     for m in (1, 128, 4096):   # split-K + in-GEMM quantisation, mid tiles, large tiles
         cfg = tuning.gemm_config(t, m, 7168, 7168)
         quant_a = m <= tuning.QUANT_IN_GEMM_MAX_M
         add(f"fp8_gemm[M={m}]", gemm.fp8_gemm_kernel, gemm_names,
             {"a_ptr": "*bf16" if quant_a else "*" + f8, "as_ptr": "*fp32", "b_ptr": "*" + f8, "bs_ptr": "*fp32",
-             "c_ptr": "*fp32" if cfg.split_k > 1 else "*bf16"},
+             "c_ptr": "*bf16", "ws_ptr": "*fp32", "count_ptr": "*i32"},
             {"QUANT_A": quant_a, "UE8M0": False, "FP8_MAX": fmax, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
-             "BLOCK_K": 128, "GROUP_M": cfg.group_m}, cfg.num_warps, cfg.num_stages, cfg.extra)
-    add("splitk_reduce", gemm.splitk_reduce_kernel, "ws_ptr c_ptr MN SPLIT_K BLOCK",
-        {"ws_ptr": "*fp32", "c_ptr": "*bf16"}, {"SPLIT_K": 8, "BLOCK": 1024})
+             "BLOCK_K": 128, "GROUP_M": cfg.group_m, "SPLIT": cfg.split_k > 1}, cfg.num_warps, cfg.num_stages,
+            cfg.extra)
     add("rms_norm+residual", norm.rms_norm_kernel, "x_ptr r_ptr w_ptr y_ptr h_ptr D stride_x stride_r stride_y "
         "stride_h eps HAS_RESIDUAL BLOCK_D", {n: "*bf16" for n in ("x_ptr", "r_ptr", "w_ptr", "y_ptr", "h_ptr")} |
         {"eps": F32}, {"HAS_RESIDUAL": True, "BLOCK_D": 8192}, num_warps=16)
@@ -101,14 +100,15 @@ def kernel_specs(t: tuning.Target):
          "cu_k_ptr": "*i32", "scale": F32},
         {"DN": 128, "DR": 64, "DV": 128, "BLOCK_DN": 128, "BLOCK_DR": 64, "BLOCK_DV": 128,
          "BLOCK_M": pcfg.block_h, "BLOCK_N": pcfg.block_n}, pcfg.num_warps, pcfg.num_stages, pcfg.extra)
-    add("gate_logits", gate.gate_logits_kernel, "x_ptr w_ptr part_ptr T D E d_per_split stride_x stride_w "
-        "BLOCK_T BLOCK_E BLOCK_D", {"x_ptr": "*bf16", "w_ptr": "*bf16", "part_ptr": "*fp32"},
-        {"BLOCK_T": 16, "BLOCK_E": 64, "BLOCK_D": 128})
-    add("moe_gate", gate.moe_gate_kernel, "part_ptr bias_ptr wout_ptr iout_ptr T SPLITS routed_scale "
-        "E N_GROUP TOPK_GROUP TOP_K NORM HAS_BIAS BLOCK_T BLOCK_E BLOCK_G BLOCK_K",
-        {"part_ptr": "*fp32", "bias_ptr": "*fp32", "wout_ptr": "*fp32", "iout_ptr": "*i64", "routed_scale": F32},
-        {"E": 256, "N_GROUP": 8, "TOPK_GROUP": 4, "TOP_K": 8, "NORM": True, "HAS_BIAS": True, "BLOCK_T": 16,
-         "BLOCK_E": 256, "BLOCK_G": 8, "BLOCK_K": 8})
+    for tokens in (1, 64, 4096):   # decode (16-expert tiles, routed 1 / 8 rows at a time) and prefill tiles
+        bt, be, _, rt = gate.gate_config(tokens, 256, 7168, t.num_sms)
+        add(f"moe_gate[T={tokens}]", gate.moe_gate_kernel, "x_ptr w_ptr bias_ptr part_ptr count_ptr wout_ptr iout_ptr "
+            "T D d_per_split stride_x stride_w routed_scale E N_GROUP TOPK_GROUP TOP_K NORM HAS_BIAS BLOCK_T BLOCK_E "
+            "BLOCK_D ROUTE_T BLOCK_G BLOCK_EG BLOCK_K",
+            {"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*fp32", "part_ptr": "*fp32", "count_ptr": "*i32",
+             "wout_ptr": "*fp32", "iout_ptr": "*i64", "routed_scale": F32},
+            {"E": 256, "N_GROUP": 8, "TOPK_GROUP": 4, "TOP_K": 8, "NORM": True, "HAS_BIAS": True, "BLOCK_T": bt,
+             "BLOCK_E": be, "BLOCK_D": 128, "ROUTE_T": rt, "BLOCK_G": 8, "BLOCK_EG": 32, "BLOCK_K": 8})
     add("moe_align", moe.moe_align_kernel, "ids_ptr sorted_ptr block_expert_ptr N first_expert max_blocks E BLOCK_M "
         "BLOCK_E CHUNK", {"ids_ptr": "*i64", "sorted_ptr": "*i32", "block_expert_ptr": "*i32"},
         {"E": 256, "BLOCK_M": 16, "BLOCK_E": 512, "CHUNK": 1024})
