@@ -139,8 +139,8 @@ def test_tiny_model_generation_matches_reference(tmp_path):
     path = random_checkpoint(tmp_path / "tiny", fmt="fp8-block", seed=3)
     prompts = [[5, 17, 99, 3], [200, 201], [7] * 9]
     gpu = LLM(path, backend="cuda", dtype="float32")
-    assert gpu.engine.runner is not gpu.model, "cuda-fp8 should decode through CUDA graphs"
+    assert gpu.engine.runner.forward is not gpu.model, "cuda-fp8 should decode through CUDA graphs"
     outs, _ = gpu.generate_ids(prompts, max_new_tokens=12, temperature=0.0, ignore_eos=True)
-    assert gpu.engine.runner.replays > 0
+    assert gpu.engine.runner.forward.replays > 0
     cpu = LLM(path, backend="cpu", dtype="float32")
     assert_greedy_matches_reference(cpu, prompts, outs)

@@ -210,7 +210,7 @@ class PoisonRunner:
 
 def test_a_failing_op_fails_only_its_own_request(ckpt, ref):
     llm = _llm(ckpt)
-    llm.engine.runner = PoisonRunner(llm.model, "raise")
+    llm.engine.runner.forward = PoisonRunner(llm.model, "raise")
     seed = random.randrange(2**31)
     good = random_prompts(POISON, [8, 11, 5, 9, 13, 7], seed)          # ids < POISON
     want = [_solo(ref, ids, 10) for ids in good]
@@ -240,7 +240,7 @@ def test_a_failing_op_fails_only_its_own_request(ckpt, ref):
 
 def test_health_reports_a_stuck_engine(ckpt):
     llm = _llm(ckpt)
-    runner = llm.engine.runner = PoisonRunner(llm.model, "hang")
+    runner = llm.engine.runner.forward = PoisonRunner(llm.model, "hang")
     with ServerThread(llm, ServeOptions(MODEL, stuck_after_s=0.3)) as server:
         assert _raw(server, "GET", "/health")[0] == 200
         t = threading.Thread(target=_raw, args=(server, "POST", "/v1/completions",

@@ -7,8 +7,8 @@ import torch
 from dsv3 import LLM
 from dsv3.core.batch import Batch, Chunk
 from dsv3.core.cache import LatentCache
-from dsv3.core.sampling import SamplingParams, target_probs
-from dsv3.core.speculative import MTPDrafter, accept
+from dsv3.core.sampling import SamplingBatch, SamplingParams
+from dsv3.core.speculative import MTPDrafter, verify
 
 from helpers import make_checkpoint, random_prompts, tiny_config
 
@@ -22,13 +22,16 @@ def ckpt(tmp_path_factory):
 def _oracle_drafts(monkeypatch, reference: dict, wrong_rate: float, rng: random.Random):
     """Make the drafter propose the true greedy continuation, corrupted at `wrong_rate`: exercises
     full acceptance, partial acceptance and rejection deterministically against a known answer."""
-    def propose(seq, logits):
-        truth = reference[tuple(seq.token_ids[: seq.prompt_len])]
-        j = len(seq.output_ids) + len(seq.drafts)
-        tok = truth[j] if j < len(truth) else 5
-        if rng.random() < wrong_rate:
-            tok = (tok + 1 + rng.randrange(90)) % 96
-        seq.drafts.append(tok)
+    def propose(work, rows, logits, draft):
+        tokens = []
+        for seq, *_ in work:
+            truth = reference[tuple(seq.token_ids[: seq.prompt_len])]
+            j = len(seq.output_ids) + draft
+            tok = truth[j] if j < len(truth) else 5
+            if rng.random() < wrong_rate:
+                tok = (tok + 1 + rng.randrange(90)) % 96
+            tokens.append(tok)
+        return torch.tensor(tokens, device=logits.device), None
     monkeypatch.setattr(MTPDrafter, "_propose", staticmethod(propose))
 
 
@@ -69,26 +72,28 @@ def _chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
 
 def test_rejection_sampling_preserves_the_target_distribution():
     """First emitted token ~ p_0 and, after an accepted first draft, the second ~ p_1, with top-k applied
-    to draft and target alike. Chi-square test per position at significance 1e-4 (fresh distributions)."""
+    to draft and target alike. Chi-square test per position at significance 1e-4 (fresh distributions).
+    All n trials are verified as one batch on the device path (one row each, its own seed)."""
     torch.manual_seed(random.randrange(2**31))
     vocab, k, n = 8, 2, 20_000
     params = SamplingParams(temperature=0.8, top_k=6)
     target_logits = torch.randn(k + 1, vocab) * 2
     draft_logits = torch.randn(k, vocab) * 2
-    q = [target_probs(draft_logits[j], params) for j in range(k)]
-    p = target_probs(target_logits, params)
+    one = SamplingBatch([params], [0], [0], "cpu")
+    q = one.probs(draft_logits)                                   # [k, V]
+    p = one.probs(target_logits)                                  # [k+1, V]
     gen = torch.Generator().manual_seed(random.randrange(2**31))
-    first, second = torch.zeros(vocab), torch.zeros(vocab)
-    draws = torch.stack([torch.multinomial(q[j], n, replacement=True, generator=gen) for j in range(k)], 1).tolist()
-    for drafts in draws:
-        tokens, a = accept(target_logits, drafts, q, params, gen)
-        first[tokens[0]] += 1
-        if a >= 1:
-            second[tokens[1]] += 1
+    drafts = torch.stack([torch.multinomial(q[j], n, replacement=True, generator=gen) for j in range(k)], 1)
+    seeds = torch.randint(0, 2**62, (n,), generator=gen).tolist()
+    rows = SamplingBatch([params] * n, seeds, [5] * n, "cpu")
+    tokens, accepted = verify(target_logits.expand(n, k + 1, vocab), drafts, q.expand(n, k, vocab), rows)
+    first = torch.bincount(tokens[:, 0], minlength=vocab).float()
+    second = torch.bincount(tokens[accepted >= 1, 1], minlength=vocab).float()
     assert _chi2_pvalue(first, p[0]) > 1e-4
     assert _chi2_pvalue(second, p[1]) > 1e-4
-    # the plain sampler, for scale: the same test on direct draws from p_0
-    direct = torch.bincount(torch.multinomial(p[0], n, replacement=True, generator=gen), minlength=vocab).float()
+    assert 0 < int((accepted == 0).sum()) < n                     # both paths were taken
+    # the plain sampler, for scale: the same test on its own draws from p_0
+    direct = torch.bincount(rows.sample(target_logits[:1].expand(n, vocab)), minlength=vocab).float()
     assert _chi2_pvalue(direct, p[0]) > 1e-4
 
 

@@ -1,68 +1,34 @@
 """The engine: sequences in, tokens out, one flat batch per step.
 
-step() = schedule (admit waiting sequences the cache can hold, then decodes first and prompt
-chunks up to the token budget: chunked prefill), run the model, sample, post-process (EOS, max
-tokens, stop strings, context limit).
+step() = schedule (Scheduler: admission, chunked prefill, preemption, the prefix cache), run
+(ModelRunner: the batch, the model, sampling and draft verification on the device, one
+device->host copy), post-process (append tokens; EOS, max tokens, stop strings, context limit;
+then MTP drafting for the next step).
 
-Admission control: add() queues a sequence (up to `max_waiting`, then QueueFullError); a waiting
-sequence joins the running batch when the cache has blocks for its whole prompt. When a running
-sequence needs a block and none is free, the most recently admitted sequence is preempted: its
-blocks are freed and it waits at the head of the queue to be recomputed (its computed blocks stay
-in the prefix cache, so recomputation usually reuses them).
-
-Prefix caching: full blocks of computed tokens are registered in the allocator under a key that
-chains their token prefix; a new sequence whose prompt starts with registered blocks shares them
-read-only and starts with num_cached = the shared length. With MTP speculation, the MTP layer's
-slot i depends on token i + 1 as well, so a block's key then also covers the token after it.
+A server sets `isolate_failures`: a step that raises is run again one sequence at a time, and only
+the sequences that fail alone end (finish_reason "error", StepOutput.error), so one request that
+breaks an op (a bad kernel shape, a plugin that raises) fails on its own. Offline callers see the
+exception.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
-from dsv3.core.batch import Batch, Chunk
-from dsv3.core.cache import LatentCache, block_key
+from dsv3.core.cache import LatentCache
 from dsv3.core.errors import RequestError
 from dsv3.core.model import DeepseekV3
-from dsv3.core.sampling import SamplingParams, sample
-from dsv3.core.speculative import MTPDrafter, SpecStats, accept
+from dsv3.core.runner import ModelRunner, StepResult
+from dsv3.core.sampling import SamplingParams
+from dsv3.core.scheduler import QueueFullError, Scheduler, Sequence
+from dsv3.core.speculative import MTPDrafter, SpecStats
 from dsv3.core.tokenizer import Tokenizer
 
-_ids = itertools.count()
+__all__ = ["Engine", "EngineStats", "QueueFullError", "Sequence", "StepOutput"]
 log = logging.getLogger("dsv3.engine")
-
-
-@dataclass
-class Sequence:
-    token_ids: list[int]
-    prompt_len: int
-    params: SamplingParams
-    id: int = field(default_factory=lambda: next(_ids))
-    blocks: list[int] = field(default_factory=list)
-    num_cached: int = 0
-    generator: torch.Generator | None = None
-    finish_reason: str | None = None   # "stop" (EOS or stop string), "length", "error" (see StepOutput)
-    text: str = ""                     # detokenised output, cut at a stop string
-    emitted: int = 0                   # characters of `text` already streamed
-    drafts: list[int] = field(default_factory=list)   # MTP proposals for the positions after the last token
-    draft_probs: list = field(default_factory=list)   # their draft distributions (sampling only)
-    mtp_valid: int = 0                 # positions whose MTP-layer cache slot holds a verified result
-    prefix_keys: list[bytes] = field(default_factory=list)   # prefix-cache keys of the leading full blocks
-    num_prefix_cached: int = 0         # prompt tokens taken from the prefix cache at admission
-    stop_scanned: int = 0              # characters of the text already searched for stop strings
-
-    @property
-    def output_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_len:]
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
 
 
 @dataclass
@@ -85,9 +51,6 @@ def _stop_prefix_at_end(text: str, stop: str) -> int:
         i = tail.find(stop[0], i + 1)
     return 0
 
-
-class QueueFullError(RequestError):
-    """The waiting queue is at its bound; the request was not queued (a server answers 503)."""
 
 
 @dataclass
@@ -117,29 +80,32 @@ class Engine:
                  max_batch_tokens: int = 2048, runner=None, num_draft_tokens: int = 0,
                  prefix_caching: bool = True, max_waiting: int | None = None):
         self.model, self.cache, self.tokenizer = model, cache, tokenizer
-        self.runner = runner or model   # runner(batch, caches) -> hidden; e.g. CUDA-graph replay
-        self.max_batch_tokens = max_batch_tokens
         self.max_context = model.cfg.max_position_embeddings
-        self.prefix_caching = prefix_caching
-        self.max_waiting = max_waiting      # None: unbounded (offline use queues everything at once)
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []   # in admission order: the last one is preempted first
         self.device = cache.layers[0].device
         self.stats = EngineStats()
-        self.drafter = (MTPDrafter(model, cache, num_draft_tokens, getattr(self.runner, "mtp_hidden", None))
+        # `runner` is the forward a backend supplies (e.g. CUDA-graph replay); the ModelRunner wraps it
+        self.runner = ModelRunner(model, cache, runner)
+        self.drafter = (MTPDrafter(model, cache, num_draft_tokens, getattr(runner, "mtp_hidden", None))
                         if num_draft_tokens else None)
         if self.drafter and not model.has_mtp:
             raise RequestError("speculative decoding with MTP needs the checkpoint's MTP layer "
                                "(num_nextn_predict_layers = 1 and its tensors); this model has none")
         k = num_draft_tokens if self.drafter else 0
-        # Positions a step may write past its chunk: the next verify's k + 1 tokens and the drafter's
-        # k - 1 chained MTP slots. Reserved when the chunk is scheduled, so drafting never allocates.
         self.reserve = k + 1 if k else 0
         self.tokens_per_decode = k + 1
-        self._early: list[StepOutput] = []   # sequences finished while scheduling (cache exhausted)
-        # A server sets this: a step that raises is retried one sequence at a time, and only the
-        # sequences that fail alone end (finish_reason "error"). Offline callers see the exception.
+        self.scheduler = Scheduler(cache, max_batch_tokens, self.reserve, key_span=1 if k else 0,
+                                   prefix_caching=prefix_caching, max_waiting=max_waiting)
         self.isolate_failures = False
+
+    # the scheduler's knobs and queues, as the server and the tests see them
+    max_batch_tokens = property(lambda self: self.scheduler.max_batch_tokens,
+                                lambda self, v: setattr(self.scheduler, "max_batch_tokens", v))
+    prefix_caching = property(lambda self: self.scheduler.prefix_caching,
+                              lambda self, v: setattr(self.scheduler, "prefix_caching", v))
+    max_waiting = property(lambda self: self.scheduler.max_waiting,
+                           lambda self, v: setattr(self.scheduler, "max_waiting", v))
+    waiting = property(lambda self: self.scheduler.waiting)
+    running = property(lambda self: self.scheduler.running)
 
     @property
     def capacity_tokens(self) -> int:
@@ -155,239 +121,68 @@ class Engine:
             raise RequestError(f"prompt is {len(prompt_ids)} tokens but the latent cache holds "
                                f"{self.capacity_tokens - 1 - self.reserve} prompt tokens at most; raise "
                                f"kv_cache.max_tokens (--max-cache-tokens) or shorten the prompt")
-        if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
-            raise QueueFullError(f"{len(self.waiting)} requests are already waiting for the cache "
-                                 f"(max_waiting = {self.max_waiting}); retry later")
-        gen = None
-        if not params.greedy:
-            gen = torch.Generator().manual_seed(params.seed if params.seed is not None
-                                                else int(torch.randint(0, 2**62, ())))
-        seq = Sequence(list(prompt_ids), len(prompt_ids), params, generator=gen)
-        self.waiting.append(seq)
+        # Unseeded requests draw their key from torch's global generator, which a parallel launch seeds
+        # alike on every rank, so the ranks sample alike.
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()))
+        seq = Sequence(list(prompt_ids), len(prompt_ids), params, seed=seed)
+        self.scheduler.add(seq)
         return seq
 
     def has_work(self) -> bool:
-        return bool(self.running or self.waiting)
+        return self.scheduler.has_work()
 
     def release(self, seq: Sequence) -> None:
         """Drop a sequence (finished, or abandoned by its caller) and free its blocks now."""
-        self._register_blocks(seq)
-        self.cache.allocator.free(seq.blocks)
-        seq.blocks = []
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
-
-    # -- prefix cache -------------------------------------------------------------------------------
-    def _key_span(self) -> int:
-        """Tokens after a block that its cached content depends on: the MTP layer reads token i + 1."""
-        return 1 if self.drafter else 0
-
-    def _register_blocks(self, s: Sequence) -> None:
-        """Register every newly complete block: all its slots (the MTP layer's too) hold results."""
-        if not self.prefix_caching:
-            return
-        bs, span = self.cache.block_size, self._key_span()
-        valid = min(s.num_cached, s.mtp_valid) if self.drafter else s.num_cached
-        b = len(s.prefix_keys)
-        while (b + 1) * bs <= valid and (b + 1) * bs + span <= len(s.token_ids) and b < len(s.blocks):
-            key = block_key(s.prefix_keys[-1] if s.prefix_keys else b"", s.token_ids[b * bs: (b + 1) * bs + span])
-            self.cache.allocator.register(s.blocks[b], key)
-            s.prefix_keys.append(key)
-            b += 1
-
-    def _match_prefix(self, s: Sequence) -> tuple[list[int], list[bytes]]:
-        """Registered blocks that hold the start of s; the last token is always left to compute,
-        since its logits are needed and a shared block is never written."""
-        if not self.prefix_caching:
-            return [], []
-        bs, span = self.cache.block_size, self._key_span()
-        blocks, keys, parent = [], [], b""
-        for b in range((len(s.token_ids) - 1) // bs):
-            parent = block_key(parent, s.token_ids[b * bs: (b + 1) * bs + span])
-            block = self.cache.allocator.lookup(parent)
-            if block is None:
-                break
-            blocks.append(block)
-            keys.append(parent)
-        return blocks, keys
-
-    # -- scheduling ---------------------------------------------------------------------------------
-    def _admit(self, budget: int) -> list[Sequence]:
-        """Move waiting sequences (first come, first served) into the running batch while the cache
-        holds their whole prompt (allocated now) and the token budget one decode step for each."""
-        alloc, admitted = self.cache.allocator, []
-        while (self.waiting and budget > 0
-               and (len(self.running) + 1) * self.tokens_per_decode <= self.max_batch_tokens):
-            s = self.waiting[0]
-            need = self.cache.blocks_needed(len(s.token_ids) + self.reserve)
-            if need > self.cache.num_blocks:      # a preempted sequence that outgrew the whole cache
-                self.waiting.popleft()
-                self._early.append(self._finish(s, "length"))
-                continue
-            shared, keys = self._match_prefix(s)
-            revived = sum(1 for b in shared if alloc.refcount(b) == 0)
-            if need - len(shared) + revived > alloc.num_free:
-                break
-            for b in shared:
-                alloc.share(b)
-            self.waiting.popleft()
-            s.blocks, s.prefix_keys = list(shared), keys
-            self.cache.grow(s.blocks, len(s.token_ids) + self.reserve)
-            s.num_cached = s.mtp_valid = s.num_prefix_cached = len(shared) * self.cache.block_size
-            self.stats.prefix_cached_tokens += s.num_cached
-            self.running.append(s)
-            admitted.append(s)
-            budget -= len(s.token_ids) - s.num_cached
-        return admitted
-
-    def _preempt(self, s: Sequence) -> None:
-        """Free a running sequence's blocks and queue it first for recomputation."""
-        self._register_blocks(s)
-        self.cache.allocator.free(s.blocks)
-        s.blocks, s.prefix_keys, s.num_cached, s.mtp_valid = [], [], 0, 0
-        s.drafts, s.draft_probs = [], []
-        self.running.remove(s)
-        self.waiting.appendleft(s)
-        self.stats.preemptions += 1
-
-    def _finish(self, s: Sequence, reason: str) -> StepOutput:
-        s.finish_reason = reason
-        delta = self._detokenize(s)
-        self.release(s)
-        return StepOutput(s, delta, True, [])
-
-    def schedule(self) -> list[tuple[Sequence, Chunk]]:
-        """Running sequences first (decodes, then prompt chunks), growing their blocks and preempting
-        the most recently admitted when the cache runs out; then, unless that happened, waiting
-        sequences join with what is left of the cache and the token budget."""
-        plan, budget, preempted = [], self.max_batch_tokens, False
-        decoding = [s for s in self.running if s.num_cached == len(s.token_ids) - 1]
-        prefilling = [s for s in self.running if s.num_cached < len(s.token_ids) - 1]
-        order = decoding + prefilling
-        i = 0
-        while i < len(order):
-            s = order[i]
-            tokens = s.token_ids[s.num_cached:] + s.drafts
-            n = min(len(tokens), budget)
-            if n <= 0 or (s.drafts and n < len(tokens)):
-                break
-            need = s.num_cached + n + self.reserve
-            while not self.cache.can_grow(s.blocks, need) and len(order) > i + 1:
-                victim = max(order[i + 1:], key=self.running.index)   # the most recently admitted
-                order.remove(victim)
-                self._preempt(victim)
-                preempted = True
-            if not self.cache.can_grow(s.blocks, need):
-                # Everything after s is preempted; what is left belongs to s and to sequences already
-                # planned this step. s waits for them, or, alone, has outgrown the cache.
-                order.pop(i)
-                if plan:
-                    self._preempt(s)
-                    preempted = True
-                else:
-                    self._early.append(self._finish(s, "length"))
-                continue
-            self.cache.grow(s.blocks, need)
-            plan.append((s, Chunk(tokens[:n], s.num_cached, list(s.blocks),
-                                  decode=s.num_cached > 0 and s in decoding)))
-            budget -= n
-            i += 1
-        # Admitting right after a preemption would hand the freed blocks to a newcomer and preempt
-        # again next step (thrashing); the preempted sequence is first in the queue instead.
-        for s in [] if preempted else self._admit(budget):
-            n = min(len(s.token_ids) - s.num_cached, budget)
-            if n <= 0:
-                break
-            plan.append((s, Chunk(s.token_ids[s.num_cached: s.num_cached + n], s.num_cached, list(s.blocks))))
-            budget -= n
-        return plan
+        self.scheduler.release(seq)
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        plan = self.schedule()
-        early, self._early = self._early, []
-        if not plan:
-            return early
         t0 = time.perf_counter()
+        plan, outgrown = self.scheduler.schedule()
+        outputs = [self._finish(s, "length") for s in outgrown]
+        if plan:
+            results, failed = self._run(plan)
+            outputs += failed + [out for r in results for out in self._post_process(r)]
+            self._account(plan, outputs, time.perf_counter() - t0)
+        return outputs
+
+    def _run(self, plan) -> tuple[list[StepResult], list[StepOutput]]:
         try:
-            groups, failed = [self._compute(plan)], []
+            return [self.runner.run(plan)], []
         except Exception:  # noqa: BLE001 - isolate below, or re-raise
             if not self.isolate_failures:
                 raise
             log.exception("engine step over %d sequences failed; retrying each on its own", len(plan))
-            groups, failed = self._compute_isolated(plan)
-        outputs = failed + [out for g in groups for out in self._post_process(*g)]
-        self.stats.steps += 1
-        self.stats.prefill_tokens += sum(len(c.token_ids) for _, c in plan if not c.decode)
-        self.stats.generated_tokens += sum(len(o.new_tokens) for o in outputs)
-        self.stats.seconds += time.perf_counter() - t0
-        return early + outputs
-
-    def _compute(self, plan: list[tuple[Sequence, Chunk]]):
-        """Run the model over the plan and choose each sequence's new tokens; changes no sequence, so a
-        failed plan can be retried (its cache writes lie past every num_cached and are rewritten later).
-        Returns (plan, batch, hidden [N, D], [(tokens, accepted drafts or None)] per planned sequence)."""
-        batch = Batch.build([c for _, c in plan], self.cache.block_size, self.device)
-        hidden = self.runner(batch, self.cache.layers)
-        # rows whose logits are needed: every row of a verify chunk, the last row of a finished prompt
-        needed = []
-        for i, (s, c) in enumerate(plan):
-            if s.drafts:
-                needed.append(batch.token_rows[i])
-            elif s.num_cached + len(c.token_ids) == len(s.token_ids):
-                needed.append(batch.token_rows[i][-1:])
-            else:
-                needed.append([])
-        flat = [r for rows in needed for r in rows]
-        logits = self.model.logits(hidden[flat]) if flat else None
-        chosen, offset = [], 0
-        for (s, c), rows in zip(plan, needed):
-            if s.drafts:                                   # verify [last, d_1..d_k]
-                chosen.append(accept(logits[offset: offset + len(rows)], s.drafts, s.draft_probs, s.params,
-                                     s.generator))
-            elif rows:
-                chosen.append(([sample(logits[offset], s.params, s.generator)], None))
-            else:                                          # a prompt chunk that does not finish the prompt
-                chosen.append(([], None))
-            offset += len(rows)
-        return plan, batch, hidden, chosen
-
-    def _compute_isolated(self, plan):
-        """After a failed step: each planned sequence alone, so one request that breaks an op (a bad
-        kernel shape, a plugin that raises) fails on its own and the others go on."""
-        groups, failed = [], []
+        results, failed = [], []
         for item in plan:
             try:
-                groups.append(self._compute([item]))
+                results.append(self.runner.run([item]))
             except Exception as e:  # noqa: BLE001 - this sequence's own failure
                 log.warning("sequence %d failed on its own too: %s: %s", item[0].id, type(e).__name__, e)
                 failed.append(self._fail(item[0], e))
-        return groups, failed
+        return results, failed
 
-    def _post_process(self, plan, batch, hidden, chosen) -> list[StepOutput]:
-        """Advance each sequence by its chosen tokens (EOS, max tokens, stop strings, context), then draft."""
+    def _post_process(self, r: StepResult) -> list[StepOutput]:
+        """Advance each sequence by its new tokens (EOS, max tokens, stop strings, context), then draft."""
         outputs, drafting = [], []
-        for i, ((s, c), (tokens, accepted)) in enumerate(zip(plan, chosen)):
+        for i, ((s, c), tokens, accepted) in enumerate(zip(r.plan, r.tokens, r.accepted)):
             start = s.num_cached
             if accepted is not None:
                 self.stats.spec.record(len(s.drafts), accepted)
                 s.num_cached += accepted + 1                 # roll back: positions after the accepted drafts are void
             else:
                 s.num_cached += len(c.token_ids)
-            s.drafts, s.draft_probs = [], []
+            s.drafts, s.draft_probs = [], None
             out = self._append_all(s, tokens)
             if out is not None:
                 outputs.append(out)
-            if self.drafter and not s.finished:
-                drafting.append((s, start, s.num_cached, hidden[batch.token_rows[i][: s.num_cached - start]]))
-        room = [d for d in drafting if d[2] + self.drafter.k < self.max_context] if drafting else []
-        for failed_seq, e in self._draft(room):          # schedule() reserved the blocks drafting writes
+            if self.drafter and not s.finished and s.num_cached + self.drafter.k < self.max_context:
+                drafting.append((s, start, s.num_cached, r.hidden[r.batch.token_rows[i][: s.num_cached - start]]))
+        for failed_seq, e in self._draft(drafting):     # schedule() reserved the blocks drafting writes
             outputs = [o for o in outputs if o.seq is not failed_seq] + [self._fail(failed_seq, e)]
-        for s, _ in plan:
+        for s, _ in r.plan:
             if not s.finished:
-                self._register_blocks(s)
+                self.scheduler.register_blocks(s)
         return outputs
 
     def _draft(self, work: list[tuple]) -> list[tuple[Sequence, Exception]]:
@@ -395,32 +190,46 @@ class Engine:
         if not work:
             return []
         try:
+            groups, failures = [work], []
             self.drafter.draft(work, self.device)
-            groups = [work]
         except Exception:  # noqa: BLE001
             if not self.isolate_failures:
                 raise
             log.exception("MTP drafting over %d sequences failed; retrying each on its own", len(work))
             groups, failures = [], []
             for w in work:
-                w[0].drafts, w[0].draft_probs = [], []
+                w[0].drafts, w[0].draft_probs = [], None
                 try:
                     self.drafter.draft([w], self.device)
                     groups.append([w])
                 except Exception as e:  # noqa: BLE001
                     failures.append((w[0], e))
-            for g in groups:
-                for s, _, e, _ in g:
-                    s.mtp_valid = e
-            return failures
-        for s, _, e, _ in work:
-            s.mtp_valid = e
-        return []
+        for group in groups:
+            for s, _, end, _ in group:
+                s.mtp_valid = end
+        return failures
+
+    def _account(self, plan, outputs: list[StepOutput], seconds: float) -> None:
+        st = self.stats
+        st.steps += 1
+        st.prefill_tokens += sum(len(c.token_ids) for _, c in plan if not c.decode)
+        st.generated_tokens += sum(len(o.new_tokens) for o in outputs)
+        st.seconds += seconds
+        sch = self.scheduler                      # its counters since the last step
+        st.prefix_cached_tokens += sch.prefix_cached_tokens
+        st.preemptions += sch.preemptions
+        sch.prefix_cached_tokens = sch.preemptions = 0
+
+    def _finish(self, s: Sequence, reason: str) -> StepOutput:
+        s.finish_reason = reason
+        delta = self._detokenize(s)
+        self.release(s)
+        return StepOutput(s, delta, True, [])
 
     def _fail(self, s: Sequence, error: Exception) -> StepOutput:
         """End one sequence with an error the caller can report; its blocks are freed."""
         s.finish_reason = "error"
-        s.drafts, s.draft_probs = [], []
+        s.drafts, s.draft_probs = [], None
         self.release(s)
         return StepOutput(s, "", True, [], error=f"{type(error).__name__}: {error}")
 
@@ -514,3 +323,4 @@ class Engine:
         finally:
             self.prefix_caching, self.max_waiting = saved
             self.stats = EngineStats()
+            self.scheduler.prefix_cached_tokens = self.scheduler.preemptions = 0

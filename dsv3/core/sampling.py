@@ -47,26 +47,96 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def target_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """The distribution a request samples from: logits [..., V] -> probs [..., V] after temperature,
-    top-k and top-p (the same filter is applied to draft and target in speculative decoding)."""
-    logits = logits.float() / max(p.temperature, 1e-5)
-    if p.top_k:
-        kth = logits.topk(min(p.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    if p.top_p < 1.0:
-        sorted_p, idx = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > p.top_p      # keep the smallest prefix reaching top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+class SamplingBatch:
+    """The sampling parameters of R rows (one request each) as device tensors, built once per step.
+
+    Random draws are counter-based: a row's uniforms are a hash of (its request's seed, the position
+    of the token being chosen, a stream id, the vocabulary index), so a seeded request samples the
+    same tokens whatever else shares its batch, and no per-row generator or host round trip is needed.
+    """
+
+    def __init__(self, params: list[SamplingParams], seeds: list[int], positions: list[int], device):
+        self.rows = len(params)
+        self.greedy_only = all(p.greedy for p in params)
+        self.device = device
+        if self.greedy_only:
+            return
+        self.greedy = torch.tensor([p.greedy for p in params], device=device)
+        self.temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params],
+                                        dtype=torch.float32, device=device)
+        self.top_k = [p.top_k for p in params]
+        self.top_p = [p.top_p for p in params]
+        self.filtered = any(self.top_k) or any(t < 1.0 for t in self.top_p)
+        self.seed = torch.tensor([s % 2**64 - 2**63 for s in seeds], dtype=torch.int64, device=device)
+        self.position = torch.tensor(positions, dtype=torch.int64, device=device)
+
+    def repeat(self, n: int, offsets: bool = True) -> "SamplingBatch":
+        """Each row n times (a verify chunk's k + 1 positions), positions counting up when `offsets`."""
+        out = SamplingBatch.__new__(SamplingBatch)
+        out.rows, out.greedy_only, out.device = self.rows * n, self.greedy_only, self.device
+        if self.greedy_only:
+            return out
+        out.greedy, out.temperature = self.greedy.repeat_interleave(n), self.temperature.repeat_interleave(n)
+        out.top_k = [k for k in self.top_k for _ in range(n)]
+        out.top_p = [p for p in self.top_p for _ in range(n)]
+        out.filtered, out.seed = self.filtered, self.seed.repeat_interleave(n)
+        step = torch.arange(n, device=self.device).repeat(self.rows) if offsets else 0
+        out.position = self.position.repeat_interleave(n) + step
+        return out
+
+    def shifted(self, n: int) -> "SamplingBatch":
+        """The same rows, n positions later (the next draft of a chain)."""
+        out = self.repeat(1, offsets=False)
+        if not self.greedy_only:
+            out.position = self.position + n
+        return out
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [R, V] -> the distributions the rows sample from [R, V] float32: temperature, then
+        top-k, then top-p (the smallest prefix of the sorted distribution reaching top_p)."""
+        logits = logits.float() / self.temperature[:, None]
+        if self.filtered:
+            vocab = logits.shape[-1]
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            k = torch.tensor([min(k, vocab) if k else vocab for k in self.top_k], device=logits.device)
+            kth = sorted_logits.gather(1, (k - 1)[:, None])
+            sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+            sorted_p = sorted_logits.softmax(-1)
+            top_p = torch.tensor(self.top_p, dtype=torch.float32, device=logits.device)
+            drop = (sorted_p.cumsum(-1) - sorted_p > top_p[:, None]) & (top_p[:, None] < 1.0)
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(sorted_p).scatter_(-1, order, sorted_p)
+            return probs / probs.sum(-1, keepdim=True)
+        return logits.softmax(-1)
+
+    def uniform(self, stream: int, width: int) -> torch.Tensor:
+        """[R, width] uniforms in (0, 1) for this step's positions: stream 0 samples, 1 accepts drafts,
+        2 samples a rejected draft's replacement, 3 samples drafts."""
+        key = _mix(_mix(self.seed & _M32) ^ _mix((self.seed >> 32) & _M32))
+        key = _mix(key ^ ((self.position * 4 + stream) & _M32))                  # [R]
+        index = torch.arange(width, device=self.device, dtype=torch.int64)
+        h = _mix((key[:, None] + index[None, :] * 0x9E3779B9) & _M32)            # [R, width]
+        return ((h >> 8).float() + 0.5) / 2**24
+
+    def choose(self, probs: torch.Tensor, stream: int) -> torch.Tensor:
+        """One token per row drawn from probs [R, V] (the exponential race: argmax p / E, E ~ Exp(1))."""
+        return (probs / -self.uniform(stream, probs.shape[-1]).log()).argmax(-1)
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [R, V] -> tokens [R] int64 on the device (argmax for greedy rows)."""
+        best = logits.argmax(-1)
+        if self.greedy_only:
+            return best
+        return torch.where(self.greedy, best, self.choose(self.probs(logits), stream=0))
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token from logits [V]."""
-    if params.greedy:
-        return int(logits.argmax())
-    probs = target_probs(logits, params)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+_M32 = 0xFFFFFFFF
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding values < 2**32; every
+    multiplier is < 2**31, so no product leaves int64."""
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _M32
+    x = ((x ^ (x >> 15)) * 0x5BD1E995) & _M32
+    x = ((x ^ (x >> 16)) * 0x2C1B3C6D) & _M32
+    return x ^ (x >> 16)
