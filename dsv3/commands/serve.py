@@ -10,12 +10,23 @@ from dsv3.core.cli import add_runtime_args, build_llm
 from dsv3.core.errors import Dsv3Error
 
 EXAMPLES = """examples:
-  dsv3-run serve                                       # the demo model on http://127.0.0.1:8000
+  dsv3-run serve                                       # the demo model; OpenAI base URL http://127.0.0.1:8000/v1
   dsv3-run serve --model ~/DeepSeek-V3 --backend cuda --api-key "$KEY"
   torchrun --nproc-per-node 8 --no-python dsv3-run serve --model ~/DeepSeek-V3 --backend cuda   # rank 0 serves
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32}'
 """
+
+
+def _port(text: str) -> int:
+    import argparse
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port: use 1-65535, or 0 for a free one")
+    return port
 
 
 def register(subparsers) -> None:
@@ -28,7 +39,7 @@ def register(subparsers) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it, use --api-key)")
-    g.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; the URL is printed)")
+    g.add_argument("--port", type=_port, default=8000, help="port (0 picks a free one; the URL is printed)")
     g.add_argument("--api-key", default=os.environ.get("DSV3_API_KEY"),
                    help="require `Authorization: Bearer KEY` on /v1/* (default: $DSV3_API_KEY)")
     g.add_argument("--served-model-name", help="the model id clients send (default: the checkpoint's folder name)")
@@ -89,8 +100,9 @@ def run(args) -> int:
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach this port can use it",
               file=sys.stderr)
-    print(f"dsv3 serve: model {name!r} on http://{host if ':' not in host else f'[{host}]'}:{port} "
-          f"(backend {llm.spec.name}, cache {engine.capacity_tokens} tokens)", flush=True)
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+    print(f"dsv3 serve: model {name!r} on {url} (OpenAI base URL {url}/v1; backend {llm.spec.name}, cache "
+          f"{engine.capacity_tokens} tokens)", flush=True)
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the handler that was installed
     # before it; a handler of our own turns that into a normal exit (status 0) after the drain.
     stopped = []

@@ -2,7 +2,8 @@
 
     from dsv3 import LLM
     llm = LLM("path/to/DeepSeek-V3", backend="cpu", dtype="float32")
-    llm.generate(["Hello"], max_new_tokens=32)
+    llm.generate("Hello", max_new_tokens=32)             # a Completion: a str, with .finish_reason
+    llm.generate(["Hello", "def fib(n):"])               # a list of them, in order
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dsv3.core.batch import Batch, Chunk
 from dsv3.core.cache import LatentCache
 from dsv3.core.config import ModelConfig
 from dsv3.core.engine import Engine, StepOutput
-from dsv3.core.errors import ProfileError, RequestError
+from dsv3.core.errors import CheckpointError, ProfileError, RequestError
 from dsv3.core.loader import Checkpoint, checkpoint_format, has_mtp, load_weights
 from dsv3.core.model import DeepseekV3
 from dsv3.core.profile import Profile, select_profile, validate_for_backend, with_overrides
@@ -35,11 +36,42 @@ def build_runtime(profile: Profile, registry: Registry, warn: Callable[[str], No
     missing = spec.probe()
     if missing:
         raise ProfileError(f"backend {spec.name!r} cannot run here: {missing}. `dsv3-run backends` lists what "
-                           f"this machine has; --backend cpu runs anywhere")
+                           f"this machine has; the cpu backend runs anywhere")
+    device = _device(profile.device or spec.device_type, spec.device_type)
     kwargs = {"warn": warn} if warn else {}
     ops = resolve_ops(registry, spec.name, profile.ops, profile.strict, **kwargs)
-    device = torch.device(profile.device or spec.device_type)
     return spec, device, ops
+
+
+def _device(name: str, default: str) -> torch.device:
+    """The torch device `name`, if this machine has it."""
+    hint = f"leave device unset for the backend's default ({default})" if name != default else "use the cpu backend"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ProfileError(f"device = {name!r} is not a torch device; use e.g. cpu, cuda, cuda:1") from None
+    module = getattr(torch, device.type, None)       # torch.cuda, torch.xpu, ... (torch.npu once torch_npu loads)
+    if device.type in ("cpu", "meta") or not hasattr(module, "is_available"):
+        return device
+    if not module.is_available():
+        raise ProfileError(f"device = {name!r}: this machine has no {device.type} device (torch.{device.type}."
+                           f"is_available() is False); {hint}")
+    count = module.device_count()
+    if device.index is not None and device.index >= count:
+        raise ProfileError(f"device = {name!r}: this machine has {count} {device.type} device(s), "
+                           f"{device.type}:0 to {device.type}:{count - 1}")
+    return device
+
+
+class Completion(str):
+    """A completion's text, with how it ended: `finish_reason` "stop" (EOS or a stop string) or
+    "length" (max_new_tokens, or the model's context or the latent cache ran out first: see
+    `LLM.max_total_tokens`), and its `token_ids`."""
+
+    def __new__(cls, text: str = "", finish_reason: str | None = None, token_ids: list[int] | None = None):
+        self = super().__new__(cls, text)
+        self.finish_reason, self.token_ids = finish_reason, list(token_ids or [])
+        return self
 
 
 class LLM:
@@ -48,6 +80,11 @@ class LLM:
         if model_path is None:
             from dsv3.core.demo import demo_model_path
             model_path = demo_model_path()
+        path = Path(model_path).expanduser()
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: no such directory; the model path is a DeepSeek-V3 HF checkpoint "
+                                  f"directory (config.json, safetensors, tokenizer.json)" if not path.exists() else
+                                  f"{path}: not a directory; the model path is the checkpoint's directory, not a file")
         self.registry = registry or create_registry()
         given = {"dtype": dtype, **overrides}
         if isinstance(profile, Profile):
@@ -101,17 +138,34 @@ class LLM:
             raise RequestError(f"{self.path} has no tokenizer.json; text generation needs the checkpoint's tokenizer")
         return self.tokenizer
 
-    def generate(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int | None = None, stop: list[str] | tuple[str, ...] = (),
-                 on_output: Callable[[int, StepOutput], None] | None = None) -> list[str]:
-        """Complete each prompt; `on_output(index, out)` sees text as it is produced (streaming)."""
+    @property
+    def max_total_tokens(self) -> int:
+        """Longest prompt + output one sequence may reach: the model's context, and the latent cache
+        less the slots speculative decoding reserves (one sequence must fit the cache on its own).
+        Generation past it ends with finish_reason "length"; the server refuses such requests."""
+        return min(self.engine.max_context, self.engine.capacity_tokens - self.engine.reserve)
+
+    def generate(self, prompts: str | list[str], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: list[str] | tuple[str, ...] = (),
+                 on_output: Callable[[int, StepOutput], None] | None = None) -> Completion | list[Completion]:
+        """Complete one prompt (a str: returns its Completion) or each of a list (returns a list);
+        `on_output(index, out)` sees text as it is produced (streaming)."""
+        if isinstance(prompts, str):
+            return self.generate([prompts], max_new_tokens, temperature, top_p, top_k, seed, stop, on_output)[0]
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"generate() takes a prompt string or a list of them, not {type(prompts).__name__}; "
+                            f"token ids go to generate_ids()")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise TypeError(f"generate(): prompts[{i}] is {type(p).__name__}, not str; token ids go to "
+                                f"generate_ids()")
         tok = self._tokenizer()
         return self.generate_ids([tok.encode(p) for p in prompts], max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
                                  on_output=on_output)[1]
 
     def generate_ids(self, prompts: list[list[int]], on_output=None, seed: int | None = None,
-                     stop=(), **params) -> tuple[list[list[int]], list[str]]:
+                     stop=(), **params) -> tuple[list[list[int]], list[Completion]]:
         """Token-level generation: returns (output token ids, output texts) per prompt."""
         seqs = [self.engine.add(ids, SamplingParams(seed=None if seed is None else seed + i, stop=tuple(stop or ()),
                                                     **params)) for i, ids in enumerate(prompts)]
@@ -122,7 +176,7 @@ class LLM:
             for s in seqs:
                 if not s.finished:
                     self.engine.release(s)
-        return [s.output_ids for s in seqs], [s.text for s in seqs]
+        return [s.output_ids for s in seqs], [Completion(s.text, s.finish_reason, s.output_ids) for s in seqs]
 
     # -- scoring ------------------------------------------------------------------------------------
     @torch.inference_mode()

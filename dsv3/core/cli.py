@@ -9,6 +9,7 @@ import argparse
 import importlib
 import os
 import sys
+import traceback
 
 from dsv3.core.errors import Dsv3Error
 
@@ -28,6 +29,7 @@ examples:
   dsv3-run --model ~/DeepSeek-V3 --backend cuda --prompt "Hello" --max-new-tokens 64
   dsv3-run --model DIR --interactive                   # chat; /clear forgets, /exit quits
   dsv3-run --model DIR --input-file prompts.txt        # one prompt per line, completions in order
+  dsv3-run --model DIR --input-file prompts.jsonl      # {"prompt": ...} per line in, JSONL out
 """
 
 
@@ -43,7 +45,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="run weights in this format, converting at load (overrides the profile)")
     g.add_argument("--kv-cache-dtype", help="latent cache dtype (overrides the profile)")
     g.add_argument("--max-cache-tokens", type=int, help="latent cache capacity in tokens (overrides the profile)")
-    g.add_argument("--device", help="torch device, e.g. cuda:1 (overrides the profile)")
+    g.add_argument("--device", help="torch device, e.g. cuda:1 (overrides the profile; default: the backend's)")
     g.add_argument("--speculative", choices=("none", "mtp"), help="speculative decoding method")
     g.add_argument("--num-draft-tokens", type=int, help="MTP draft tokens per step (k)")
     g.add_argument("--tp", type=int, help="tensor-parallel size (attention heads, dense MLPs, vocab); under torchrun")
@@ -101,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except Dsv3Error as e:
         if getattr(args, "debug", False):
-            raise
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 2          # the same status with --debug: it adds the traceback, nothing else
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

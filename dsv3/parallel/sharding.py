@@ -60,13 +60,19 @@ def layout_problems(cfg: ModelConfig, world: int, tp: int, ep: int, checkpoint_f
             grid.append(("dense MLP rows", cfg.intermediate_size // tp, "parallel.tp"))
         if has_moe and shared:
             grid.append(("shared expert rows", shared // tp, "parallel.tp"))
-    if has_moe and moe_tp > 1:
-        grid.append(("routed expert rows", cfg.moe_intermediate_size // moe_tp, "parallel.ep"))
+    convert = "convert the checkpoint to bf16 (`dsv3-run convert SRC DST --to bf16`)"
     for what, per_rank, key in grid:
         if per_rank % BLOCK:
             problems.append(f"{key}: each rank would hold {per_rank} {what}, which does not follow the "
-                            f"{BLOCK}x{BLOCK} FP8 scale blocks; split fewer ways, or convert the checkpoint "
-                            f"to bf16 (`dsv3-run convert SRC DST --to bf16`)")
+                            f"{BLOCK}x{BLOCK} FP8 scale blocks; split fewer ways, or {convert}")
+    expert_rows = cfg.moe_intermediate_size // moe_tp
+    if has_moe and moe_tp > 1 and expert_rows % BLOCK:
+        # ep < world: what is split is each expert (world / ep ways), not the set of experts
+        whole = (f"set ep = {world} (--ep {world}) to keep every expert whole on one rank, or "
+                 if cfg.n_routed_experts % world == 0 else "")
+        problems.append(f"parallel.ep = {ep} on {world} ranks splits each routed expert world/ep = {moe_tp} ways, "
+                        f"so each rank would hold {expert_rows} of its {cfg.moe_intermediate_size} rows, which "
+                        f"does not follow the {BLOCK}x{BLOCK} FP8 scale blocks; {whole}{convert}")
     return problems
 
 
