@@ -99,7 +99,8 @@ def test_a_long_prompt_with_many_new_tokens_is_refused(ckpt, llm, capsys):
 
 
 def test_a_small_cache_is_named_with_its_size(ckpt, llm, capsys):
-    err = _error(capsys, ["--model", str(ckpt), "--max-cache-tokens", "10", "--prompt", "hi", "--max-new-tokens", "100"],
+    err = _error(capsys, ["--model", str(ckpt), "--max-cache-tokens", "10", "--prompt", "hi",
+                          "--max-new-tokens", "100"],
                  "latent cache holds 64 tokens", "kv_cache.max_tokens = 10", "--max-cache-tokens")
     assert f"at most {64 - len(llm.tokenizer.encode('hi'))} " in err
 
@@ -163,16 +164,19 @@ def test_verbose_counts_with_an_input_file(ckpt, tmp_path, capsys):
 
 def test_input_file_jsonl_in_and_out(ckpt, tmp_path, capsys):
     f = tmp_path / "prompts.jsonl"
-    f.write_text(json.dumps({"id": "a", "prompt": "def add(a, b):"}) + "\n\n" + json.dumps({"prompt": "hello"}) + "\n")
+    f.write_text(json.dumps({"id": "a", "line": 9, "prompt": "def add(a, b):"}) + "\n\n"
+                 + json.dumps({"prompt": "hello"}) + "\n")
     assert main(["--model", str(ckpt), "--input-file", str(f), "--max-new-tokens", "3"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["prompt"] for r in rows] == ["def add(a, b):", "hello"] and rows[0]["id"] == "a"
+    assert [r["prompt"] for r in rows] == ["def add(a, b):", "hello"]
+    assert rows[0]["id"] == "a" and rows[0]["line"] == 9              # the input's own keys come back
     for r in rows:
         assert r["finish_reason"] in ("stop", "length") and r["completion_tokens"] <= 3 and r["prompt_tokens"] > 0
     # a text file with --output-format jsonl gives the same completions, in JSONL
     t = tmp_path / "prompts.txt"
     t.write_text("def add(a, b):\nhello\n")
-    assert main(["--model", str(ckpt), "--input-file", str(t), "--max-new-tokens", "3", "--output-format", "jsonl"]) == 0
+    assert main(["--model", str(ckpt), "--input-file", str(t), "--max-new-tokens", "3",
+                 "--output-format", "jsonl"]) == 0
     assert [json.loads(line)["completion"] for line in capsys.readouterr().out.splitlines()] == \
         [r["completion"] for r in rows]
     f.write_text('{"prompt": "x"}\n{"prompt": 3}\n')

@@ -93,9 +93,9 @@ def run(args) -> int:
     return code
 
 
-def _read_prompts(path: str) -> list[dict]:
-    """The prompts of --input-file, as {"prompt": text, ...} records: a .jsonl file's objects (other keys
-    are kept and written back), or a text file's non-empty lines."""
+def _read_prompts(path: str) -> list[tuple[int, dict]]:
+    """The prompts of --input-file as (line number, {"prompt": text, ...}): a .jsonl file's objects
+    (other keys are kept and written back), or a text file's non-empty lines."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = [line.removesuffix("\r") for line in f.read().split("\n")]
@@ -104,7 +104,7 @@ def _read_prompts(path: str) -> list[dict]:
     except UnicodeDecodeError as e:
         raise Dsv3Error(f"--input-file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     if not path.endswith(".jsonl"):
-        return [{"prompt": line, "line": n} for n, line in enumerate(lines, 1) if line.strip()]
+        return [(n, {"prompt": line}) for n, line in enumerate(lines, 1) if line.strip()]
     records = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -117,20 +117,20 @@ def _read_prompts(path: str) -> list[dict]:
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
             raise Dsv3Error(f"--input-file {path} line {n}: expected an object with a \"prompt\" string, such as "
                             f"{{\"prompt\": \"def fib(n):\"}}")
-        records.append({**obj, "line": n})
+        records.append((n, obj))
     return records
 
 
-def _complete_file(llm, args, records: list[dict]) -> int:
+def _complete_file(llm, args, records: list[tuple[int, dict]]) -> int:
     jsonl = (args.output_format or ("jsonl" if args.input_file.endswith(".jsonl") else "text")) == "jsonl"
     tok = llm._tokenizer()
-    ids = [tok.encode(r["prompt"]) for r in records]
-    for r, p in zip(records, ids):        # every prompt is checked before any is run
-        check_fits(llm, len(p), args.max_new_tokens, f"--input-file {args.input_file} line {r['line']}: the prompt")
+    ids = [tok.encode(r["prompt"]) for _, r in records]
+    for (n, _), p in zip(records, ids):        # every prompt is checked before any is run
+        check_fits(llm, len(p), args.max_new_tokens, f"--input-file {args.input_file} line {n}: the prompt")
     _, texts = llm.generate_ids(ids, **_params(args))
-    for r, p, text in zip(records, ids, texts):
+    for (_, r), p, text in zip(records, ids, texts):
         if jsonl:
-            out = {k: v for k, v in r.items() if k != "line"}
+            out = dict(r)
             out.update(completion=str(text), finish_reason=text.finish_reason, prompt_tokens=len(p),
                        completion_tokens=len(text.token_ids))
             print(json.dumps(out, ensure_ascii=False))

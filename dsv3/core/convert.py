@@ -401,9 +401,10 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, *, ue8m0: bool
             p.unlink(missing_ok=True)
         where = e.filename or dst.parent
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ConversionError(f"{where}: no space left on the device ({shutil.disk_usage(dst.parent).free / 1e9:.1f} "
-                                  f"GB free); the finished shards are kept in {part}: free some space and run the "
-                                  f"same command again to resume") from e
+            free = shutil.disk_usage(dst.parent).free
+            raise ConversionError(f"{where}: no space left on the device ({free / 1e9:.1f} GB free); the finished "
+                                  f"shards are kept in {part}: free some space and run the same command again "
+                                  f"to resume") from e
         raise ConversionError(f"{where}: {e.strerror or e}; the finished shards (if any) are kept in {part}: fix "
                               f"this and run the same command again to resume") from e
     return ConvertReport(dst, to, stats, sum(j.unit.nbytes for j in jobs), out_bytes, time.monotonic() - t0,
