@@ -11,9 +11,16 @@ import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from dsv3.core.errors import ConfigError
+from dsv3.core.errors import ConfigError, brief
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3",)
+MAX_CONFIG_BYTES = 16 * 2**20   # a config.json is a few KB
+# Upper bounds far above any released model (DeepSeek-V3: 129280 / 7168 / 61 layers / 256 experts / 163840
+# positions), low enough that a typo fails here, naming the key, instead of in an allocation.
+LIMITS = {"vocab_size": 2**24, "hidden_size": 2**17, "intermediate_size": 2**20, "moe_intermediate_size": 2**20,
+          "num_hidden_layers": 1024, "num_attention_heads": 2**12, "kv_lora_rank": 2**14, "q_lora_rank": 2**16,
+          "qk_nope_head_dim": 2**12, "qk_rope_head_dim": 2**12, "v_head_dim": 2**12, "n_routed_experts": 2**14,
+          "n_shared_experts": 2**10, "max_position_embeddings": 2**24}
 
 
 @dataclass(frozen=True)
@@ -103,10 +110,18 @@ class ModelConfig:
         if not path.is_file():
             raise ConfigError(f"{path}: no config.json; a model directory needs the HF config.json "
                               f"next to its safetensors files")
+        if not path.stat().st_size <= MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size} bytes is too large for a config.json "
+                              f"(at most {MAX_CONFIG_BYTES}); is it the right file?")
         try:
-            raw = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raw = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); config.json is a "
+                              f"UTF-8 JSON file") from e
+        except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        except RecursionError as e:
+            raise ConfigError(f"{path}: JSON nested too deeply to be a model config") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object at the top level")
         return cls.from_hf(raw, source=str(path))
@@ -114,7 +129,20 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, raw: dict, source: str = "config.json") -> "ModelConfig":
         def bad(key, value, allowed):
-            return ConfigError(f"{source}: {key} = {value!r} is not supported; {allowed}")
+            return ConfigError(f"{source}: {key} = {brief(value)} is not supported; {allowed}")
+
+        def number(key, value, minimum=None, above=None, integer=False):
+            """value as a finite float (int if `integer`), at least `minimum` / above `above`."""
+            kind = int if integer else (int, float)
+            ok = isinstance(value, kind) and not isinstance(value, bool) and (isinstance(value, int)
+                                                                              or math.isfinite(value))
+            if not ok:
+                raise bad(key, value, "expected an integer" if integer else "expected a number")
+            if minimum is not None and value < minimum:
+                raise bad(key, value, f"must be >= {minimum}")
+            if above is not None and value <= above:
+                raise bad(key, value, f"must be > {above}")
+            return value if integer else float(value)
 
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -135,35 +163,52 @@ class ModelConfig:
             values["q_lora_rank"] = None
         values["torch_dtype"] = raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"
         eos = raw.get("eos_token_id", 1)
-        values["eos_token_ids"] = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        eos = list(eos) if isinstance(eos, list) else ([] if eos is None else [eos])
+        for token in eos:
+            number("eos_token_id", token, minimum=0, integer=True)
+        values["eos_token_ids"] = tuple(eos)
+        if raw.get("bos_token_id") is not None:
+            number("bos_token_id", raw["bos_token_id"], minimum=0, integer=True)
 
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
         if not isinstance(rope, dict):
             raise bad("rope_scaling", rope, "expected an object")
-        values["rope_theta"] = float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
+        values["rope_theta"] = number("rope_theta", rope.get("rope_theta", raw.get("rope_theta", 10000.0)), above=1)
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type == "yarn":
-            try:
-                values["rope_scaling"] = YarnConfig(
-                    factor=float(rope["factor"]),
-                    original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
-                    beta_fast=float(rope.get("beta_fast") or 32), beta_slow=float(rope.get("beta_slow") or 1),
-                    mscale=rope.get("mscale"), mscale_all_dim=rope.get("mscale_all_dim"))
-            except KeyError as e:
-                raise ConfigError(f"{source}: rope_scaling of type yarn needs {e.args[0]!r}") from e
+            missing = [k for k in ("factor", "original_max_position_embeddings") if k not in rope]
+            if missing:
+                raise ConfigError(f"{source}: rope_scaling of type yarn needs {missing[0]!r}")
+
+            def optional(key):
+                return None if rope.get(key) is None else number(f"rope_scaling.{key}", rope[key], minimum=0)
+            values["rope_scaling"] = YarnConfig(
+                factor=number("rope_scaling.factor", rope["factor"], minimum=1),   # YaRN stretches the context
+                original_max_position_embeddings=number("rope_scaling.original_max_position_embeddings",
+                                                        rope["original_max_position_embeddings"], minimum=1,
+                                                        integer=True),
+                beta_fast=number("rope_scaling.beta_fast", rope.get("beta_fast") or 32, above=0),
+                beta_slow=number("rope_scaling.beta_slow", rope.get("beta_slow") or 1, above=0),
+                mscale=optional("mscale"), mscale_all_dim=optional("mscale_all_dim"))
         elif rope_type not in ("default", None):
             raise bad("rope_scaling.type", rope_type, "allowed: yarn, or none")
 
         q = raw.get("quantization_config")
         if q is not None:
+            if not isinstance(q, dict):
+                raise bad("quantization_config", q, "expected an object such as {\"quant_method\": \"fp8\", ...}")
             if q.get("quant_method") != "fp8":
                 raise bad("quantization_config.quant_method", q.get("quant_method"),
                           "dsv3 reads fp8 block-quantised checkpoints (others: convert with `dsv3-run convert`)")
-            block = tuple(q.get("weight_block_size", (128, 128)))
-            if block != (128, 128):
-                raise bad("quantization_config.weight_block_size", list(block), "only [128, 128]")
+            block = q.get("weight_block_size", (128, 128))
+            if not isinstance(block, (list, tuple)) or tuple(block) != (128, 128):
+                raise bad("quantization_config.weight_block_size", block, "only [128, 128]")
+            block = tuple(block)
             if q.get("scale_fmt") not in (None, "ue8m0"):
                 raise bad("quantization_config.scale_fmt", q.get("scale_fmt"), "allowed: ue8m0, or absent")
+            for key in ("fmt", "activation_scheme"):
+                if not isinstance(q.get(key, ""), str):
+                    raise bad(f"quantization_config.{key}", q[key], "expected a string")
             values["quantization"] = QuantConfig(fmt=q.get("fmt", "e4m3"), weight_block_size=block,
                                                  scale_fmt=q.get("scale_fmt"),
                                                  activation_scheme=q.get("activation_scheme", "dynamic"))
@@ -178,16 +223,32 @@ class ModelConfig:
     def _validate(self, source: str) -> None:
         def need(cond, key, msg):
             if not cond:
-                raise ConfigError(f"{source}: {key} = {getattr(self, key)!r}: {msg}")
+                raise ConfigError(f"{source}: {key} = {brief(getattr(self, key))}: {msg}")
+
+        def is_int(value):
+            return isinstance(value, int) and not isinstance(value, bool)
 
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
-                    "num_experts_per_tok", "moe_intermediate_size", "intermediate_size"):
+                    "num_experts_per_tok", "moe_intermediate_size", "intermediate_size", "max_position_embeddings"):
             value = getattr(self, key)
-            need(isinstance(value, int) and not isinstance(value, bool) and value > 0, key, "must be a positive integer")
-        need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even (RoPE rotates pairs)")
-        need(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
+            need(is_int(value) and value > 0, key, "must be a positive integer")
+        for key in ("n_shared_experts", "n_group", "topk_group", "first_k_dense_replace", "num_nextn_predict_layers"):
+            need(is_int(getattr(self, key)), key, "must be an integer")
+        need(self.q_lora_rank is None or (is_int(self.q_lora_rank) and self.q_lora_rank > 0),
              "q_lora_rank", "must be a positive integer or null")
+        for key, limit in LIMITS.items():
+            value = getattr(self, key)
+            need(value is None or value <= limit, key, f"is beyond any DeepSeek-V3-family model (at most {limit} "
+                 f"here); check config.json")
+        for key in ("rms_norm_eps", "routed_scaling_factor"):
+            value = getattr(self, key)
+            need(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf,
+                 key, "must be a positive number")
+        need(self.rms_norm_eps < 1, "rms_norm_eps", "must be < 1 (DeepSeek-V3: 1e-06)")
+        for key in ("norm_topk_prob", "tie_word_embeddings"):
+            need(isinstance(getattr(self, key), bool), key, "must be true or false")
+        need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even (RoPE rotates pairs)")
         need(self.n_group >= 1 and self.n_routed_experts % self.n_group == 0, "n_group",
              f"must divide n_routed_experts ({self.n_routed_experts})")
         need(1 <= self.topk_group <= self.n_group, "topk_group", f"must be in 1..n_group ({self.n_group})")

@@ -27,3 +27,14 @@ class PluginError(Dsv3Error):
 
 class RequestError(Dsv3Error):
     """A generation request cannot be served (e.g. the prompt is longer than the context)."""
+
+
+def brief(value, limit: int = 80) -> str:
+    """repr(value) cut to about `limit` characters without building the whole repr: a value from a
+    user's file may be a huge string or a YAML alias bomb that expands to billions of items."""
+    import reprlib
+    r = reprlib.Repr()
+    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxset = 2, 4, 4, 4, 4
+    r.maxstring = r.maxother = r.maxlong = limit
+    text = r.repr(value)
+    return text if len(text) <= limit + 10 else text[:limit] + "..."

@@ -22,6 +22,33 @@ def _token_text(tok) -> str | None:
     return tok.get("content") if isinstance(tok, dict) else tok
 
 
+def read_tokenizer_config(path: Path) -> dict:
+    """tokenizer_config.json, checked: a JSON object whose bos/eos tokens are strings (or {"content": str})
+    and whose chat_template is a string; HF's list of named templates gives its "default" one."""
+    try:
+        cfg = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); restore the checkpoint's tokenizer_config.json") from e
+    except RecursionError as e:
+        raise CheckpointError(f"{path}: JSON nested too deeply to be a tokenizer config") from e
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: expected a JSON object at the top level")
+    for key in ("bos_token", "eos_token"):
+        if cfg.get(key) is not None and not isinstance(_token_text(cfg[key]), str):
+            raise CheckpointError(f"{path}: {key} must be a string or {{\"content\": string}}, "
+                                  f"got {type(cfg[key]).__name__}")
+    template = cfg.get("chat_template")
+    if isinstance(template, list):   # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = cfg["chat_template"] = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise CheckpointError(f"{path}: chat_template must be a string (or a list of named templates with a "
+                              f"\"default\" one), got {type(template).__name__}")
+    return cfg
+
+
 class Tokenizer:
     def __init__(self, model_dir: str | Path):
         from tokenizers import Tokenizer as HFTokenizer
@@ -35,7 +62,7 @@ class Tokenizer:
         except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception
             raise CheckpointError(f"{path}: cannot load tokenizer ({e})") from e
         cfg_path = model_dir / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        cfg = read_tokenizer_config(cfg_path) if cfg_path.is_file() else {}
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))
         self.add_bos = bool(cfg.get("add_bos_token", self.bos_token is not None))
