@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from dsv3.core.errors import ProfileError
+from dsv3.core.errors import ProfileError, brief
 from dsv3.core.ops import OP_NAMES
 from dsv3.core.weights import WEIGHT_FORMATS
 
@@ -68,11 +68,18 @@ _CHOICES = {"dtype": DTYPES, "weight_format": ("auto",) + WEIGHT_FORMATS, "kv_ca
             "speculative.method": ("none", "mtp")}
 _MIN = {"kv_cache.block_size": 1, "kv_cache.max_tokens": 1, "max_batch_tokens": 1, "parallel.tp": 1,
         "parallel.ep": 1, "speculative.num_draft_tokens": 1}
+# Upper bounds: far above what runs, low enough that a typo fails here instead of in an allocation.
+_MAX = {"kv_cache.block_size": 2**12, "kv_cache.max_tokens": 2**31 - 1,   # cache slots are int32
+        "max_batch_tokens": 2**20, "parallel.tp": 1024, "parallel.ep": 1024,
+        "speculative.num_draft_tokens": 16}       # one MTP module drafts recursively; acceptance falls per draft
+_HINT = {"kv_cache.max_tokens": "; set it with --max-cache-tokens (`dsv3-run plan` says how many tokens fit)",
+         "speculative.num_draft_tokens": " (--num-draft-tokens); DeepSeek-V3 drafts 1 or 2 well"}
+MAX_PROFILE_BYTES = 2**20   # a profile is a few lines of YAML
 
 
 def _build(cls, data, source: str, prefix: str = ""):
     if not isinstance(data, dict):
-        raise ProfileError(f"{source}: {prefix.rstrip('.') or 'profile'} must be a mapping, got {data!r}")
+        raise ProfileError(f"{source}: {prefix.rstrip('.') or 'profile'} must be a mapping, got {brief(data)}")
     known = {f.name: f for f in fields(cls) if f.name != "source"}
     values = {}
     for key, value in data.items():
@@ -80,28 +87,50 @@ def _build(cls, data, source: str, prefix: str = ""):
         if key not in known:
             close = difflib.get_close_matches(str(key), list(known), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ProfileError(f"{source}: unknown key {path!r}{hint}; allowed keys"
+            raise ProfileError(f"{source}: unknown key {brief(path)}{hint}; allowed keys"
                                f"{' under ' + prefix.rstrip('.') if prefix else ''}: {', '.join(known)}")
         default = known[key].default_factory() if callable(known[key].default_factory) else known[key].default
         if is_dataclass(default):
             values[key] = _build(type(default), value, source, f"{path}.")
             continue
         values[key] = _check_value(path, value, default, source)
-    return cls(**values)
+    built = cls(**values)
+    if cls is Profile:
+        _check_combination(built, source)
+    return built
+
+
+def _check_combination(p: "Profile", source: str) -> None:
+    """Values that are fine alone but impossible together."""
+    kv, spec = p.kv_cache, p.speculative
+    drafts = spec.num_draft_tokens if spec.method == "mtp" else 0
+    capacity = -(-kv.max_tokens // kv.block_size) * kv.block_size
+    if capacity < drafts + 3:   # one prompt token, the next, and the slots drafting reserves
+        raise ProfileError(f"{source}: kv_cache.max_tokens = {kv.max_tokens} holds {capacity} tokens, too few for "
+                           f"a prompt plus {drafts} draft token(s); raise kv_cache.max_tokens (--max-cache-tokens)")
+    if drafts + 1 > p.max_batch_tokens:
+        raise ProfileError(f"{source}: speculative.num_draft_tokens = {drafts} needs max_batch_tokens >= "
+                           f"{drafts + 1} (a verify step runs the last token and its drafts); it is "
+                           f"{p.max_batch_tokens}")
+
+
+def _key(key) -> str:
+    """A mapping key as written in a message: short strings as they are, anything else bounded."""
+    return key if isinstance(key, str) and len(key) <= 80 else brief(key)
 
 
 def _check_value(path: str, value, default, source: str):
     def bad(allowed):
-        return ProfileError(f"{source}: {path} = {value!r} is invalid; {allowed}")
+        return ProfileError(f"{source}: {path} = {brief(value)} is invalid; {allowed}")
 
     if path == "ops":
         if not isinstance(value, dict):
             raise bad("expected a mapping of op name to plugin name")
         for op, plugin in value.items():
             if op not in OP_NAMES:
-                raise ProfileError(f"{source}: ops.{op}: unknown op; known ops: {', '.join(OP_NAMES)}")
+                raise ProfileError(f"{source}: ops.{_key(op)}: unknown op; known ops: {', '.join(OP_NAMES)}")
             if not isinstance(plugin, str):
-                raise ProfileError(f"{source}: ops.{op} = {plugin!r}: expected a plugin name")
+                raise ProfileError(f"{source}: ops.{op} = {brief(plugin)}: expected a plugin name")
         return dict(value)
     if isinstance(default, bool) or (path == "ue8m0"):
         if value is None and path == "ue8m0":
@@ -113,7 +142,9 @@ def _check_value(path: str, value, default, source: str):
         if not isinstance(value, int) or isinstance(value, bool):
             raise bad("expected an integer")
         if value < _MIN.get(path, 0):
-            raise bad(f"must be >= {_MIN.get(path, 0)}")
+            raise bad(f"must be >= {_MIN.get(path, 0)}{_HINT.get(path, '')}")
+        if path in _MAX and value > _MAX[path]:
+            raise bad(f"must be <= {_MAX[path]}{_HINT.get(path, '')}")
         return value
     if path == "device" and value is None:
         return None
@@ -121,6 +152,8 @@ def _check_value(path: str, value, default, source: str):
         raise bad("expected a string")
     if path == "device" and not re.fullmatch(r"[a-z_]+(:\d+)?", value):
         raise bad("expected a torch device such as cpu, cuda, cuda:1, npu:0")
+    if path == "device" and value.split(":")[0] == "meta":
+        raise bad("the meta device holds no data, so a model cannot run on it; use cpu, cuda, cuda:1, npu:0")
     if path in _CHOICES and value not in _CHOICES[path]:
         raise bad(f"allowed: {', '.join(_CHOICES[path])}")
     return value
@@ -139,11 +172,20 @@ def load_profile(name_or_path: str) -> Profile:
             raise ProfileError(f"unknown profile {name_or_path!r}; shipped profiles: {', '.join(profile_names())} "
                                f"(or pass a path to a YAML file)")
     if not path.is_file():
-        raise ProfileError(f"{path}: no such profile file")
+        raise ProfileError(f"{path}: no such profile file" if not path.exists() else
+                           f"{path}: not a regular file; a profile is a YAML file")
+    size = path.stat().st_size
+    if size > MAX_PROFILE_BYTES:
+        raise ProfileError(f"{path}: {size} bytes is too large for a profile (at most {MAX_PROFILE_BYTES}); "
+                           f"is it the right file?")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ProfileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     except yaml.YAMLError as e:
-        raise ProfileError(f"{path}: not valid YAML ({e})") from e
+        raise ProfileError(f"{path}: not valid YAML ({brief(str(e), 300)})") from e
+    except RecursionError as e:
+        raise ProfileError(f"{path}: YAML nested too deeply to be a profile") from e
     return replace(_build(Profile, data, str(path)), source=str(path))
 
 
