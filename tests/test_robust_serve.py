@@ -195,13 +195,14 @@ POISON = 499
 
 
 class PoisonRunner:
-    """Wraps the model: raises (or blocks) for any batch holding the token id POISON."""
+    """Wraps the model: raises (or blocks) for any batch holding the token id POISON among the first two
+    positions of a sequence (a prompt no innocent request has; their outputs may well hold POISON)."""
 
     def __init__(self, model, mode):
         self.model, self.mode, self.release = model, mode, threading.Event()
 
     def __call__(self, batch, caches):
-        if (batch.input_ids == POISON).any():
+        if ((batch.input_ids == POISON) & (batch.positions < 2)).any():
             if self.mode == "raise":
                 raise RuntimeError("kernel failed for this batch")
             self.release.wait(30)

@@ -16,6 +16,7 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
@@ -26,9 +27,9 @@ from starlette.routing import Route
 
 from dsv3.core.errors import RequestError
 from dsv3.core.sampling import SamplingParams
-from dsv3.core.tokenizer import TemplateLimitError
+from dsv3.core.tokenizer import TemplateLimitError, Tokenizer
 from dsv3.serve import protocol as P
-from dsv3.serve.worker import Accepted, EngineWorker, Failed
+from dsv3.serve.worker import Accepted, Failed
 
 
 @dataclass(frozen=True)
@@ -70,14 +71,33 @@ def _error(e: P.APIError, metrics=None) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
-def create_app(llm, worker: EngineWorker, options: ServeOptions) -> Starlette:
-    """The ASGI app serving `llm` (a dsv3.LLM) through `worker`, which owns llm.engine."""
-    engine, tok, metrics = llm.engine, llm.tokenizer, worker.metrics
+@dataclass(frozen=True)
+class ServedModel:
+    """What the HTTP side needs of the model it serves: the tokenizer and the engine's limits. The
+    engine itself may run in this process (EngineWorker) or in its own (EngineProcess)."""
+    path: Path
+    tokenizer: Tokenizer | None
+    vocab_size: int
+    max_context: int           # max_position_embeddings
+    capacity_tokens: int       # latent-cache slots
+    reserve: int               # slots per sequence that speculative decoding keeps free
+    backend: str
+
+    @classmethod
+    def of(cls, llm) -> "ServedModel":
+        e = llm.engine
+        return cls(llm.path, llm.tokenizer, llm.config.vocab_size, e.max_context, e.capacity_tokens, e.reserve,
+                   llm.spec.name)
+
+
+def create_app(model: ServedModel, worker, options: ServeOptions) -> Starlette:
+    """The ASGI app serving `model` through `worker` (an EngineWorker or an EngineProcess)."""
+    tok, metrics = model.tokenizer, worker.metrics
     if tok is None:
-        raise RequestError(f"{llm.path} has no tokenizer.json; the server needs the checkpoint's tokenizer")
+        raise RequestError(f"{model.path} has no tokenizer.json; the server needs the checkpoint's tokenizer")
     # Longest prompt + output a request may ask for: the model's context, and the cache (minus the
     # slots speculative decoding reserves), since one request must fit the cache on its own.
-    context = min(engine.max_context, engine.capacity_tokens - engine.reserve)
+    context = min(model.max_context, model.capacity_tokens - model.reserve)
     max_prompt = min(options.max_prompt_tokens or context - 1, context - 1)
     # No token is longer than max_token_bytes, so text over this many bytes cannot fit max_prompt
     # tokens: refused before it is tokenized (which costs seconds and hundreds of MB for megabytes).
@@ -158,7 +178,7 @@ def create_app(llm, worker: EngineWorker, options: ServeOptions) -> Starlette:
             raise P.APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
 
     def check_ids(ids: list[int]) -> None:
-        vocab = llm.config.vocab_size
+        vocab = model.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise P.APIError(400, f"prompt token {bad[0]} is outside the vocabulary [0, {vocab})", param="prompt")
@@ -302,7 +322,7 @@ def create_app(llm, worker: EngineWorker, options: ServeOptions) -> Starlette:
         return JSONResponse({"status": "ok"})
 
     async def prometheus(request: Request) -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(await worker.render_metrics(), media_type=CONTENT_TYPE_LATEST)
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         msg = {404: f"no route {request.url.path}; see /v1/models, /v1/completions, /v1/chat/completions",

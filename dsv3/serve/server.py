@@ -8,7 +8,7 @@ import time
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from dsv3.serve.app import ServeOptions, create_app
+from dsv3.serve.app import ServeOptions, ServedModel, create_app
 from dsv3.serve.worker import EngineWorker
 
 
@@ -49,22 +49,30 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(llm, options: ServeOptions, log_level: str = "info", drain_timeout: float = 60.0):
-    """(uvicorn.Server, EngineWorker) serving `llm`; the worker starts with the app's lifespan."""
-    worker = EngineWorker(llm.engine, mesh=getattr(llm, "mesh", None))
-    app = create_app(llm, worker, options)
+def make_server(llm, options: ServeOptions, log_level: str = "info", drain_timeout: float = 60.0,
+                worker=None, model: ServedModel | None = None):
+    """(uvicorn.Server, worker) serving `llm` (a dsv3.LLM) on an engine thread of this process, or,
+    given `worker` (an EngineProcess) and `model`, through an engine in its own process. The worker
+    starts with the app's lifespan."""
+    if worker is None:
+        worker, model = EngineWorker(llm.engine, mesh=getattr(llm, "mesh", None)), ServedModel.of(llm)
+    app = create_app(model, worker, options)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=drain_timeout,
                             lifespan="on", access_log=log_level == "debug",
                             http=_timed_h11(options.header_timeout_s))
-    return uvicorn.Server(config), worker
+    server = uvicorn.Server(config)
+    if hasattr(worker, "on_exit"):      # an engine process that dies stops the server (which drains)
+        worker.on_exit = lambda: setattr(server, "should_exit", True)
+    return server, worker
 
 
 class ServerThread:
     """A server on 127.0.0.1 (a free port) in a background thread: `with ServerThread(llm, opts) as s:`
     then s.url. Leaving the block shuts it down the way SIGTERM does (drain, then stop)."""
 
-    def __init__(self, llm, options: ServeOptions, log_level: str = "warning", start_timeout: float = 60.0):
-        self.server, self.worker = make_server(llm, options, log_level)
+    def __init__(self, llm, options: ServeOptions, log_level: str = "warning", start_timeout: float = 60.0,
+                 worker=None, model: ServedModel | None = None):
+        self.server, self.worker = make_server(llm, options, log_level, worker=worker, model=model)
         self.sock = bind("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},

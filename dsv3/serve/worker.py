@@ -57,9 +57,10 @@ class Failed:
 class Handle:
     """One request as the event loop sees it: an event queue the engine thread fills."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop):
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop | None):
         self.prompt_ids, self.params, self.loop = prompt_ids, params, loop
         self.events: asyncio.Queue = asyncio.Queue()
+        self.deliver = _deliver_to_loops    # how the engine thread hands this handle's events over
         self.arrival = time.monotonic()
         self.done = False               # set on the event loop once a final event was read
         # engine-thread side
@@ -69,7 +70,7 @@ class Handle:
         self.last_token_at: float | None = None
 
     def _send(self, event) -> None:
-        _deliver(self.loop, [(self, event)])
+        self.deliver([(self, event)])
 
 
 def _put_all(pairs) -> None:
@@ -77,12 +78,16 @@ def _put_all(pairs) -> None:
         h.events.put_nowait(event)
 
 
-def _deliver(loop: asyncio.AbstractEventLoop, pairs: list) -> None:
-    """Hand events to the event loop in one wake-up (one call per step, not one per request)."""
-    try:
-        loop.call_soon_threadsafe(_put_all, pairs)
-    except RuntimeError:                # the event loop is closed: nobody is listening any more
-        pass
+def _deliver_to_loops(pairs: list) -> None:
+    """Hand events to their event loops, one wake-up per loop (one call per step, not per request)."""
+    by_loop: dict = {}
+    for h, event in pairs:
+        by_loop.setdefault(h.loop, []).append((h, event))
+    for loop, group in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, group)
+        except RuntimeError:            # the event loop is closed: nobody is listening any more
+            pass
 
 
 class EngineWorker:
@@ -117,6 +122,13 @@ class EngineWorker:
         h = Handle(prompt_ids, params, asyncio.get_running_loop())
         self._commands.put(("add", h))
         return h
+
+    def put(self, command: tuple) -> None:
+        """Queue a command ("add", handle) / ("abort", handle) / ("stop", None) from any thread."""
+        self._commands.put(command)
+
+    async def render_metrics(self) -> bytes:
+        return self.metrics.render()
 
     def abort(self, h: Handle) -> None:
         """Drop a request whose client went away; its blocks are freed before the next step."""
@@ -221,7 +233,7 @@ class EngineWorker:
         finally:
             self.step_started = None
         now = time.monotonic()
-        new_tokens, sends = 0, {}             # event loop -> [(handle, event)]
+        new_tokens, sends = 0, []             # [(handle, event)], handed over once per step
         for out in outputs:
             h = self._active.get(out.seq.id)
             if h is None:
@@ -240,7 +252,7 @@ class EngineWorker:
             if out.error is not None:
                 del self._active[s.id]
                 self.metrics.requests.labels("error").inc()
-                sends.setdefault(h.loop, []).append((h, Failed(
+                sends.append((h, Failed(
                     500, f"internal error while generating this request ({out.error}); it was dropped, the "
                          f"server serves on", "server_error")))
                 continue
@@ -253,9 +265,9 @@ class EngineWorker:
                 ev = Delta(out.delta, n)
             else:
                 continue
-            sends.setdefault(h.loop, []).append((h, ev))
-        for loop, pairs in sends.items():
-            _deliver(loop, pairs)
+            sends.append((h, ev))
+        if sends:
+            sends[0][0].deliver(sends)       # every handle of one worker delivers the same way
         self.metrics.after_step(self.engine, new_tokens)
 
 
