@@ -43,6 +43,7 @@ def k():
         elementwise = interpreted("elementwise")
         mla = interpreted("mla")
         gate = interpreted("gate")
+        counters = interpreted("counters")
         moe = interpreted("moe")
         ops = interpreted("ops")
     return K
@@ -111,6 +112,9 @@ def test_fp8_gemm_prequantised(k, fp8, m, split):
     y = k.gemm.fp8_gemm(xq, xs, w.data, w.scale, torch.float32, cfg, fp8_max=FP8_MAX[fp8])
     x_real = (xq.double() * xs.double().repeat_interleave(128, 1)[:, :kk])
     assert rel(y, x_real @ dequantize(w, torch.float64).T) < 1e-5
+    # split-K is one launch: the last split of each tile sums the partials and resets its counter
+    assert not k.counters.tile_counters(y.device, 1).any()
+    assert torch.equal(k.gemm.fp8_gemm(xq, xs, w.data, w.scale, torch.float32, cfg, fp8_max=FP8_MAX[fp8]), y)
 
 
 @pytest.mark.parametrize("fp8", FP8)
@@ -226,6 +230,21 @@ def test_moe_gate(k, e, groups, topk_group, top_k, bias):
     order, rorder = ids.sort(-1), rids.sort(-1)
     assert torch.equal(order.values, rorder.values)
     torch.testing.assert_close(wts.gather(1, order.indices), rw.gather(1, rorder.indices), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("t", [1, 2, 5, 40])
+def test_moe_gate_v3_routing_one_launch(k, t):
+    """DeepSeek-V3's router (256 experts, 8 groups, keep 4, top 8) at decode token counts: one launch,
+    the last program of each token tile routes it; the arrival counters are all back to 0 after."""
+    x, w = torch.randn(t, 640), torch.randn(256, 640) * 0.1
+    b = 0.1 * torch.randn(256)
+    spec = GateSpec(8, 8, 4, True, 2.5)
+    wts, ids = k.gate.moe_gate(x, w, b, spec, num_sms=132)
+    rw, rids = ref.moe_gate(x, w, b, spec)
+    order, rorder = ids.sort(-1), rids.sort(-1)
+    assert torch.equal(order.values, rorder.values)
+    torch.testing.assert_close(wts.gather(1, order.indices), rw.gather(1, rorder.indices), rtol=1e-5, atol=1e-6)
+    assert not k.counters.tile_counters(x.device, 1).any()
 
 
 def _experts(e, inter, d, fp8, first=0):

@@ -24,10 +24,9 @@ def moe_gate_kernel(x_ptr, w_ptr, bias_ptr, part_ptr, count_ptr, wout_ptr, iout_
                     E: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr,
                     NORM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
                     BLOCK_D: tl.constexpr, ROUTE_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_EG: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+                    BLOCK_K: tl.constexpr, SPLITS: tl.constexpr):
     EPG: tl.constexpr = E // N_GROUP
     pid_t, pid_e, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    splits = tl.num_programs(2)
     # 1. partial logits part[s, t, e] over this split's slice of D
     tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -45,23 +44,22 @@ def moe_gate_kernel(x_ptr, w_ptr, bias_ptr, part_ptr, count_ptr, wout_ptr, iout_
     #    acquire: the others' stores before the reads below, which bypass L1)
     tl.debug_barrier()
     done = tl.atomic_add(count_ptr + pid_t, 1, sem="acq_rel", scope="gpu")
-    if done == tl.num_programs(1) * splits - 1:
+    if done == tl.num_programs(1) * SPLITS - 1:
         g = tl.arange(0, BLOCK_G)
         j = tl.arange(0, BLOCK_EG)
         expert = g[:, None] * EPG + j[None, :]                                           # [BG, BEG]
         valid = (g[:, None] < N_GROUP) & (j[None, :] < EPG)
         flat = tl.reshape(g[:, None] * BLOCK_EG + j[None, :], (BLOCK_G * BLOCK_EG,))    # position in the flat view
-        flat_expert = tl.reshape(expert, (BLOCK_G * BLOCK_EG,))
         bias = tl.zeros((BLOCK_G, BLOCK_EG), dtype=tl.float32)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + expert, mask=valid, other=0.0)
         slot = tl.arange(0, BLOCK_K)
-        for r0 in range(0, BLOCK_T, ROUTE_T):
+        for r0 in range(0, tl.minimum(BLOCK_T, T - pid_t * BLOCK_T), ROUTE_T):   # only rows that exist
             rt = pid_t * BLOCK_T + r0 + tl.arange(0, ROUTE_T)
             rmask = rt < T
             m3 = rmask[:, None, None] & valid[None, :, :]
             logits = tl.zeros((ROUTE_T, BLOCK_G, BLOCK_EG), dtype=tl.float32)
-            for sp in range(0, splits):
+            for sp in tl.static_range(SPLITS):       # unrolled: the loads are in flight together
                 logits += tl.load(part_ptr + (sp * T + rt[:, None, None]) * E + expert[None, :, :], mask=m3,
                                   other=0.0, cache_modifier=".cg")
             scores = tl.sigmoid(logits)                                                  # [RT, BG, BEG]
@@ -88,7 +86,8 @@ def moe_gate_kernel(x_ptr, w_ptr, bias_ptr, part_ptr, count_ptr, wout_ptr, iout_
                 best = tl.max(key, axis=1)                                               # [RT]
                 hit = key == best[:, None]
                 wk = tl.sum(tl.where(hit, sflat, 0.0), axis=1)
-                ek = tl.sum(tl.where(hit, flat_expert[None, :], 0), axis=1)
+                pos = 65535 - (best & 0xFFFF).to(tl.int32)                                 # flat position picked
+                ek = pos // BLOCK_EG * EPG + pos % BLOCK_EG
                 ids = tl.where(slot[None, :] == kk, ek[:, None].to(tl.int64), ids)
                 wts = tl.where(slot[None, :] == kk, wk[:, None], wts)
                 key = tl.where(hit, -9223372036854775807, key)
@@ -101,14 +100,17 @@ def moe_gate_kernel(x_ptr, w_ptr, bias_ptr, part_ptr, count_ptr, wout_ptr, iout_
         tl.store(count_ptr + pid_t, 0)                          # ready for the next launch
 
 
-def gate_config(t: int, e: int, d: int, num_sms: int) -> tuple[int, int, int, int]:
-    """(BLOCK_T, BLOCK_E, D splits, ROUTE_T): ~2 waves of programs; narrow expert tiles at decode."""
+def gate_config(t: int, e: int, d: int, num_sms: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_T, BLOCK_E, BLOCK_D, D splits, ROUTE_T): ~1-2 waves of programs, narrow expert tiles at
+    decode, and few D splits, since the routing program reads every split's partials (8 at one token,
+    else 4)."""
     block_t = 16 if t <= 256 else 64
     block_e = min(16 if t <= 64 else 64, max(16, triton.next_power_of_2(e)))
     tiles = triton.cdiv(t, block_t) * triton.cdiv(e, block_e)
-    d_steps = triton.cdiv(d, 128)
-    splits = max(1, min(triton.cdiv(2 * num_sms, tiles), d_steps))
-    return block_t, block_e, splits, min(8, triton.next_power_of_2(t))
+    route_t = 1 if t == 1 else 8     # (routing 2 rows at a time gave wrong ids with Triton 3.6 on sm_90)
+    splits = max(1, min(triton.cdiv(2 * num_sms, tiles), 8 if route_t == 1 else 4, triton.cdiv(d, 256)))
+    block_d = min(256 if block_t == 16 else 128, max(16, triton.next_power_of_2(d)))   # 64x64 tiles: shared memory
+    return block_t, block_e, block_d, splits, route_t
 
 
 def moe_gate(x, weight, bias, spec, num_sms: int = 132):
@@ -122,8 +124,7 @@ def moe_gate(x, weight, bias, spec, num_sms: int = 132):
         x = x.contiguous()
     if weight.dtype != x.dtype:
         weight = weight.to(x.dtype)
-    block_t, block_e, splits, route_t = gate_config(t, e, d, num_sms)
-    block_d = min(128, max(16, triton.next_power_of_2(d)))
+    block_t, block_e, block_d, splits, route_t = gate_config(t, e, d, num_sms)
     d_per_split = triton.cdiv(triton.cdiv(d, block_d), splits) * block_d
     splits = triton.cdiv(d, d_per_split)
     part = torch.empty((splits, t, e), dtype=torch.float32, device=x.device)
@@ -134,5 +135,5 @@ def moe_gate(x, weight, bias, spec, num_sms: int = 132):
         E=e, N_GROUP=spec.n_group, TOPK_GROUP=spec.topk_group, TOP_K=spec.top_k, NORM=bool(spec.norm_topk_prob),
         HAS_BIAS=bias is not None, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=block_d, ROUTE_T=route_t,
         BLOCK_G=triton.next_power_of_2(spec.n_group), BLOCK_EG=triton.next_power_of_2(e // spec.n_group),
-        BLOCK_K=max(2, triton.next_power_of_2(spec.top_k)), num_warps=4, num_stages=3)
+        BLOCK_K=max(2, triton.next_power_of_2(spec.top_k)), SPLITS=splits, num_warps=4, num_stages=3)
     return weights, ids

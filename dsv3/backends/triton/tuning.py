@@ -65,11 +65,15 @@ def gemm_config(target: Target, m: int, n: int, k: int) -> GemmConfig:
         if m <= 256:
             return GemmConfig(64, 128, 1, 8, 4, stages, knobs)
         return GemmConfig(128, 128, 1, 8, 8, stages, knobs)
-    # Hopper (sm_90). Small M streams the weight: narrow N tiles, split K to fill 132 SMs twice.
+    # Hopper (sm_90). Small M streams the weight: wide N tiles where N allows, K split until ~2 waves of
+    # programs are in flight (none once the tiles alone make 1.5 waves), 3 stages. From
+    # benchmarks/small_m_sweep.py on H200 (benchmarks/results/h200-issue16.md): every V3 shape's best
+    # (tile, split, stages) at M = 1 and 16 is this rule's or within 5% of it; 4-5 stages were slower.
     if m <= 16:
-        bn = 64 if n >= 4096 else 32
-        split = _split_for(target, triton.cdiv(n, bn), k_steps, 2, 4)
-        return GemmConfig(16, bn, split, 1, 4, 4)
+        bn = 128 if n >= 4096 else 64 if n >= 1024 else 32
+        tiles = triton.cdiv(n, bn)
+        split = 1 if tiles >= 1.5 * target.num_sms else _split_for(target, tiles, k_steps, 2, 1)
+        return GemmConfig(16, bn, split, 1, 4, 3)
     if m <= 64:
         tiles = triton.cdiv(m, 64) * triton.cdiv(n, 64)
         return GemmConfig(64, 64, _split_for(target, tiles, k_steps, 1.5, 4), 4, 4, 4)
