@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-from dsv3.core.errors import CheckpointError
+from dsv3.core.errors import CheckpointError, brief
 from dsv3.core.model import DeepseekV3, Experts, Linear
 from dsv3.core.quant import fp8_fn_to_fnuz, quantize_fp8_block, quantize_int8_channel
 from dsv3.core.weights import BLOCK, QuantWeight, dequantize, scale_shape
@@ -67,10 +67,30 @@ def check_model_dir(path: str | Path) -> Path:
         raise CheckpointError(f"{path}: no such directory; pass --model DIR with a DeepSeek-V3 HF checkpoint")
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory; --model takes the checkpoint directory, not a file")
-    if not (path / "config.json").is_file():
+    config = path / "config.json"
+    if not (config.exists() or config.is_symlink()):
         raise CheckpointError(f"{path}: no config.json; a model directory needs the HF config.json "
                               f"next to its safetensors files")
+    check_regular_file(config, path)
     return path
+
+
+def _inside(f: Path, model_dir: Path) -> bool:
+    """Is `f` (symlinks followed) directly in the model directory? huggingface_hub's cache counts as
+    inside: snapshots/REV/NAME links to ../../blobs/HASH."""
+    parent, home = f.resolve().parent, model_dir.resolve()
+    return parent == home or (home.parent.name == "snapshots" and parent == home.parent.parent / "blobs")
+
+
+def check_regular_file(f: Path, model_dir: Path) -> None:
+    """Refuse a file of the model directory that links outside it (it would read whatever it points to)
+    or is not a regular file (reading a FIFO blocks forever; a device never ends)."""
+    if not _inside(f, model_dir):
+        raise CheckpointError(f"{f}: links to {f.resolve()}, outside the model directory; dsv3 reads only files "
+                              f"inside it (copy the file into {model_dir})")
+    if not f.is_file():
+        raise CheckpointError(f"{f}: not a regular file (a FIFO, device or directory); a checkpoint's files are "
+                              f"regular files" if f.exists() else f"{f}: a broken symlink; the download is incomplete")
 
 
 def read_safetensors_header(path: Path) -> dict:
@@ -100,9 +120,9 @@ def read_safetensors_header(path: Path) -> dict:
                                   f"bytes but the file has {size - 8} after the length field")
     try:
         header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e}); the file is corrupt, "
-                              f"not safetensors, or its header length field is wrong") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({brief(str(e), 200)}); the file is "
+                              f"corrupt, not safetensors, or its header length field is wrong") from e
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object")
     data_size = size - 8 - n
@@ -143,10 +163,11 @@ class Checkpoint:
         self.path = check_model_dir(path)
         self.file_of: dict[str, Path] = {}
         index = self.path / INDEX_FILE
-        if index.is_file():
+        if index.exists() or index.is_symlink():
+            check_regular_file(index, self.path)
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as e:
                 raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from e
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
@@ -154,16 +175,17 @@ class Checkpoint:
                 if not isinstance(fname, str):
                     raise CheckpointError(f"{index}: tensor {name!r} maps to {fname!r}, not a file name")
                 f = self.path / fname
-                if f.resolve().parent != self.path.resolve():
+                if not _inside(f, self.path):
                     raise CheckpointError(f"{index}: tensor {name!r} points outside the model directory ({fname})")
                 if not fname.endswith(".safetensors"):
                     raise CheckpointError(f"{index}: tensor {name!r} points to {fname}, not a .safetensors file; "
                                           f"dsv3 reads safetensors only (never pickles)")
                 self.file_of[name] = f
             for f in sorted(set(self.file_of.values())):
-                if not f.is_file():
+                if not (f.exists() or f.is_symlink()):
                     raise CheckpointError(f"{index} names shard {f.name}, which is missing from {self.path}; "
                                           f"the download is incomplete")
+                check_regular_file(f, self.path)
         else:
             files = sorted(self.path.glob("*.safetensors"))
             if not files:
@@ -172,6 +194,7 @@ class Checkpoint:
                         f"unpickling can run code; use a safetensors checkpoint." if pickles else "")
                 raise CheckpointError(f"{self.path}: no *.safetensors files and no {INDEX_FILE}.{hint}")
             for f in files:
+                check_regular_file(f, self.path)
                 for name in read_safetensors_header(f):
                     if name != "__metadata__":
                         if name in self.file_of:
@@ -195,11 +218,12 @@ class Checkpoint:
     def _read_quant_description(self) -> dict[str, str] | None:
         """ModelSlim's quant_model_description.json: tensor name -> quant type (W8A8_DYNAMIC, FLOAT, ...)."""
         path = self.path / MODELSLIM_DESCRIPTION
-        if not path.is_file():
+        if not (path.exists() or path.is_symlink()):
             return None
+        check_regular_file(path, self.path)
         try:
             desc = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise CheckpointError(f"{path}: not valid JSON ({e})") from e
         if not isinstance(desc, dict):
             raise CheckpointError(f"{path}: expected a JSON object of tensor name -> quant type")
@@ -459,23 +483,61 @@ def chunk_rows(out_f: int, in_f: int, budget: int = 1 << 24) -> int:
     return max(BLOCK, (budget // max(in_f, 1)) // BLOCK * BLOCK)
 
 
+def has_nonfinite(t: torch.Tensor) -> bool:
+    """Does `t` hold a NaN or an Inf? Checked in chunks on t's device, so scratch stays small. Float8
+    is checked by bit pattern: e4m3fn has no Inf and NaN is 0x7F / 0xFF; e4m3fnuz's only NaN is 0x80."""
+    if t.dtype == torch.float8_e4m3fn:
+        def bad(c):
+            return ((c.view(torch.uint8) & 0x7F) == 0x7F).any()
+    elif t.dtype in (torch.float8_e4m3fnuz, torch.float8_e5m2fnuz):
+        def bad(c):
+            return (c.view(torch.uint8) == 0x80).any()
+    elif t.dtype == torch.float8_e5m2:
+        def bad(c):
+            return ((c.view(torch.uint8) & 0x7C) == 0x7C).any()
+    elif t.dtype.is_floating_point:
+        def bad(c):
+            return ~torch.isfinite(c).all()
+    else:
+        return False
+    return any(bool(bad(c)) for c in t.reshape(-1).split(1 << 24))
+
+
+def _nonfinite_error(where: str, source_bad: bool, dtype: torch.dtype) -> CheckpointError:
+    if source_bad:
+        return CheckpointError(f"{where} holds NaN or Inf values; the checkpoint is corrupt (a model with them "
+                               f"generates nothing). Download it again, or re-export or re-convert it")
+    name = str(dtype).removeprefix("torch.")
+    return CheckpointError(f"{where} has values beyond {name}'s range, which become Inf; run in a wider dtype "
+                           f"(--dtype bfloat16 or float32)")
+
+
 def convert_into(raw: RawWeight, fmt: str, dtype: torch.dtype, ue8m0: bool, data_out: torch.Tensor,
-                 scale_out: torch.Tensor | None, requantize: bool = False) -> None:
+                 scale_out: torch.Tensor | None, requantize: bool = False,
+                 check: tuple[str | None, ...] | None = None) -> None:
     """Convert `raw` to `fmt` chunk by chunk, writing straight into data_out [out, in] and scale_out
     (a parameter or an output buffer, on any device). Each chunk moves to data_out's device first,
     so a GPU does the arithmetic when the target is one. Chunks are whole 128-row blocks and every
     conversion is row-local, so the result is bit-identical to converting the tensor at once.
-    requantize: go through float32 even when the format already matches (e.g. new ue8m0 scales)."""
+    requantize: go through float32 even when the format already matches (e.g. new ue8m0 scales).
+    check: where the data, scale and offset come from ("FILE: tensor NAME", None if absent); when given,
+    each chunk's stored values are checked for NaN/Inf on the device, and a dense result for overflow."""
     out_f, in_f = raw.data.shape
     step = chunk_rows(out_f, in_f)
     fp8_out = fmt in ("fp8-block", "fp8-fnuz")
     for r0 in range(0, out_f, step):
         r1 = min(r0 + step, out_f)
-        q = raw.rows(r0, r1).to(data_out.device).quant()
+        chunk = raw.rows(r0, r1).to(data_out.device)
+        for where, t in zip(check or (), (chunk.data, chunk.scale, chunk.offset)):
+            if t is not None and has_nonfinite(t):
+                raise _nonfinite_error(where, True, dtype)
+        q = chunk.quant()
         if requantize and q.format != "dense":
             q = QuantWeight(dequantize(q, torch.float32), None, "dense")
         q = convert_weight(q, fmt, dtype, ue8m0)
         data_out[r0:r1].copy_(q.data)
+        if check and fmt == "dense" and has_nonfinite(data_out[r0:r1]):
+            raise _nonfinite_error(check[0], False, data_out.dtype)
         if scale_out is not None:
             if fp8_out:
                 scale_out[r0 // BLOCK: -(-r1 // BLOCK)].copy_(q.scale.view(-1, scale_out.shape[-1]))
@@ -599,7 +661,8 @@ def load_weights(model: DeepseekV3, ckpt: Checkpoint, progress: bool | None = No
 
     The whole plan is checked against the headers first (missing tensors, wrong shapes or dtypes,
     tensors the model does not know: errors that name file and tensor); then shards are read in
-    order, one mapped at a time, each tensor moved to the parameter's device and converted there.
+    order, one mapped at a time, each tensor moved to the parameter's device and converted there,
+    and checked there for NaN/Inf (and for overflow of the run dtype), chunk by chunk.
 
     slicer: for tensor/expert parallelism. Called as slicer(name, full_shape) for each checkpoint
       tensor this model reads (checkpoint names, experts unstacked: `...experts.17.up_proj.weight`);
@@ -626,10 +689,14 @@ def load_weights(model: DeepseekV3, ckpt: Checkpoint, progress: bool | None = No
                 data_out = lin.weight if u.index is None else lin.weight[u.index]
                 scale = getattr(lin, lin.scale_name, None)
                 scale_out = None if scale is None else (scale if u.index is None else scale[u.index])
-                convert_into(raw, lin.format, model.dtype, ue8m0, data_out, scale_out)
+                check = tuple(n and f"{ckpt.file_of[n]}: tensor {n!r}"
+                              for n in (u.source.data, u.source.scale, u.source.offset))
+                convert_into(raw, lin.format, model.dtype, ue8m0, data_out, scale_out, check=check)
             else:
                 raw = ckpt.read(u.key, u.slices)
                 u.param.copy_(raw)         # copy_ casts and moves in one pass, no full-size temporary
+                if has_nonfinite(u.param):
+                    raise _nonfinite_error(f"{f}: tensor {u.key!r}", has_nonfinite(raw), u.param.dtype)
             del raw
             ckpt.release(keep=shard)       # a companion read from another shard is unmapped at once
             shown.update(u.nbytes)

@@ -14,6 +14,8 @@ reserve      a fixed allowance for the CUDA/HIP context, collective-library buff
 from __future__ import annotations
 
 import math
+import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -117,3 +119,94 @@ def rank_memory(cfg: ModelConfig, world: int, tp: int, ep: int, weight_format: s
     return RankMemory(world, tp, ep, weight_bytes(cfg, weight_format, dtype, with_mtp, mesh),
                       cache_bytes_per_token(cfg, with_mtp, cache_dtype), cache_tokens,
                       activation_bytes(cfg, mesh, dtype, batch_tokens))
+
+
+# -- before loading: refuse what this device cannot hold, naming the key that makes it large ----------
+
+# (parameter-name pattern, what it is, the config.json keys that size it), checked in order
+_PARTS = ((re.compile(r"\.mlp\.experts\."), "the routed experts", ("n_routed_experts", "moe_intermediate_size")),
+          (re.compile(r"\.mlp\.shared_experts\."), "the shared experts", ("n_shared_experts", "moe_intermediate_size")),
+          (re.compile(r"embed_tokens|lm_head|shared_head\.head"), "the embeddings and output heads", ("vocab_size",)),
+          (re.compile(r"\.self_attn\."), "attention", ("num_attention_heads", "kv_lora_rank")),
+          (re.compile(r"\.mlp\."), "the dense MLPs", ("intermediate_size",)),
+          (re.compile(r""), "norms and the rest", ("hidden_size",)))
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory a model could still take on `device`: the host's MemAvailable for cpu, free device memory
+    for a GPU (torch.<type>.mem_get_info); None when unknown (meta, or no such query)."""
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            try:
+                return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            except (ValueError, OSError):
+                return None
+    get = getattr(getattr(torch, device.type, None), "mem_get_info", None)
+    if get is None:
+        return None
+    try:
+        return int(get(device)[0])
+    except Exception:  # noqa: BLE001 - a backend that cannot answer: loading finds out
+        return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+def check_fits(cfg: ModelConfig, profile, device: torch.device, weight_format: str, with_mtp: bool,
+               mesh: Mesh | None = None, source: str = "config.json") -> None:
+    """Refuse, before anything is allocated, weights + latent cache + one step's activations that
+    `device` cannot hold (this rank's share under `mesh`): a ConfigError naming the config.json keys
+    of the largest part of the weights, or a ProfileError naming kv_cache.max_tokens or
+    max_batch_tokens, with what would fit."""
+    from dsv3.core.errors import ConfigError, ProfileError
+    available = available_bytes(device)
+    if available is None:
+        return
+    mesh = mesh or Mesh()
+    layout = Mesh(mesh.world, mesh.rank, mesh.tp, mesh.ep)      # the layout only: no process group
+    dtype = getattr(torch, profile.dtype)
+    kv = profile.kv_cache
+    cache_dtype = dtype if kv.dtype == "auto" else getattr(torch, kv.dtype)
+    parts = {label: 0 for _, label, _ in _PARTS}
+    for name, p in _meta_model(cfg, weight_format, dtype, with_mtp, layout).named_parameters():
+        label = next(label for pattern, label, _ in _PARTS if pattern.search(name))
+        parts[label] += p.numel() * p.element_size()
+    rope = 2 * cfg.max_position_embeddings * (cfg.qk_rope_head_dim // 2) * 4   # cos, sin float32 tables
+    weights = sum(parts.values()) + rope
+    per_token = cache_bytes_per_token(cfg, with_mtp, cache_dtype)
+    cache = per_token * -(-kv.max_tokens // kv.block_size) * kv.block_size
+    activations = activation_bytes(cfg, layout, dtype, profile.max_batch_tokens)
+    reserve = 0 if device.type == "cpu" else RESERVE
+    need = weights + cache + activations + reserve
+    if need <= available:
+        return
+    where = (f"on {device}{f' (rank {mesh.rank} of {mesh.world})' if mesh.world > 1 else ''}, which has "
+             f"{_gib(available)} available")
+    summary = (f"weights {_gib(weights)} + latent cache {_gib(cache)} + activations {_gib(activations)}"
+               + (f" + reserve {_gib(reserve)}" if reserve else ""))
+    room = available - weights - activations - reserve
+    if cache >= max(weights, activations) and room > 0:
+        fit = room // per_token
+        raise ProfileError(f"{profile.source}: kv_cache.max_tokens = {kv.max_tokens} needs {_gib(cache)} of latent "
+                           f"cache ({per_token} bytes per token) {where} ({summary}); at most {fit} tokens fit: "
+                           f"lower kv_cache.max_tokens (--max-cache-tokens)"
+                           + ("" if cache_dtype.itemsize == 1 else ", or use a smaller kv_cache.dtype (bfloat16, "
+                              "or float8_e4m3fn where the backend supports it)"))
+    if activations >= max(weights, cache) and available > weights + cache + reserve:
+        raise ProfileError(f"{profile.source}: max_batch_tokens = {profile.max_batch_tokens} needs about "
+                           f"{_gib(activations)} of activations per step {where} ({summary}); lower "
+                           f"max_batch_tokens")
+    label, size = max(parts.items(), key=lambda kv_: kv_[1])
+    keys = next(k for _, lab, k in _PARTS if lab == label)
+    if rope > size:
+        label, size, keys = "the RoPE tables", rope, ("max_position_embeddings",)
+    named = ", ".join(f"{k} = {getattr(cfg, k)}" for k in keys)
+    raise ConfigError(f"{source}: this model needs {_gib(need)} {where} ({summary}); the largest part is "
+                      f"{label} ({named}, {cfg.num_hidden_layers} layers: {_gib(size)} in {weight_format}). Run it "
+                      f"on a device with more memory or split it over GPUs (`dsv3-run plan` says how many), use "
+                      f"a smaller weight_format, or check config.json")
