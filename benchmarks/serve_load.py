@@ -159,6 +159,50 @@ def run_http(llm, reqs: list[Req], output_len: int, model_name: str) -> None:
     reqs[:] = done
 
 
+class EngineProcessServer:
+    """`dsv3-run serve`'s default layout for the "http-process" mode: the engine in a process of its
+    own, built there by `build(*build_args)`, behind the HTTP server in this process."""
+
+    def __init__(self, build, build_args: tuple, model_name: str):
+        from dsv3.core.tokenizer import Tokenizer
+        from dsv3.serve.app import ServedModel, ServeOptions
+        from dsv3.serve.engine_process import EngineProcess
+        from dsv3.serve.server import ServerThread
+        self.engine = EngineProcess(build, build_args, warm_up=True)
+        began = time.perf_counter()
+        info = self.engine.launch()
+        print(f"engine process ready in {time.perf_counter() - began:.1f} s (warm-up {info['warm_up_s']:.1f} s)",
+              file=sys.stderr, flush=True)
+        path = Path(info["path"])
+        model = ServedModel(path, Tokenizer(path), info["vocab_size"], info["max_context"], info["capacity_tokens"],
+                            info["reserve"], info["backend"])
+        self.model_name = model_name
+        self.thread = ServerThread(None, ServeOptions(model_name), worker=self.engine, model=model).__enter__()
+
+    def run(self, reqs: list[Req], output_len: int) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            pool.submit(time.sleep, 0).result()
+            reqs[:] = pool.submit(_http_client, self.thread.url, self.model_name, reqs, output_len).result()
+
+    def close(self) -> None:
+        self.thread.__exit__(None, None, None)
+
+
+def build_for_engine_process(full_width_layers, backend, max_cache_tokens, max_batch_tokens, threads):
+    """What the engine process runs: the same model and engine settings as the in-process modes."""
+    if threads:
+        torch.set_num_threads(threads)
+    if full_width_layers:
+        llm = full_width_llm(full_width_layers, backend, max_cache_tokens or 65536, max_batch_tokens)
+    else:
+        llm = tiny_llm(max_cache_tokens)
+        llm.engine.max_batch_tokens = max_batch_tokens
+    llm.engine.prefix_caching, llm.engine.max_waiting = False, None
+    return llm
+
+
 def summarize(reqs: list[Req], steps: list[float]) -> dict:
     ok = [r for r in reqs if r.done is not None and not r.errors]
     ttft = sorted(r.first - r.arrival for r in ok)
@@ -211,7 +255,7 @@ def full_width_llm(layers: int, backend: str, max_cache_tokens: int, max_batch_t
                         torch.bfloat16, "cuda")
     engine = Engine(model, cache, tok, max_batch_tokens, runner)
     return SimpleNamespace(engine=engine, tokenizer=tok, config=cfg, path=path, model=model, cache=cache,
-                           runner=runner)
+                           runner=runner, spec=spec)
 
 
 def reset(engine) -> None:
@@ -232,7 +276,10 @@ def main(argv=None) -> int:
     p.add_argument("--static-batch", type=int, default=16, help="batch size of the static baseline")
     p.add_argument("--max-cache-tokens", type=int, help="latent cache size (default: the profile's)")
     p.add_argument("--max-batch-tokens", type=int, default=2048)
-    p.add_argument("--modes", default="static,continuous,http")
+    p.add_argument("--modes", default="static,continuous,http,http-process",
+                   help="static and continuous: the engine called in this process; http: the server with the "
+                        "engine on a thread of its process; http-process: the engine in a process of its own "
+                        "(what `dsv3-run serve` runs)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the markdown table here too")
@@ -283,12 +330,21 @@ def main(argv=None) -> int:
              ("| rate (req/s) | mode | output tok/s | TTFT mean (ms) | TTFT p50 (ms) | TTFT p90 (ms) | "
               "engine step p50 / max (ms) | errors |"),
              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    separate = (EngineProcessServer(build_for_engine_process, (args.full_width_layers, args.backend,
+                                                               args.max_cache_tokens, args.max_batch_tokens,
+                                                               args.threads), llm.path.name)
+                if "http-process" in modes else None)
+    if separate is not None:                       # its first requests meet first calls too
+        separate.run(make_requests(args.num_requests, float("inf"), args.prompt_len, args.output_len, vocab, 1),
+                     args.output_len)
     for rate_s in args.rates.split(","):
         rate = float(rate_s)
         for mode in modes:
             reqs = make_requests(args.num_requests, rate, args.prompt_len, args.output_len, vocab, args.seed)
             steps = []
-            if mode == "http":
+            if mode == "http-process":
+                separate.run(reqs, args.output_len)
+            elif mode == "http":
                 run_http(llm, reqs, args.output_len, llm.path.name)
             else:
                 steps = run_in_process(llm.engine, reqs, args.output_len,
@@ -312,8 +368,11 @@ def main(argv=None) -> int:
         table += [f"- {line}" for line in stalls]
         if args.out:
             Path(args.out).write_text("\n".join(table) + "\n")
+    if separate is not None:
+        separate.close()
     print("\n".join(table))
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
