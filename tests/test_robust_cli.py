@@ -5,6 +5,7 @@ import io
 import json
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -73,7 +74,8 @@ def test_serve_prints_the_openai_base_url(ckpt, capsys, monkeypatch):
         def run(self, sockets):
             sockets[0].close()
     monkeypatch.setattr(server_mod, "make_server", lambda *a, **k: (Stub(), None))
-    assert main(["serve", "--model", str(ckpt), "--no-warmup", "--port", "0"]) == 0
+    monkeypatch.setattr(signal, "signal", lambda *a: None)          # pytest keeps its own handlers
+    assert main(["serve", "--model", str(ckpt), "--no-warmup", "--engine-thread", "--port", "0"]) == 0
     assert re.search(r"OpenAI base URL http://127\.0\.0\.1:\d+/v1\b", capsys.readouterr().out)
 
 

@@ -80,11 +80,6 @@ class LLM:
         if model_path is None:
             from dsv3.core.demo import demo_model_path
             model_path = demo_model_path()
-        path = Path(model_path).expanduser()
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: no such directory; the model path is a DeepSeek-V3 HF checkpoint "
-                                  f"directory (config.json, safetensors, tokenizer.json)" if not path.exists() else
-                                  f"{path}: not a directory; the model path is the checkpoint's directory, not a file")
         self.registry = registry or create_registry()
         given = {"dtype": dtype, **overrides}
         if isinstance(profile, Profile):
@@ -99,6 +94,11 @@ class LLM:
         # one slice of the model; in a single process the mesh is SINGLE and nothing below changes.
         self.mesh, self.device = launch.setup(self.profile, self.registry, self.spec.name, self.device)
 
+        path = Path(model_path).expanduser()
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: no such directory; the model path is a DeepSeek-V3 HF checkpoint "
+                                  f"directory (config.json, safetensors, tokenizer.json)" if not path.exists() else
+                                  f"{path}: not a directory; the model path is the checkpoint's directory, not a file")
         self.ckpt = Checkpoint(model_path)
         self.path = self.ckpt.path
         self.config = ModelConfig.from_file(self.path / "config.json")
