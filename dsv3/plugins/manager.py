@@ -9,14 +9,20 @@ Conventions follow pytest's:
 A plugin that fails to import, has a hookimpl pluggy rejects, implements an unknown hook, or
 claims a backend name another plugin already has is reported (a warning naming the plugin and the
 problem, kept in `Registry.failures`) and left out; the others keep working.
+
+Plugins import on a worker thread with a deadline (DSV3_PLUGIN_IMPORT_TIMEOUT seconds, default 10):
+one that hangs, or raises SystemExit / KeyboardInterrupt, is reported like any other failure instead
+of stopping every command; Ctrl-C during an import names the plugin being imported.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
 import importlib.util
+import math
 import os
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -30,6 +36,8 @@ from dsv3.plugins.hookspecs import BackendSpec
 ENTRY_POINT_GROUP = "dsv3"
 AUTOLOAD_ENV = "DSV3_DISABLE_PLUGIN_AUTOLOAD"
 PLUGINS_ENV = "DSV3_PLUGINS"
+TIMEOUT_ENV = "DSV3_PLUGIN_IMPORT_TIMEOUT"
+DEFAULT_IMPORT_TIMEOUT = 10.0   # seconds
 BUILTIN_PLUGINS = (  # (name, module); the reference backend is what every op falls back to
     ("cpu", "dsv3.backends.reference.plugin"),
     ("cuda", "dsv3.backends.nvidia.plugin"),
@@ -129,16 +137,65 @@ def _register(reg: Registry, plugin, name: str, version: str | None) -> bool:
     return True
 
 
+class _ImportFailed(Exception):
+    """A plugin's import raised (anything, SystemExit included) or did not finish in time; the message
+    completes "import of X ..."."""
+
+
+def import_timeout() -> float:
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_IMPORT_TIMEOUT
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not (0 < seconds < math.inf):
+        raise PluginError(f"{TIMEOUT_ENV}={raw!r}: expected seconds to wait for a plugin's import, a number > 0")
+    return seconds
+
+
+def _guarded_import(load: Callable[[], object], what: str, warn: Callable[[str], None]):
+    """load() on a daemon thread, waited for import_timeout() seconds: a plugin's import can raise
+    SystemExit or KeyboardInterrupt, or hang, and none of that may stop dsv3. Ctrl-C while waiting
+    says which plugin was importing, then interrupts as usual."""
+    timeout = import_timeout()
+    out: dict = {}
+
+    def run():
+        try:
+            out["plugin"] = load()
+        except BaseException as e:  # noqa: BLE001 - SystemExit / KeyboardInterrupt from a plugin are its failure
+            out["error"] = e
+    worker = threading.Thread(target=run, name=f"dsv3 import {what}", daemon=True)
+    try:
+        worker.start()
+        worker.join(timeout)
+    except KeyboardInterrupt:
+        warn(f"interrupted while importing {what}; if it hangs, uninstall it or set {AUTOLOAD_ENV}=1 "
+             f"(plugins are then loaded only with -p NAME)")
+        raise
+    if worker.is_alive():
+        raise _ImportFailed(f"did not finish within {timeout:g} s (it may wait on a network, a lock or a device; "
+                            f"{TIMEOUT_ENV}=SECONDS waits longer)")
+    if "error" in out:
+        e = out["error"]
+        kind = " (a plugin must not exit the program)" if isinstance(e, SystemExit) else ""
+        raise _ImportFailed(f"failed: {type(e).__name__}{f': {e}' if str(e) else ''}{kind}") from e
+    return out["plugin"]
+
+
 def _load_entry_point(reg: Registry, ep: importlib.metadata.EntryPoint) -> None:
     if reg.pm.has_plugin(ep.name) or reg.pm.is_blocked(ep.name):
         return
     dist = getattr(ep, "dist", None)
     version = f"{dist.metadata['Name']} {dist.version}" if dist is not None else None
     try:
-        plugin = ep.load()
-    except Exception as e:  # noqa: BLE001
-        reg.fail(ep.name, f"import of {ep.value!r} failed: {type(e).__name__}: {e}",
-                 "it is skipped (fix or uninstall the package" + (f" {version.split()[0]})" if version else ")"))
+        plugin = _guarded_import(ep.load, f"plugin {ep.name!r} ({ep.value})", reg.warn)
+    except _ImportFailed as e:
+        package = f" {version.split()[0]}" if version else ""
+        reg.fail(ep.name, f"import of {ep.value!r} {e}", f"it is skipped (fix or uninstall the package{package}, "
+                 f"or set {AUTOLOAD_ENV}=1 to load plugins only when named with -p)")
         return
     _register(reg, plugin, ep.name, version)
 
@@ -147,9 +204,9 @@ def _load_module(reg: Registry, module: str, flag: str) -> None:
     if reg.pm.has_plugin(module) or reg.pm.is_blocked(module):
         return
     try:
-        plugin = importlib.import_module(module)
-    except Exception as e:  # noqa: BLE001 - an explicitly requested plugin that cannot load is the user's error
-        raise PluginError(f"{flag} {module}: import failed: {type(e).__name__}: {e}") from e
+        plugin = _guarded_import(lambda: importlib.import_module(module), f"plugin module {module!r}", reg.warn)
+    except _ImportFailed as e:   # an explicitly requested plugin that cannot load is the user's error
+        raise PluginError(f"{flag} {module}: import {e}") from e.__cause__
     _register(reg, plugin, module, _distribution_of(module))
 
 
