@@ -74,7 +74,8 @@ _MAX = {"kv_cache.block_size": 2**12, "kv_cache.max_tokens": 2**31 - 1,   # cach
         "speculative.num_draft_tokens": 16}       # one MTP module drafts recursively; acceptance falls per draft
 _HINT = {"kv_cache.max_tokens": "; set it with --max-cache-tokens (`dsv3-run plan` says how many tokens fit)",
          "speculative.num_draft_tokens": " (--num-draft-tokens); DeepSeek-V3 drafts 1 or 2 well"}
-MAX_PROFILE_BYTES = 2**20   # a profile is a few lines of YAML
+MAX_PROFILE_BYTES = 2**16   # a profile is a few lines of YAML
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)   # libyaml: fast, and it bounds nesting depth
 
 
 def _build(cls, data, source: str, prefix: str = ""):
@@ -179,7 +180,7 @@ def load_profile(name_or_path: str) -> Profile:
         raise ProfileError(f"{path}: {size} bytes is too large for a profile (at most {MAX_PROFILE_BYTES}); "
                            f"is it the right file?")
     try:
-        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+        data = yaml.load(path.read_bytes().decode("utf-8"), Loader=_YAML_LOADER) or {}
     except UnicodeDecodeError as e:
         raise ProfileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     except yaml.YAMLError as e:
