@@ -27,6 +27,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", default="1,16")
     ap.add_argument("--out")
+    ap.add_argument("--gate-only", action="store_true", help="skip the GEMM sweep")
     args = ap.parse_args()
     target = cuda_target()
     x = torch.empty(1 << 30, device="cuda").normal_()
@@ -34,7 +35,7 @@ def main() -> None:
     del x
     print(f"streaming read {read_bw / 1e12:.2f} TB/s", flush=True)
     rows = []
-    for name, n, k in GEMM_SHAPES:
+    for name, n, k in [] if args.gate_only else GEMM_SHAPES:
         copies = max(1, min(16, math.ceil(L2_DEFEAT_BYTES / (n * k))))
         ws = _random_fp8_weight(n, k, "cuda", copies)
         k_steps = triton.cdiv(k, 128)
@@ -83,9 +84,29 @@ def main() -> None:
         gates.append({"t": t, "us": tt * 1e6, "same_ids": same, "deterministic": again})
         print(f"moe_gate T={t:<5d} {tt * 1e6:7.2f} us  ids equal to reference on {same * 100:.1f}% of tokens, "
               f"repeat identical: {again}", flush=True)
+    # gate variants: warps per program and the cap on D splits (the router reads every split's partials)
+    default_config = gate.gate_config
+    variants = []
+    for t in (1, 8, 64):
+        xs = [torch.randn(t, 7168, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+        bt, be, bd, _, rt, _ = default_config(t, 256, 7168, target.num_sms)
+        for warps in (1, 2, 4):
+            for cap in ((4, 8) if t == 1 else (2, 4)):
+                splits = max(1, min(triton.cdiv(2 * target.num_sms, triton.cdiv(t, bt) * 16), cap))
+                gate.gate_config = lambda *_, c=(bt, be, bd, splits, rt, warps): c
+                try:
+                    tt = time_calls([lambda x=x: gate.moe_gate(x, gw, gb, spec, target.num_sms) for x in xs])[0]
+                    same = min((gate.moe_gate(x, gw, gb, spec, target.num_sms)[1].sort(-1).values ==
+                                ref.moe_gate(x, gw, gb, spec)[1].sort(-1).values).all(-1).float().mean().item()
+                               for x in xs)
+                finally:
+                    gate.gate_config = default_config
+                variants.append({"t": t, "warps": warps, "splits": splits, "us": tt * 1e6, "same_ids": same})
+                print(f"moe_gate variant T={t:<3d} warps {warps} splits {splits}: {tt * 1e6:6.2f} us, ids equal on "
+                      f"{same * 100:.0f}%", flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"read_bw": read_bw, "gemm": rows, "gate": gates}, f, indent=1)
+            json.dump({"read_bw": read_bw, "gemm": rows, "gate": gates, "gate_variants": variants}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -100,17 +100,17 @@ def moe_gate_kernel(x_ptr, w_ptr, bias_ptr, part_ptr, count_ptr, wout_ptr, iout_
         tl.store(count_ptr + pid_t, 0)                          # ready for the next launch
 
 
-def gate_config(t: int, e: int, d: int, num_sms: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_T, BLOCK_E, BLOCK_D, D splits, ROUTE_T): ~1-2 waves of programs, narrow expert tiles at
-    decode, and few D splits, since the routing program reads every split's partials (8 at one token,
-    else 4)."""
+def gate_config(t: int, e: int, d: int, num_sms: int) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_T, BLOCK_E, BLOCK_D, D splits, ROUTE_T, num_warps): ~1-2 waves of programs, narrow expert
+    tiles at decode, and few D splits, since the routing program reads every split's partials (8 at one
+    token, else 4)."""
     block_t = 16 if t <= 256 else 64
     block_e = min(16 if t <= 64 else 64, max(16, triton.next_power_of_2(e)))
     tiles = triton.cdiv(t, block_t) * triton.cdiv(e, block_e)
     route_t = 1 if t == 1 else 8     # (routing 2 rows at a time gave wrong ids with Triton 3.6 on sm_90)
     splits = max(1, min(triton.cdiv(2 * num_sms, tiles), 8 if route_t == 1 else 4, triton.cdiv(d, 256)))
     block_d = min(256 if block_t == 16 else 128, max(16, triton.next_power_of_2(d)))   # 64x64 tiles: shared memory
-    return block_t, block_e, block_d, splits, route_t
+    return block_t, block_e, block_d, splits, route_t, 4
 
 
 def moe_gate(x, weight, bias, spec, num_sms: int = 132):
@@ -124,7 +124,7 @@ def moe_gate(x, weight, bias, spec, num_sms: int = 132):
         x = x.contiguous()
     if weight.dtype != x.dtype:
         weight = weight.to(x.dtype)
-    block_t, block_e, block_d, splits, route_t = gate_config(t, e, d, num_sms)
+    block_t, block_e, block_d, splits, route_t, warps = gate_config(t, e, d, num_sms)
     d_per_split = triton.cdiv(triton.cdiv(d, block_d), splits) * block_d
     splits = triton.cdiv(d, d_per_split)
     part = torch.empty((splits, t, e), dtype=torch.float32, device=x.device)
@@ -135,5 +135,5 @@ def moe_gate(x, weight, bias, spec, num_sms: int = 132):
         E=e, N_GROUP=spec.n_group, TOPK_GROUP=spec.topk_group, TOP_K=spec.top_k, NORM=bool(spec.norm_topk_prob),
         HAS_BIAS=bias is not None, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=block_d, ROUTE_T=route_t,
         BLOCK_G=triton.next_power_of_2(spec.n_group), BLOCK_EG=triton.next_power_of_2(e // spec.n_group),
-        BLOCK_K=max(2, triton.next_power_of_2(spec.top_k)), SPLITS=splits, num_warps=4, num_stages=3)
+        BLOCK_K=max(2, triton.next_power_of_2(spec.top_k)), SPLITS=splits, num_warps=warps, num_stages=3)
     return weights, ids

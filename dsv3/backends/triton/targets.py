@@ -101,7 +101,7 @@ def kernel_specs(t: tuning.Target):
         {"DN": 128, "DR": 64, "DV": 128, "BLOCK_DN": 128, "BLOCK_DR": 64, "BLOCK_DV": 128,
          "BLOCK_M": pcfg.block_h, "BLOCK_N": pcfg.block_n}, pcfg.num_warps, pcfg.num_stages, pcfg.extra)
     for tokens in (1, 64, 4096):   # decode (16-expert tiles, routed 1 / 8 rows at a time) and prefill tiles
-        bt, be, bd, splits, rt = gate.gate_config(tokens, 256, 7168, t.num_sms)
+        bt, be, bd, splits, rt, warps = gate.gate_config(tokens, 256, 7168, t.num_sms)
         add(f"moe_gate[T={tokens}]", gate.moe_gate_kernel, "x_ptr w_ptr bias_ptr part_ptr count_ptr wout_ptr iout_ptr "
             "T D d_per_split stride_x stride_w routed_scale E N_GROUP TOPK_GROUP TOP_K NORM HAS_BIAS BLOCK_T BLOCK_E "
             "BLOCK_D ROUTE_T BLOCK_G BLOCK_EG BLOCK_K SPLITS",
@@ -109,7 +109,7 @@ def kernel_specs(t: tuning.Target):
              "wout_ptr": "*fp32", "iout_ptr": "*i64", "routed_scale": F32},
             {"E": 256, "N_GROUP": 8, "TOPK_GROUP": 4, "TOP_K": 8, "NORM": True, "HAS_BIAS": True, "BLOCK_T": bt,
              "BLOCK_E": be, "BLOCK_D": bd, "ROUTE_T": rt, "BLOCK_G": 8, "BLOCK_EG": 32, "BLOCK_K": 8,
-             "SPLITS": splits})
+             "SPLITS": splits}, num_warps=warps)
     add("moe_align", moe.moe_align_kernel, "ids_ptr sorted_ptr block_expert_ptr N first_expert max_blocks E BLOCK_M "
         "BLOCK_E CHUNK", {"ids_ptr": "*i64", "sorted_ptr": "*i32", "block_expert_ptr": "*i32"},
         {"E": 256, "BLOCK_M": 16, "BLOCK_E": 512, "CHUNK": 1024})
