@@ -457,7 +457,7 @@ def step_flops(model, seqs: int, tokens_per_seq: int) -> tuple[float, float]:
 
 # kernel name fragments -> op class, first match wins (cuBLAS kernels: the dense head, absorbed MLA products)
 OP_CLASSES = (
-    ("gate", ("gate_logits", "moe_gate")),
+    ("gate", ("gate_logits", "moe_gate")),          # gate_logits: the two-launch router before issue 16
     ("MoE", ("moe_align", "moe_gemm", "moe_sum")),
     ("attention", ("mla_decode", "mla_prefill", "flash", "attention")),
     ("norms/rope/quant", ("rms_norm", "rope", "act_quant", "silu_mul", "write_latent_cache")),

@@ -9,6 +9,7 @@ imports triton.
 Modules: quant (1x128 activation quantisation), gemm (FP8 block-scaled GEMM, split-K for small M),
 moe (routing alignment + grouped FP8 GEMMs with SiLU*up and requantisation fused), mla (decode over
 the paged latent cache with split-KV; varlen causal prefill), norm (RMSNorm, fused residual add),
-elementwise (RoPE, SiLU*up, latent-cache write), gate (noaux_tc routing), tuning, ops, targets
+elementwise (RoPE, SiLU*up, latent-cache write), gate (noaux_tc routing, one launch), counters (the
+self-resetting arrival counters of the one-launch split-K GEMM and router), tuning, ops, targets
 (compile-only checks for sm_90 / gfx942 / gfx950).
 """
