@@ -70,6 +70,13 @@ def _chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), stat.double() / 2))
 
 
+def _top_k_softmax(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution temperature + top-k define, per row, in float64 (independent of SamplingBatch)."""
+    z = logits.double() / params.temperature
+    kth = z.topk(params.top_k, dim=-1).values[:, -1:]
+    return z.masked_fill(z < kth, float("-inf")).softmax(-1)
+
+
 def test_rejection_sampling_preserves_the_target_distribution():
     """First emitted token ~ p_0 and, after an accepted first draft, the second ~ p_1, with top-k applied
     to draft and target alike. Chi-square test per position at significance 1e-4 (fresh distributions).
@@ -79,14 +86,13 @@ def test_rejection_sampling_preserves_the_target_distribution():
     params = SamplingParams(temperature=0.8, top_k=6)
     target_logits = torch.randn(k + 1, vocab) * 2
     draft_logits = torch.randn(k, vocab) * 2
-    one = SamplingBatch([params], [0], [0], "cpu")
-    q = one.probs(draft_logits)                                   # [k, V]
-    p = one.probs(target_logits)                                  # [k+1, V]
+    q = _top_k_softmax(draft_logits, params)                      # [k, V], the draft's own distribution
+    p = _top_k_softmax(target_logits, params)                     # [k+1, V], the float64 oracle
     gen = torch.Generator().manual_seed(random.randrange(2**31))
     drafts = torch.stack([torch.multinomial(q[j], n, replacement=True, generator=gen) for j in range(k)], 1)
     seeds = torch.randint(0, 2**62, (n,), generator=gen).tolist()
     rows = SamplingBatch([params] * n, seeds, [5] * n, "cpu")
-    tokens, accepted = verify(target_logits.expand(n, k + 1, vocab), drafts, q.expand(n, k, vocab), rows)
+    tokens, accepted = verify(target_logits.expand(n, k + 1, vocab), drafts, q.float().expand(n, k, vocab), rows)
     first = torch.bincount(tokens[:, 0], minlength=vocab).float()
     second = torch.bincount(tokens[accepted >= 1, 1], minlength=vocab).float()
     assert _chi2_pvalue(first, p[0]) > 1e-4

@@ -94,6 +94,8 @@ class SamplingBatch:
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [R, V] -> the distributions the rows sample from [R, V] float32: temperature, then
         top-k, then top-p (the smallest prefix of the sorted distribution reaching top_p)."""
+        assert logits.shape[0] == self.rows or self.greedy_only, (
+            f"{logits.shape[0]} logit rows for a batch of {self.rows}: repeat() the batch per position")
         logits = logits.float() / self.temperature[:, None]
         if self.filtered:
             vocab = logits.shape[-1]
