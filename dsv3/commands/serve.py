@@ -119,9 +119,12 @@ def run(args) -> int:
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the handler that was installed
     # before it; a handler of our own turns that into a normal exit (status 0) after the drain.
     stopped = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda s, f: stopped.append(s))
-    server.run(sockets=[sock])
+    before = {sig: signal.signal(sig, lambda s, f: stopped.append(s)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run(sockets=[sock])
+    finally:                       # in-process callers (tests, embedding) get their own handlers back
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
     if engine_process is not None and engine_process.exit_message:
         raise Dsv3Error(engine_process.exit_message)
     return 0
