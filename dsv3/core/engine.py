@@ -20,6 +20,7 @@ import torch
 
 from dsv3.core.cache import LatentCache
 from dsv3.core.errors import RequestError
+from dsv3.core.grammar import compiler_for
 from dsv3.core.model import DeepseekV3
 from dsv3.core.runner import ModelRunner, StepResult
 from dsv3.core.sampling import SamplingParams
@@ -125,6 +126,12 @@ class Engine:
         # alike on every rank, so the ranks sample alike.
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()))
         seq = Sequence(list(prompt_ids), len(prompt_ids), params, seed=seed)
+        if params.grammar is not None:
+            if self.tokenizer is None:
+                raise RequestError("structured output needs the checkpoint's tokenizer (tokenizer.json); "
+                                   "this engine has none")
+            cfg = self.model.cfg
+            seq.grammar = compiler_for(self.tokenizer, cfg.vocab_size, tuple(cfg.eos_token_ids)).matcher(params.grammar)
         self.scheduler.add(seq)
         return seq
 
@@ -176,7 +183,9 @@ class Engine:
             out = self._append_all(s, tokens)
             if out is not None:
                 outputs.append(out)
-            if self.drafter and not s.finished and s.num_cached + self.drafter.k < self.max_context:
+            # a grammar row takes no drafts: the drafter samples without its mask
+            if (self.drafter and not s.finished and s.grammar is None
+                    and s.num_cached + self.drafter.k < self.max_context):
                 drafting.append((s, start, s.num_cached, r.hidden[r.batch.token_rows[i][: s.num_cached - start]]))
         for failed_seq, e in self._draft(drafting):     # schedule() reserved the blocks drafting writes
             outputs = [o for o in outputs if o.seq is not failed_seq] + [self._fail(failed_seq, e)]
@@ -243,7 +252,13 @@ class Engine:
             if not p.ignore_eos and token in self.model.cfg.eos_token_ids:
                 s.finish_reason = "stop"       # EOS ends the text; it is not part of it
                 break
+            if s.grammar is not None and not s.grammar.accept(token):
+                # the runner masked every token the grammar refuses, so this is a bug, this sequence's own
+                return self._fail(s, RuntimeError(f"the grammar refused token {token}, which its bitmask allowed"))
             s.token_ids.append(token)
+            if s.grammar is not None and s.grammar.terminated:     # complete, and its EOS taken (ignore_eos)
+                s.finish_reason = "stop"
+                break
             if len(s.output_ids) >= p.max_new_tokens or len(s.token_ids) >= self.max_context:
                 s.finish_reason = "length"
                 break

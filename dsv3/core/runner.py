@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from dsv3.core.batch import Batch
+from dsv3.core.grammar import apply_bitmask
 from dsv3.core.sampling import SamplingBatch
 from dsv3.core.speculative import verify
 
@@ -53,6 +54,7 @@ class ModelRunner:
         picks = []
         if plain:
             seqs = [plan[i][0] for i in plain]
+            apply_bitmask(logits[: len(plain)], [s.grammar for s in seqs])       # structured output's rows
             sampler = SamplingBatch([s.params for s in seqs], [s.seed for s in seqs],
                                     [len(s.token_ids) for s in seqs], self.device)
             picks.append(sampler.sample(logits[: len(plain)]))                   # [Bp]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from dsv3.core.errors import RequestError
+from dsv3.core.grammar import GrammarSpec
 
 
 SEED_RANGE = (-(2**63), 2**64 - 1)      # what torch.Generator.manual_seed accepts
@@ -23,6 +24,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    grammar: GrammarSpec | None = None     # structured output: what the output must match (dsv3.core.grammar)
 
     def __post_init__(self):
         lo, hi = SEED_RANGE

@@ -45,6 +45,7 @@ class Sequence:
     mtp_valid: int = 0                 # positions whose MTP-layer cache slot holds a verified result
     prefix_keys: list[bytes] = field(default_factory=list)   # prefix-cache keys of the leading full blocks
     num_prefix_cached: int = 0         # prompt tokens taken from the prefix cache at admission
+    grammar: object = None             # its SequenceGrammar under structured output (dsv3.core.grammar)
 
     @property
     def output_ids(self) -> list[int]:

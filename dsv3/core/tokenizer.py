@@ -74,6 +74,15 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
+    @property
+    def backend(self):
+        """The Hugging Face `tokenizers.Tokenizer` underneath (xgrammar reads its vocabulary)."""
+        return self._tok
+
+    def token_id(self, text: str) -> int | None:
+        """The id of the single token spelled `text` (`</think>`), None if no token is."""
+        return self._tok.token_to_id(text)
+
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
