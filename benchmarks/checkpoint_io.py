@@ -58,7 +58,7 @@ def hf_config() -> dict:
     if REFERENCE.is_file():
         config = json.loads(REFERENCE.read_text())
     else:   # the official numbers that matter, if the reference copy is not here
-        from dsv3.core.synthetic import TINY_CONFIG
+        from dsv3.checkpoints.synthetic import TINY_CONFIG
         config = {**TINY_CONFIG, "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
                   "moe_intermediate_size": 2048, "num_attention_heads": 128, "num_key_value_heads": 128,
                   "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
@@ -74,7 +74,7 @@ def build(path: Path) -> dict:
     """Write the synthetic checkpoint with the streaming writer; random bits, never zeros."""
     from dsv3.backends.reference.ops import OPS
     from dsv3.core.config import ModelConfig
-    from dsv3.core.convert import SafetensorsWriter, TensorSpec
+    from dsv3.checkpoints.convert import SafetensorsWriter, TensorSpec
     from dsv3.core.loader import expected_tensors
     from dsv3.core.model import DeepseekV3
     from dsv3.core.ops import Ops
@@ -189,7 +189,7 @@ def worker(argv: list[str]) -> None:
         seconds = time.perf_counter() - t0
         print(json.dumps({"seconds": seconds, "read": ckpt.bytes_read, "params": params, "base_rss": base}))
     else:
-        from dsv3.core.convert import convert_checkpoint
+        from dsv3.checkpoints.convert import convert_checkpoint
         base = rss_bytes()
         out = Path(argv[3])
         r = convert_checkpoint(path, out, fmt, progress=False, log=lambda m: None)

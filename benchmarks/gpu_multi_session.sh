@@ -26,7 +26,7 @@ check_layouts() {   # dir, extra args...
 }
 for what in ${@:-all}; do
   if [[ $what == check || $what == all ]]; then
-    stamp check; CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m dsv3.core.cli check --backend cuda 2>&1 | tail -25 | tee "$OUT/check.txt"
+    stamp check; CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m dsv3.commands.main check --backend cuda 2>&1 | tail -25 | tee "$OUT/check.txt"
   fi
   if [[ $what == correctness || $what == all ]]; then
     D=/tmp/mg$N; mkdir -p $D
@@ -35,7 +35,7 @@ for what in ${@:-all}; do
   fi
   if [[ $what == demo || $what == all ]]; then
     D=/tmp/mgdemo; mkdir -p $D
-    { stamp convert; [[ -d /tmp/demo_bf16 ]] || python3 -m dsv3.core.cli convert dsv3/demo_model /tmp/demo_bf16 --to bf16
+    { stamp convert; [[ -d /tmp/demo_bf16 ]] || python3 -m dsv3.commands.main convert dsv3/demo_model /tmp/demo_bf16 --to bf16
       check_layouts $D --model /tmp/demo_bf16 --profile cuda-bf16
       python3 benchmarks/multi_gpu.py compare --dir $D --out "$OUT/nccl_check_demo.md"; } \
       2>&1 | tail -60 > "$OUT/demo_log.txt"; grep -v "^$" "$OUT/demo_log.txt" | tail -12

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dsv3.core.synthetic import TINY_CONFIG
+from dsv3.checkpoints.synthetic import TINY_CONFIG
 
 # the tests' tiny model, widened so that every width splits on 128-row/column blocks at tp = 2 and W/ep = 2
 SMALL = dict(TINY_CONFIG, hidden_size=256, intermediate_size=512, moe_intermediate_size=256, q_lora_rank=256,
@@ -50,7 +50,7 @@ def make_checkpoint(path: Path, all_experts: bool, world: int = 2) -> None:
     cannot flip a routing decision (with top-2 of 8, a random model turns such flips into large logit
     changes: chaos, not an error)."""
     from dsv3.core.config import ModelConfig
-    from dsv3.core.synthetic import random_weights, to_checkpoint_format, write_checkpoint, write_tokenizer
+    from dsv3.checkpoints.synthetic import random_weights, to_checkpoint_format, write_checkpoint, write_tokenizer
     small = small_config(world)
     cfg = dict(small, num_experts_per_tok=small["n_routed_experts"], n_group=1, topk_group=1) if all_experts else small
     weights = random_weights(ModelConfig.from_hf(cfg), seed=7, std=0.1)

@@ -219,7 +219,7 @@ def tiny_llm(max_cache_tokens: int | None):
     """The tiny random DeepSeek-V3 (tests' config) written to a temp dir, on the CPU."""
     from dsv3 import LLM
     from dsv3.core.config import ModelConfig
-    from dsv3.core.synthetic import TINY_CONFIG, random_weights, to_checkpoint_format, write_checkpoint, write_tokenizer
+    from dsv3.checkpoints.synthetic import TINY_CONFIG, random_weights, to_checkpoint_format, write_checkpoint, write_tokenizer
     path = Path(tempfile.mkdtemp()) / "tiny-random"
     path.mkdir()
     write_tokenizer(path, TINY_CONFIG["vocab_size"], ["def add(a, b):\n    return a + b\n", "hello world " * 20])
@@ -238,7 +238,7 @@ def full_width_llm(layers: int, backend: str, max_cache_tokens: int, max_batch_t
     from dsv3.core.cache import LatentCache
     from dsv3.core.engine import Engine
     from dsv3.core.profile import load_profile, with_overrides
-    from dsv3.core.synthetic import write_tokenizer
+    from dsv3.checkpoints.synthetic import write_tokenizer
     from dsv3.core.tokenizer import Tokenizer
     from dsv3.plugins.manager import create_registry
     registry = create_registry()

@@ -9,6 +9,6 @@ __all__ = ["LLM", "__version__"]
 
 def __getattr__(name):
     if name == "LLM":
-        from dsv3.core.api import LLM
+        from dsv3.llm import LLM
         return LLM
     raise AttributeError(name)

@@ -6,7 +6,7 @@ import copy
 import torch
 
 from dsv3.core.config import ModelConfig
-from dsv3.core.synthetic import TINY_CONFIG, random_weights, to_checkpoint_format, write_checkpoint, write_tokenizer
+from dsv3.checkpoints.synthetic import TINY_CONFIG, random_weights, to_checkpoint_format, write_checkpoint, write_tokenizer
 
 CORPUS = ["def add(a, b):\n    return a + b\n", "Beautiful is better than ugly.", "hello world " * 20]
 

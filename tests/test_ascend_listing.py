@@ -9,7 +9,7 @@ EMULATION = Path(__file__).parent / "ascend_emulation"
 
 def _ascend_row(env_extra: dict) -> str:
     env = {**os.environ, **env_extra}
-    out = subprocess.run([sys.executable, "-m", "dsv3.core.cli", "backends"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "dsv3.commands.main", "backends"], capture_output=True, text=True,
                          env=env, timeout=120).stdout
     return next(line for line in out.splitlines() if line.startswith("ascend"))
 

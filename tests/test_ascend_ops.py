@@ -12,7 +12,7 @@ import torch
 from dsv3.backends.ascend import plugin
 from dsv3.backends.ascend.emulation import install, kernels
 from dsv3.backends.reference import ops as ref
-from dsv3.core.conformance import CheckSetting, check_ops, format_table
+from dsv3.plugins.conformance import CheckSetting, check_ops, format_table
 from dsv3.core.errors import PluginError
 from dsv3.core.ops import ExpertWeights, GateSpec
 from dsv3.core.quant import quantize_int8_channel

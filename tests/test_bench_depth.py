@@ -4,9 +4,9 @@ import torch
 
 from dsv3.commands import bench
 from dsv3.core.batch import Batch, Chunk
-from dsv3.core.cli import main
+from dsv3.commands.main import main
 from dsv3.core.model import MoE
-from dsv3.core.synthetic import TINY_CONFIG
+from dsv3.checkpoints.synthetic import TINY_CONFIG
 from dsv3.plugins.manager import create_registry
 
 

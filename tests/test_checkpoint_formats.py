@@ -5,7 +5,7 @@ import torch
 
 from dsv3 import LLM
 from dsv3.core.config import ModelConfig
-from dsv3.core.synthetic import random_weights, to_checkpoint_format, write_checkpoint, write_tokenizer
+from dsv3.checkpoints.synthetic import random_weights, to_checkpoint_format, write_checkpoint, write_tokenizer
 from dsv3.core.weights import QuantWeight, dequantize
 
 from helpers import CORPUS, random_prompts, rel_err, tiny_config

@@ -6,7 +6,7 @@ import sys
 import pytest
 from safetensors.torch import load_file, save_file
 
-from dsv3.core.cli import main
+from dsv3.commands.main import main
 
 from helpers import make_checkpoint, tiny_config
 
@@ -36,7 +36,7 @@ def test_input_file_one_completion_per_line(ckpt, tmp_path, capsys):
 
 def test_interactive_chat_through_stdin(ckpt):
     script = "hello\n/clear\nhi again\n/exit\n"
-    r = subprocess.run([sys.executable, "-m", "dsv3.core.cli", "--model", str(ckpt), "--interactive",
+    r = subprocess.run([sys.executable, "-m", "dsv3.commands.main", "--model", str(ckpt), "--interactive",
                         "--max-new-tokens", "3"], input=script, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "history cleared" in r.stderr
@@ -90,7 +90,7 @@ def test_bad_inputs(ckpt, tmp_path, capsys):
 
 
 def test_debug_shows_traceback(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "dsv3.core.cli", "--model", str(tmp_path / "nope"), "--debug"],
+    r = subprocess.run([sys.executable, "-m", "dsv3.commands.main", "--model", str(tmp_path / "nope"), "--debug"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "Traceback" in r.stderr
 

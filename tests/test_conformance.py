@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.backends.reference import ops as reference
-from dsv3.core.cli import main
-from dsv3.core.conformance import CheckSetting, check_ops, format_table, tolerance
+from dsv3.commands.main import main
+from dsv3.plugins.conformance import CheckSetting, check_ops, format_table, tolerance
 from dsv3.core.ops import OP_NAMES
 from dsv3.core.quant import quantize_act_fp8, quantize_act_int8
 from dsv3.core.weights import dequantize

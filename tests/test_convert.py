@@ -1,7 +1,7 @@
 """`dsv3-run convert` and the quantisation math under it, against float64 references on random data.
 
 Error measures (as convert reports them): max_rel = max|y - x| / max|x|, rms_rel = ||y - x|| / ||x||,
-x the float64 dequantised source. Bounds used here are the ones dsv3.core.convert.BOUNDS states.
+x the float64 dequantised source. Bounds used here are the ones dsv3.checkpoints.convert.BOUNDS states.
 Logits of converted checkpoints are compared with the source's as max|a - b| / max|b|:
 fp8-block / fp8-fnuz (exact conversions) <= 1e-5, bf16 <= 3e-2, int8-w8a8 <= 8e-2 (measured over seeds:
 ~0.01 and ~0.03). FP8 from BF16 quantises every projection to 4 significant bits and the error grows
@@ -15,11 +15,11 @@ import random
 import pytest
 import torch
 
-import dsv3.core.convert as convert_mod
+import dsv3.checkpoints.convert as convert_mod
 import dsv3.core.loader as loader_mod
 from dsv3 import LLM
-from dsv3.core.cli import main
-from dsv3.core.convert import BOUNDS, ConversionError, convert_checkpoint, parse_size
+from dsv3.commands.main import main
+from dsv3.checkpoints.convert import BOUNDS, ConversionError, convert_checkpoint, parse_size
 from dsv3.core.loader import Checkpoint, RawWeight, convert_into, convert_weight
 from dsv3.core.quant import fp8_fn_to_fnuz, quantize_fp8_block, quantize_int8_channel
 from dsv3.core.weights import QuantWeight, dequantize, expand_block_scale

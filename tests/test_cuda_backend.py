@@ -152,8 +152,8 @@ def test_tiny_model_generation_matches_reference(tmp_path):
     flip a near-tie: every generated token must be the reference's argmax given the same prefix, or
     within 5% of the reference logit range of it (the linear ops' measured
     error from activation quantisation is 2-3%), and at least 80% must be the argmax exactly."""
-    from dsv3.core.api import LLM
-    from dsv3.core.synthetic import random_checkpoint
+    from dsv3.llm import LLM
+    from dsv3.checkpoints.synthetic import random_checkpoint
     from helpers import assert_greedy_matches_reference
     path = random_checkpoint(tmp_path / "tiny", fmt="fp8-block", seed=3)
     prompts = [[5, 17, 99, 3], [200, 201], [7] * 9]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dsv3.core.config import ModelConfig
-from dsv3.core.demo import DEMO_DIR, demo_model_path
+from dsv3.demo import DEMO_DIR, demo_model_path
 from dsv3.core.loader import Checkpoint, checkpoint_format
 
 MAX_BYTES = 25_000_000

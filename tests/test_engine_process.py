@@ -120,7 +120,7 @@ def test_serve_command_runs_the_engine_process_and_stops_it_on_sigterm(ckpt):
     import sys
     import http.client
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "dsv3.core.cli", "serve", "--model", str(ckpt), "--backend", "cpu",
+    proc = subprocess.Popen([sys.executable, "-m", "dsv3.commands.main", "serve", "--model", str(ckpt), "--backend", "cpu",
                              "--port", "0", "--no-warmup", "--log-level", "warning", "--served-model-name", MODEL],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     try:

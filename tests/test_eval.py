@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dsv3.commands.eval import default_data, document_segments, eval_segments, read_documents, score
-from dsv3.core.cli import main
+from dsv3.commands.main import main
 
 
 @pytest.fixture(scope="module")

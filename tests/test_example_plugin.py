@@ -47,7 +47,7 @@ def venv(tmp_path_factory):
 
 
 def dsv3_run(python: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return run(python, "-m", "dsv3.core.cli", *args, check=check)
+    return run(python, "-m", "dsv3.commands.main", *args, check=check)
 
 
 def test_installed_plugin_is_listed_by_backends(venv):

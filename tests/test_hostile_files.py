@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dsv3 import LLM
-from dsv3.core.convert import convert_checkpoint
+from dsv3.checkpoints.convert import convert_checkpoint
 from dsv3.core.errors import CheckpointError
 from dsv3.core.loader import Checkpoint
 

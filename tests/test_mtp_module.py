@@ -4,7 +4,7 @@ import random
 import torch
 
 from dsv3 import LLM
-from dsv3.core.synthetic import write_checkpoint
+from dsv3.checkpoints.synthetic import write_checkpoint
 
 from helpers import hf_oracle, make_checkpoint, random_prompts, rel_err, tiny_config
 

@@ -28,7 +28,7 @@ from dsv3.parallel.sharding import layout_problems
 
 from helpers import make_checkpoint, random_prompts, rel_err, tiny_config
 
-ALL_TO_ALL, SYNC_FREE = 0, 10**9      # Mesh.sync_free_max_tokens: force one MoE path or the other
+ALL_TO_ALL, SYNC_FREE = 0, 10**9      # ProcessGroups.sync_free_max_tokens: force one MoE path or the other
 LENGTHS = [37, 5, 20]                 # ragged prompts: token shards of different sizes on each rank
 
 # 6 heads (3 per rank at tp=2), 6 experts in 3 groups (3 per rank at ep=2: a token visits 1 or 2
@@ -61,7 +61,7 @@ def _run_cases(llm_cases, prompts, seed):
     out = {}
     for key, (path, tp, ep, sync_free) in llm_cases.items():
         llm = LLM(path, profile=with_overrides(load_profile("cpu"), {"parallel.tp": tp, "parallel.ep": ep}))
-        llm.mesh.sync_free_max_tokens = sync_free
+        llm.mesh.comm.sync_free_max_tokens = sync_free
         greedy, _ = llm.generate_ids(prompts, max_new_tokens=5, ignore_eos=True)
         sampled, _ = llm.generate_ids(prompts, max_new_tokens=5, ignore_eos=True, temperature=1.0, seed=seed)
         unseeded, _ = llm.generate_ids(prompts[:1], max_new_tokens=5, ignore_eos=True, temperature=1.0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dsv3.commands.plan import parse_size
-from dsv3.core.cli import main
+from dsv3.commands.main import main
 from dsv3.core.config import ModelConfig
 from dsv3.parallel import memory
 from dsv3.parallel.mesh import Mesh

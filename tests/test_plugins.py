@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dsv3.backends.reference import ops as reference
-from dsv3.core.cli import main
+from dsv3.commands.main import main
 from dsv3.core.errors import PluginError
 from dsv3.core.ops import OP_NAMES
 from dsv3.plugins import hookimpl
@@ -92,8 +92,8 @@ def test_fallback_warns_once_per_op_and_strict_refuses():
 
 
 def test_ops_are_resolved_once_per_model_build_not_per_token(tmp_path):
-    from dsv3.core.api import LLM
-    from dsv3.core.synthetic import random_checkpoint
+    from dsv3.llm import LLM
+    from dsv3.checkpoints.synthetic import random_checkpoint
     asked = []
 
     def backend_ops(backend):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dsv3.core.cli import add_runtime_args, build_llm, main
+from dsv3.commands.main import main
+from dsv3.commands.options import add_runtime_args, build_llm
 from dsv3.core.errors import PluginError, ProfileError
 from dsv3.core.profile import (CONFIG_DIR, load_profile, profile_names, select_profile, validate_for_backend,
                                with_overrides)
@@ -23,7 +24,7 @@ def reg():
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from dsv3.core.synthetic import random_checkpoint
+    from dsv3.checkpoints.synthetic import random_checkpoint
     return str(random_checkpoint(tmp_path_factory.mktemp("tiny")))
 
 
@@ -77,7 +78,7 @@ def test_bad_profile_names_file_key_value_and_what_is_allowed(tmp_path, text, me
     ("backend: cpu\ncuda_graphs: true\n", "cuda_graphs = true needs a CUDA device; backend 'cpu' runs on 'cpu'"),
 ])
 def test_impossible_combination_is_an_error_before_any_weight_is_loaded(tmp_path, reg, text, message):
-    from dsv3.core.api import LLM
+    from dsv3.llm import LLM
     path = write(tmp_path, text)
     with pytest.raises(ProfileError, match=message.replace("(", r"\(").replace(")", r"\)")):
         LLM(str(tmp_path / "no-such-checkpoint"), profile=path, registry=reg)  # the checkpoint is never opened
@@ -95,7 +96,7 @@ def test_unknown_profile_name_lists_the_shipped_ones():
 
 
 def test_strict_profile_refuses_reference_fallbacks(tmp_path, monkeypatch):
-    from dsv3.core.api import LLM
+    from dsv3.llm import LLM
     (tmp_path / "partial_backend.py").write_text(
         "from dsv3.plugins import hookimpl\nfrom dsv3.plugins.hookspecs import BackendSpec\n"
         "@hookimpl\ndef dsv3_register_backends():\n"

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from dsv3 import LLM
-from dsv3.core.cli import main
+from dsv3.commands.main import main
 from dsv3.core.config import ModelConfig
-from dsv3.core.demo import demo_model_path
+from dsv3.demo import demo_model_path
 from dsv3.parallel.sharding import layout_problems
 
 from helpers import make_checkpoint, tiny_config

@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-import dsv3.core.convert as convert_mod
-from dsv3.core.cli import main
-from dsv3.core.convert import ConversionError, convert_checkpoint
+import dsv3.checkpoints.convert as convert_mod
+from dsv3.commands.main import main
+from dsv3.checkpoints.convert import ConversionError, convert_checkpoint
 
 from helpers import make_checkpoint, tiny_config
 

@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dsv3 import LLM
-from dsv3.core.cli import main
+from dsv3.commands.main import main
 from dsv3.core.config import ModelConfig
-from dsv3.core.convert import convert_checkpoint
+from dsv3.checkpoints.convert import convert_checkpoint
 from dsv3.core.errors import CheckpointError, ConfigError, Dsv3Error, ProfileError
 from dsv3.core.loader import Checkpoint
 from dsv3.core.profile import Profile, load_profile, validate_for_backend, with_overrides

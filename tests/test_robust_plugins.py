@@ -11,7 +11,7 @@ import types
 
 import pytest
 
-from dsv3.core.cli import main
+from dsv3.commands.main import main
 from dsv3.core.errors import PluginError
 from dsv3.plugins import hookimpl
 from dsv3.plugins.hookspecs import BackendSpec

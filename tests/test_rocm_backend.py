@@ -69,7 +69,7 @@ def test_prepare_weights_converts_only_on_mi300(monkeypatch, tmp_path):
     from dsv3.core.config import ModelConfig
     from dsv3.core.model import DeepseekV3
     from dsv3.core.ops import Ops
-    from dsv3.core.synthetic import TINY_CONFIG, random_checkpoint
+    from dsv3.checkpoints.synthetic import TINY_CONFIG, random_checkpoint
     path = random_checkpoint(tmp_path / "tiny", fmt="fp8-block", seed=1)
     for arch, want in (("gfx950", torch.float8_e4m3fn), ("gfx942", torch.float8_e4m3fnuz)):
         monkeypatch.setenv("DSV3_ROCM_ARCH", arch)
@@ -86,7 +86,7 @@ def test_prepare_weights_converts_only_on_mi300(monkeypatch, tmp_path):
 def test_tiny_model_generation_through_rocm_ops_in_interpreter(tmp_path, monkeypatch):
     """gfx942: weights converted to fnuz, every op from the rocm table, interpreted on the CPU.
     Same greedy criterion as the cuda test (FP8 activation quantisation vs an unquantised reference)."""
-    from dsv3.core.api import LLM
+    from dsv3.llm import LLM
     from dsv3.core.cache import LatentCache
     from dsv3.core.config import ModelConfig
     from dsv3.core.engine import Engine
@@ -94,7 +94,7 @@ def test_tiny_model_generation_through_rocm_ops_in_interpreter(tmp_path, monkeyp
     from dsv3.core.model import DeepseekV3
     from dsv3.core.ops import Ops
     from helpers import assert_greedy_matches_reference
-    from dsv3.core.synthetic import TINY_CONFIG, random_checkpoint
+    from dsv3.checkpoints.synthetic import TINY_CONFIG, random_checkpoint
     from dsv3.backends.amd.ops import convert_weights_to_fnuz
     path = random_checkpoint(tmp_path / "tiny", fmt="fp8-block", seed=3)
     ops = rocm_ops("gfx942")
@@ -114,7 +114,7 @@ def test_tiny_model_generation_through_rocm_ops_in_interpreter(tmp_path, monkeyp
 
 
 def test_backends_lists_rocm_as_absent_with_how_to_select(capsys):
-    from dsv3.core.cli import main
+    from dsv3.commands.main import main
     assert main(["backends"]) == 0
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.strip().startswith("rocm:"))

@@ -240,7 +240,7 @@ def test_speculative_server_equals_plain_decoding(ckpt, ref, one_thread):
 
 def test_sigterm_drains_running_requests_then_exits(ckpt, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "dsv3.core.cli", "serve", "--model", str(ckpt), "--backend", "cpu",
+    proc = subprocess.Popen([sys.executable, "-m", "dsv3.commands.main", "serve", "--model", str(ckpt), "--backend", "cpu",
                              "--port", "0", "--log-level", "warning", "--served-model-name", MODEL],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     try:

@@ -138,7 +138,7 @@ def read_manifest() -> list[tuple[str, str, str]]:
 
 def corpus(args) -> None:
     from safetensors.torch import save_file
-    from dsv3.core.synthetic import write_tokenizer
+    from dsv3.checkpoints.synthetic import write_tokenizer
     from dsv3.core.tokenizer import Tokenizer
     root = Path(args.stdlib) if args.stdlib else stdlib_dir()
     if not MANIFEST.is_file():
@@ -399,7 +399,7 @@ def train(args) -> None:
 # export
 def export(args) -> None:
     from safetensors.torch import load_file
-    from dsv3.core.synthetic import to_checkpoint_format, write_checkpoint
+    from dsv3.checkpoints.synthetic import to_checkpoint_format, write_checkpoint
     src = Path(args.weights)
     weights = {}
     for f in sorted(src.glob("model-*.safetensors")):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
-    from dsv3.core.cli import add_plugin_args
+    from dsv3.commands.options import add_plugin_args
 
     p = subparsers.add_parser(
         "backends", help="list backends, their plugins, hardware here, default profiles and op coverage",

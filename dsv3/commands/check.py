@@ -1,4 +1,4 @@
-"""`dsv3-run check --backend X [--profile P]`: the conformance suite (dsv3.core.conformance)."""
+"""`dsv3-run check --backend X [--profile P]`: the conformance suite (dsv3.plugins.conformance)."""
 from __future__ import annotations
 
 import sys
@@ -7,7 +7,7 @@ from dsv3.core.errors import Dsv3Error
 
 
 def register(subparsers) -> None:
-    from dsv3.core.cli import add_plugin_args
+    from dsv3.commands.options import add_plugin_args
 
     p = subparsers.add_parser(
         "check", help="run a backend's ops against the reference, then a tiny-model generation",
@@ -32,7 +32,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from dsv3.core.conformance import check_backend, format_row, table_header
+    from dsv3.plugins.conformance import check_backend, format_row, table_header
     from dsv3.core.ops import OP_NAMES
     from dsv3.core.profile import select_profile
     from dsv3.plugins.manager import create_registry

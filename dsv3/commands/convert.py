@@ -1,4 +1,4 @@
-"""`dsv3-run convert SRC DST --to FORMAT`: change a checkpoint's weight format (see dsv3.core.convert)."""
+"""`dsv3-run convert SRC DST --to FORMAT`: change a checkpoint's weight format (see dsv3.checkpoints.convert)."""
 from __future__ import annotations
 
 import argparse
@@ -22,7 +22,7 @@ examples:
 
 
 def register(subparsers) -> None:
-    from dsv3.core.convert import TARGETS
+    from dsv3.checkpoints.convert import TARGETS
     p = subparsers.add_parser("convert", help="convert a checkpoint between weight formats",
                               description="Convert a DeepSeek-V3 HF checkpoint to another weight format, "
                                           "with bounded memory, on the CPU or a GPU.",
@@ -39,7 +39,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from dsv3.core import convert
+    from dsv3.checkpoints import convert
     try:
         report = convert.convert_checkpoint(args.src, args.dst, args.to, ue8m0=args.ue8m0, device=args.device,
                                             overwrite=args.overwrite,

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsv3.core.cli import add_runtime_args, build_llm
+from dsv3.commands.options import add_runtime_args, build_llm
 from dsv3.core.errors import Dsv3Error
 
 FORMATS = ("dense", "fp8-block", "fp8-fnuz", "int8-w8a8")
@@ -37,7 +37,7 @@ def document_segments(ids: list[int], seq_len: int, bos: int, eos: int) -> list[
 
 
 def default_data() -> Path:
-    from dsv3.core.demo import demo_model_path
+    from dsv3.demo import demo_model_path
     return demo_model_path() / "heldout.jsonl"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from dsv3.core.cli import add_runtime_args, build_llm
+from dsv3.commands.options import add_runtime_args, build_llm
 from dsv3.core.errors import Dsv3Error, RequestError
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
-    from dsv3.core.cli import add_plugin_args
+    from dsv3.commands.options import add_plugin_args
 
     p = subparsers.add_parser(
         "profiles", help="list the shipped YAML profiles, or show one in full",

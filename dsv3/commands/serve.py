@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from dsv3.core.cli import add_runtime_args, build_llm
+from dsv3.commands.options import add_runtime_args, build_llm
 from dsv3.parallel.launch import world_size
 from dsv3.core.errors import Dsv3Error
 

@@ -7,9 +7,9 @@ plus one rename: routed experts are stored per expert in the checkpoint and stac
 Shapes: T tokens of a flat batch (prefill chunks and decode tokens of many sequences together),
 D hidden, H heads, C kv_lora_rank, R qk_rope_head_dim, E routed experts, V vocab.
 
-Parallelism (dsv3.parallel): a model built with a `Mesh` holds one rank's slice: H/tp heads, 1/tp of
+Parallelism (dsv3.core.layout): a model built with a `Mesh` holds one rank's slice: H/tp heads, 1/tp of
 the dense and shared-expert intermediate rows, V/tp vocabulary rows, its routed experts. The few
-places where slices are joined say so (`par.tp_reduce`, `par.gather_vocab`, `par.routed_experts`);
+places where slices are joined say so (`mesh.tp_reduce`, `mesh.gather_vocab`, `mesh.routed_experts`);
 with the default single-process mesh those are the identity and nothing else changes.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dsv3.core.batch import Batch
 from dsv3.core.config import ModelConfig
 from dsv3.core.ops import ExpertWeights, GateSpec, Ops
 from dsv3.core.weights import STORAGE_DTYPE, QuantWeight, dequantize, scale_shape
-from dsv3.parallel.mesh import SINGLE, Mesh
+from dsv3.core.layout import SINGLE, Mesh
 
 
 class Linear(nn.Module):
@@ -93,12 +93,12 @@ class MLA(nn.Module):
     attention runs over the cache directly, and W_UV maps the result back (absorbed).
     """
 
-    def __init__(self, ops: Ops, cfg: ModelConfig, fmt: str, dtype: torch.dtype, par: Mesh = SINGLE):
+    def __init__(self, ops: Ops, cfg: ModelConfig, fmt: str, dtype: torch.dtype, mesh: Mesh = SINGLE):
         super().__init__()
-        self.ops, self.cfg, self.par = ops, cfg, par
+        self.ops, self.cfg, self.mesh = ops, cfg, mesh
         # tensor parallel: this rank's H/tp heads. q_b / kv_b are split by output rows (heads), o_proj
         # by input columns; q_a / kv_a and the latent (shared by all heads) are whole on every rank.
-        self.n_heads = cfg.num_attention_heads // par.tp
+        self.n_heads = cfg.num_attention_heads // mesh.tp
         self.nope, self.rope_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
         self.kv_rank, self.v_dim = cfg.kv_lora_rank, cfg.v_head_dim
         q_out = self.n_heads * cfg.qk_head_dim
@@ -149,22 +149,22 @@ class MLA(nn.Module):
             qp = torch.cat((q_nope[nd:], q_rope[nd:]), dim=-1)
             out[nd:] = ops.mla_prefill(qp, k, v.contiguous(), batch.cu_seqlens_q, batch.cu_seqlens_k,
                                        self.softmax_scale)
-        return self.par.tp_reduce(self.o_proj(out.view(t, -1)))   # sum over the ranks' heads
+        return self.mesh.tp_reduce(self.o_proj(out.view(t, -1)))   # sum over the ranks' heads
 
 
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
 
-    def __init__(self, ops: Ops, dim: int, inter: int, fmt: str, dtype: torch.dtype, par: Mesh = SINGLE):
+    def __init__(self, ops: Ops, dim: int, inter: int, fmt: str, dtype: torch.dtype, mesh: Mesh = SINGLE):
         super().__init__()
-        self.ops, self.par = ops, par
-        inter //= par.tp   # tensor parallel: gate/up split by rows, down by columns
+        self.ops, self.mesh = ops, mesh
+        inter //= mesh.tp   # tensor parallel: gate/up split by rows, down by columns
         self.gate_proj = Linear(ops, dim, inter, fmt, dtype)
         self.up_proj = Linear(ops, dim, inter, fmt, dtype)
         self.down_proj = Linear(ops, inter, dim, fmt, dtype)
 
     def forward(self, x):
-        return self.par.tp_reduce(self.down_proj(self.ops.silu_mul(self.gate_proj(x), self.up_proj(x))))
+        return self.mesh.tp_reduce(self.down_proj(self.ops.silu_mul(self.gate_proj(x), self.up_proj(x))))
 
 
 class Gate(nn.Module):
@@ -186,11 +186,11 @@ class Gate(nn.Module):
 class Experts(nn.Module):
     """The routed experts, stacked: gate/up [E, I, D], down [E, D, I] (checkpoint: experts.{e}.*)."""
 
-    def __init__(self, ops: Ops, cfg: ModelConfig, fmt: str, dtype: torch.dtype, par: Mesh = SINGLE):
+    def __init__(self, ops: Ops, cfg: ModelConfig, fmt: str, dtype: torch.dtype, mesh: Mesh = SINGLE):
         super().__init__()
         # expert parallel: experts [first_expert, first_expert + n) and 1/(W/ep) of each one's rows
-        self.first_expert, n = par.expert_range(cfg.n_routed_experts)
-        d, inter = cfg.hidden_size, cfg.moe_intermediate_size // par.moe_tp
+        self.first_expert, n = mesh.expert_range(cfg.n_routed_experts)
+        d, inter = cfg.hidden_size, cfg.moe_intermediate_size // mesh.moe_tp
         self.gate_proj = Linear(ops, d, inter, fmt, dtype, experts=n)
         self.up_proj = Linear(ops, d, inter, fmt, dtype, experts=n)
         self.down_proj = Linear(ops, inter, d, fmt, dtype, experts=n)
@@ -203,17 +203,17 @@ class Experts(nn.Module):
 class MoE(nn.Module):
     """DeepSeekMoE: sum_k w_k expert_k(x) over the routed top-k, plus the always-on shared experts."""
 
-    def __init__(self, ops: Ops, cfg: ModelConfig, fmt: str, dtype: torch.dtype, par: Mesh = SINGLE):
+    def __init__(self, ops: Ops, cfg: ModelConfig, fmt: str, dtype: torch.dtype, mesh: Mesh = SINGLE):
         super().__init__()
-        self.ops, self.par = ops, par
+        self.ops, self.mesh = ops, mesh
         self.gate = Gate(ops, cfg, dtype)
-        self.experts = Experts(ops, cfg, fmt, dtype, par)
+        self.experts = Experts(ops, cfg, fmt, dtype, mesh)
         self.shared_experts = (MLP(ops, cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, fmt, dtype,
-                                   par) if cfg.n_shared_experts else None)
+                                   mesh) if cfg.n_shared_experts else None)
 
     def forward(self, x):
-        if self.par.distributed:   # experts live on many ranks: route tokens to them and back
-            y = self.par.routed_experts(x, self.gate, self.ops.moe_experts, self.experts.weights)
+        if self.mesh.distributed:   # experts live on many ranks: route tokens to them and back
+            y = self.mesh.routed_experts(x, self.gate, self.ops.moe_experts, self.experts.weights)
         else:
             weights, ids = self.gate(x)                                             # [T, k], [T, k]
             y = self.ops.moe_experts(x, weights, ids, self.experts.weights)
@@ -223,11 +223,11 @@ class MoE(nn.Module):
 class Block(nn.Module):
     """Pre-norm decoder layer: x + MLA(norm(x)), then + FFN(norm(.)); FFN is MLP or MoE by layer index."""
 
-    def __init__(self, ops: Ops, cfg: ModelConfig, layer: int, fmt: str, dtype: torch.dtype, par: Mesh = SINGLE):
+    def __init__(self, ops: Ops, cfg: ModelConfig, layer: int, fmt: str, dtype: torch.dtype, mesh: Mesh = SINGLE):
         super().__init__()
-        self.self_attn = MLA(ops, cfg, fmt, dtype, par)
-        self.mlp = MoE(ops, cfg, fmt, dtype, par) if cfg.is_moe_layer(layer) else MLP(
-            ops, cfg.hidden_size, cfg.intermediate_size, fmt, dtype, par)
+        self.self_attn = MLA(ops, cfg, fmt, dtype, mesh)
+        self.mlp = MoE(ops, cfg, fmt, dtype, mesh) if cfg.is_moe_layer(layer) else MLP(
+            ops, cfg.hidden_size, cfg.intermediate_size, fmt, dtype, mesh)
         self.input_layernorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -243,10 +243,10 @@ class Block(nn.Module):
 
 
 class SharedHead(nn.Module):
-    def __init__(self, ops: Ops, cfg: ModelConfig, dtype: torch.dtype, par: Mesh = SINGLE):
+    def __init__(self, ops: Ops, cfg: ModelConfig, dtype: torch.dtype, mesh: Mesh = SINGLE):
         super().__init__()
         self.norm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        start, stop = par.vocab_range(cfg.vocab_size)   # vocab parallel: this rank's rows of the head
+        start, stop = mesh.vocab_range(cfg.vocab_size)   # vocab parallel: this rank's rows of the head
         self.head = Linear(ops, cfg.hidden_size, stop - start, "dense", dtype)
 
 
@@ -257,14 +257,14 @@ class MTPLayer(Block):
     then shared_head -> logits for t_{i+2}. h_i is the main model's final hidden state (after norm).
     """
 
-    def __init__(self, ops: Ops, cfg: ModelConfig, fmt: str, dtype: torch.dtype, par: Mesh = SINGLE):
-        super().__init__(ops, cfg, cfg.num_hidden_layers, fmt, dtype, par)
-        self.ops, self.par, self.vocab = ops, par, cfg.vocab_size
-        self.embed_tokens = Embedding(ops, cfg.vocab_size, cfg.hidden_size, dtype, par)
+    def __init__(self, ops: Ops, cfg: ModelConfig, fmt: str, dtype: torch.dtype, mesh: Mesh = SINGLE):
+        super().__init__(ops, cfg, cfg.num_hidden_layers, fmt, dtype, mesh)
+        self.ops, self.mesh, self.vocab = ops, mesh, cfg.vocab_size
+        self.embed_tokens = Embedding(ops, cfg.vocab_size, cfg.hidden_size, dtype, mesh)
         self.enorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.hnorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.eh_proj = Linear(ops, 2 * cfg.hidden_size, cfg.hidden_size, "dense", dtype)
-        self.shared_head = SharedHead(ops, cfg, dtype, par)
+        self.shared_head = SharedHead(ops, cfg, dtype, mesh)
 
     def hidden(self, next_ids, prev_hidden, batch: Batch, cache, rope):
         """next_ids [T] (token i+1), prev_hidden [T, D] (main model's h_i) -> normed hidden [T, D]."""
@@ -274,36 +274,36 @@ class MTPLayer(Block):
         return x
 
     def logits(self, hidden):
-        return self.par.gather_vocab(self.shared_head.head(hidden).float(), self.vocab)
+        return self.mesh.gather_vocab(self.shared_head.head(hidden).float(), self.vocab)
 
 
 class Embedding(nn.Module):
-    def __init__(self, ops: Ops, vocab: int, dim: int, dtype: torch.dtype, par: Mesh = SINGLE):
+    def __init__(self, ops: Ops, vocab: int, dim: int, dtype: torch.dtype, mesh: Mesh = SINGLE):
         super().__init__()
-        self.ops, self.par = ops, par
-        self.start, stop = par.vocab_range(vocab)   # vocab parallel: rows [start, stop) live here
+        self.ops, self.mesh = ops, mesh
+        self.start, stop = mesh.vocab_range(vocab)   # vocab parallel: rows [start, stop) live here
         self.weight = nn.Parameter(torch.empty(stop - self.start, dim, dtype=dtype), requires_grad=False)
 
     def forward(self, ids):
-        if self.par.tp_group is None:
+        if not self.mesh.tensor_parallel:
             return self.ops.embedding(ids, self.weight)
         # each id's row lives on exactly one rank: look up the local ones, zeros elsewhere, then sum
         local = ids - self.start
         elsewhere = (local < 0) | (local >= self.weight.shape[0])
         x = self.ops.embedding(local.masked_fill(elsewhere, 0), self.weight)           # [T, D]
-        return self.par.tp_reduce(x.masked_fill(elsewhere.unsqueeze(-1), 0))
+        return self.mesh.tp_reduce(x.masked_fill(elsewhere.unsqueeze(-1), 0))
 
 
 class Decoder(nn.Module):
     """`model.*` in the checkpoint: embeddings, the decoder layers (then the MTP layer), final norm."""
 
     def __init__(self, ops: Ops, cfg: ModelConfig, fmt: str, dtype: torch.dtype, with_mtp: bool,
-                 par: Mesh = SINGLE):
+                 mesh: Mesh = SINGLE):
         super().__init__()
-        self.embed_tokens = Embedding(ops, cfg.vocab_size, cfg.hidden_size, dtype, par)
-        layers = [Block(ops, cfg, i, fmt, dtype, par) for i in range(cfg.num_hidden_layers)]
+        self.embed_tokens = Embedding(ops, cfg.vocab_size, cfg.hidden_size, dtype, mesh)
+        layers = [Block(ops, cfg, i, fmt, dtype, mesh) for i in range(cfg.num_hidden_layers)]
         if with_mtp:
-            layers.append(MTPLayer(ops, cfg, fmt, dtype, par))
+            layers.append(MTPLayer(ops, cfg, fmt, dtype, mesh))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -312,14 +312,14 @@ class DeepseekV3(nn.Module):
     """The whole model. forward() runs one flat batch through the main layers; mtp_hidden() the MTP layer."""
 
     def __init__(self, cfg: ModelConfig, ops: Ops, weight_format: str = "dense",
-                 dtype: torch.dtype = torch.float32, with_mtp: bool | None = None, parallel: Mesh = SINGLE):
+                 dtype: torch.dtype = torch.float32, with_mtp: bool | None = None, mesh: Mesh = SINGLE):
         super().__init__()
         self.cfg, self.ops, self.weight_format, self.dtype = cfg, ops, weight_format, dtype
-        self.parallel = parallel   # this rank's place among the ranks (dsv3.parallel); SINGLE: one process
+        self.mesh = mesh   # this rank's place among the ranks (dsv3.core.layout); SINGLE: one process
         self.has_mtp = cfg.num_nextn_predict_layers > 0 if with_mtp is None else with_mtp
-        self.model = Decoder(ops, cfg, weight_format, dtype, self.has_mtp, parallel)
+        self.model = Decoder(ops, cfg, weight_format, dtype, self.has_mtp, mesh)
         if not cfg.tie_word_embeddings:
-            start, stop = parallel.vocab_range(cfg.vocab_size)   # vocab parallel, like the embedding
+            start, stop = mesh.vocab_range(cfg.vocab_size)   # vocab parallel, like the embedding
             self.lm_head = Linear(ops, cfg.hidden_size, stop - start, "dense", dtype)
         self._rope = None
 
@@ -351,7 +351,7 @@ class DeepseekV3(nn.Module):
             logits = self.ops.linear(hidden, QuantWeight(self.model.embed_tokens.weight, None, "dense")).float()
         else:
             logits = head(hidden).float()                                        # [T, V/tp]
-        return self.parallel.gather_vocab(logits, self.cfg.vocab_size)           # [T, V] on every rank
+        return self.mesh.gather_vocab(logits, self.cfg.vocab_size)           # [T, V] on every rank
 
     def mtp_hidden(self, next_ids, prev_hidden, batch: Batch, caches: list[torch.Tensor]) -> torch.Tensor:
         rope = self.rope_tables(batch.input_ids.device)

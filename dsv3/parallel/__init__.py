@@ -1,6 +1,6 @@
 """Tensor and expert parallelism over torch.distributed (one process per rank, launched by torchrun).
 
-mesh      the layout (which slice each rank holds) and the collectives that join slices
+mesh      the collectives over process groups (the layout itself: dsv3.core.layout.Mesh)
 moe       routed experts across ranks: sync-free all-reduce combine, all_to_all dispatch/combine
 sharding  layout checks against a model config, and the loader's per-rank slicer
 launch    process-group setup from torchrun's environment

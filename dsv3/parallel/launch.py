@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from dsv3.core.errors import ProfileError
-from dsv3.parallel.mesh import SINGLE, Mesh
+from dsv3.parallel.mesh import SINGLE, Mesh, process_mesh
 
 TIMEOUT_ENV = "DSV3_DIST_TIMEOUT"
 
@@ -102,9 +102,9 @@ def setup(profile, registry, backend_name: str, device: torch.device) -> tuple[M
             group = dist.new_group(list(range(first, first + tp)), timeout=limit)
             if first <= rank < first + tp:
                 tp_group = group
-    mesh = Mesh(world, rank, tp, ep, tp_group=tp_group, world_group=dist.group.WORLD)
+    mesh = process_mesh(world, rank, tp, ep, tp_group=tp_group, world_group=dist.group.WORLD)
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(device)
-    mesh._call("broadcast of the sampling seed", dist.broadcast, seed, 0)
+    mesh.comm.call("broadcast of the sampling seed", dist.broadcast, seed, 0)
     torch.manual_seed(int(seed))
     if rank == 0 and world > 1 and profile.parallel.tp == profile.parallel.ep == 1:
         print(f"dsv3: {world} processes, parallel = {{tp: {tp}, ep: {ep}}} (set parallel in the profile, or "

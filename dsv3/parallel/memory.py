@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from dsv3.core.config import ModelConfig
-from dsv3.parallel.mesh import Mesh
+from dsv3.core.layout import Mesh
 from dsv3.parallel.sharding import layout_problems
 
 GiB = 2**30
@@ -59,7 +59,7 @@ def _meta_model(cfg: ModelConfig, weight_format: str, dtype: torch.dtype, with_m
     from dsv3.core.model import DeepseekV3
     from dsv3.core.ops import Ops
     with torch.device("meta"):
-        return DeepseekV3(cfg, Ops.from_mapping(OPS, {}), weight_format, dtype, with_mtp=with_mtp, parallel=mesh)
+        return DeepseekV3(cfg, Ops.from_mapping(OPS, {}), weight_format, dtype, with_mtp=with_mtp, mesh=mesh)
 
 
 def weight_bytes(cfg: ModelConfig, weight_format: str, dtype: torch.dtype, with_mtp: bool, mesh: Mesh) -> int:

@@ -1,13 +1,7 @@
-"""The mesh of one run: which slice of the model a rank holds, and the collectives that join slices.
+"""The collectives that join one rank's slices with the others', over torch.distributed process groups.
 
-W ranks (torchrun's WORLD_SIZE) hold the model two ways at once:
-
-- Tensor parallel, groups of `tp` consecutive ranks: attention heads, the dense MLPs, the shared
-  experts and the vocabulary (embedding, LM head) are split `tp` ways. The W/tp groups are replicas.
-- Routed experts are spread over all W ranks: `ep` expert groups of E/ep experts each; inside an
-  expert group of W/ep ranks, each expert's intermediate dimension is split W/ep ways. So ep = W is
-  pure expert parallelism (whole experts per rank) and ep = 1 splits every expert across all ranks;
-  either way a rank holds 1/W of the routed experts, which are 97% of DeepSeek-V3's weights.
+The layout itself (which slice a rank holds) is dsv3.core.layout.Mesh, frozen and all the model
+needs; `ProcessGroups` is the `comm` such a mesh carries under torchrun, and `process_mesh` builds one.
 
 Every rank runs the same schedule over the same tokens, and every collective returns identical
 bits on every rank, so hidden states between layers (and the logits) are identical everywhere and
@@ -16,13 +10,14 @@ rank and the collective; nothing hangs past the process group's timeout.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.distributed as dist
 
 from dsv3.core.errors import Dsv3Error
+from dsv3.core.layout import SINGLE, Mesh
 from dsv3.parallel import moe
+
+__all__ = ["SINGLE", "DistributedError", "Mesh", "ProcessGroups", "process_mesh", "wire"]
 
 
 class DistributedError(Dsv3Error):
@@ -40,62 +35,28 @@ def wire(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype in _WIRE else t
 
 
-@dataclass
-class Mesh:
-    """One rank's place among the W = world ranks, and its process groups."""
-    world: int = 1
-    rank: int = 0
-    tp: int = 1
-    ep: int = 1
-    # Process groups; None = no collective (one process, or tp == 1 for tp_group). Under torchrun a
-    # world of one still has groups, so `torchrun --nproc-per-node 1` runs every collective.
-    tp_group: object = field(default=None, repr=False)      # this rank's tensor-parallel group
-    world_group: object = field(default=None, repr=False)   # all ranks (the default group)
-    # MoE layers with at most this many tokens per rank take the sync-free path (all-reduce combine,
-    # static shapes: decode, CUDA graphs); bigger ones dispatch with all_to_all (uneven splits).
-    sync_free_max_tokens: int = 256
+class ProcessGroups:
+    """torch.distributed collectives for one rank: the `comm` of a Mesh under torchrun.
 
-    def __post_init__(self):
-        if self.world % self.tp or self.world % self.ep:
-            raise ValueError(f"tp={self.tp} and ep={self.ep} must divide the world size {self.world}")
+    Under torchrun a world of one still has groups, so `torchrun --nproc-per-node 1` runs every
+    collective. `sync_free_max_tokens` is a runtime policy (tests and benchmarks move it): MoE layers
+    with at most this many tokens per rank take the sync-free path (all-reduce combine, static shapes:
+    decode, CUDA graphs); bigger ones dispatch with all_to_all (uneven splits)."""
+    distributed = True
+
+    def __init__(self, world: int, rank: int, tp_group, world_group, sync_free_max_tokens: int = 256):
+        self.world, self.rank = world, rank
+        self.tp_group = tp_group          # this rank's tensor-parallel group; None when tp == 1 < world
+        self.world_group = world_group    # all ranks (the default group)
+        self.sync_free_max_tokens = sync_free_max_tokens
 
     @property
-    def distributed(self) -> bool:
-        return self.world_group is not None
-
-    # -- layout --------------------------------------------------------------------------------------
-    @property
-    def tp_rank(self) -> int:
-        return self.rank % self.tp
-
-    @property
-    def moe_tp(self) -> int:
-        """Ranks that split each routed expert's intermediate dimension (W / ep)."""
-        return self.world // self.ep
-
-    def tp_range(self, n: int) -> tuple[int, int]:
-        """[start, stop) of this rank's 1/tp of n (heads, intermediate rows); n % tp == 0 is checked
-        by dsv3.parallel.sharding before the model is built."""
-        per = n // self.tp
-        return self.tp_rank * per, (self.tp_rank + 1) * per
-
-    def vocab_range(self, vocab: int) -> tuple[int, int]:
-        """[start, stop) of this rank's vocabulary rows: ceil(V/tp) each, the last rank fewer if uneven."""
-        per = -(-vocab // self.tp)
-        return min(self.tp_rank * per, vocab), min((self.tp_rank + 1) * per, vocab)
-
-    def expert_range(self, n_experts: int) -> tuple[int, int]:
-        """(first expert id, number of experts) this rank holds."""
-        per = n_experts // self.ep
-        return (self.rank // self.moe_tp) * per, per
-
-    def expert_inter_range(self, inter: int) -> tuple[int, int]:
-        """[start, stop) of the intermediate rows of each held expert (all of them when ep == W)."""
-        per, j = inter // self.moe_tp, self.rank % self.moe_tp
-        return j * per, (j + 1) * per
+    def tensor_parallel(self) -> bool:
+        return self.tp_group is not None
 
     # -- collectives ---------------------------------------------------------------------------------
-    def _call(self, what: str, fn, *args, **kwargs):
+    def call(self, what: str, fn, *args, **kwargs):
+        """fn(*args) (a torch.distributed call), its failure turned into a DistributedError."""
         try:
             return fn(*args, **kwargs)
         except (RuntimeError, dist.DistBackendError) as e:   # gloo: RuntimeError; NCCL: DistBackendError
@@ -111,31 +72,32 @@ class Mesh:
         """Sum x over the tensor-parallel group (row-parallel outputs: o_proj, down_proj); in place."""
         if self.tp_group is None:
             return x
-        self._call("all_reduce over the tensor-parallel group", dist.all_reduce, x, group=self.tp_group)
+        self.call("all_reduce over the tensor-parallel group", dist.all_reduce, x, group=self.tp_group)
         return x
 
     def world_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.world_group is None:
             return x
-        self._call("all_reduce over all ranks", dist.all_reduce, x, group=self.world_group)
+        self.call("all_reduce over all ranks", dist.all_reduce, x, group=self.world_group)
         return x
 
     def gather_vocab(self, logits: torch.Tensor, vocab: int) -> torch.Tensor:
         """[T, V/tp] per rank -> [T, V] on every rank (vocab-parallel LM head)."""
         if self.tp_group is None:
             return logits
-        per = -(-vocab // self.tp)
+        tp = dist.get_world_size(self.tp_group)
+        per = -(-vocab // tp)
         local = logits if logits.shape[-1] == per else torch.nn.functional.pad(logits, (0, per - logits.shape[-1]))
-        out = logits.new_empty(self.tp * logits.shape[0], per)                 # rank-major [tp * T, V/tp]
-        self._call("all_gather of the logits", _all_gather, out, local.contiguous(), group=self.tp_group)
-        return out.view(self.tp, -1, per).permute(1, 0, 2).reshape(logits.shape[0], -1)[:, :vocab]
+        out = logits.new_empty(tp * logits.shape[0], per)                      # rank-major [tp * T, V/tp]
+        self.call("all_gather of the logits", _all_gather, out, local.contiguous(), group=self.tp_group)
+        return out.view(tp, -1, per).permute(1, 0, 2).reshape(logits.shape[0], -1)[:, :vocab]
 
     def gather_rows(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """Row shards of sizes[r] rows on rank r (over all ranks) -> all rows, in rank order, everywhere."""
         most = max(sizes)
         padded = x if x.shape[0] == most else torch.cat((x, x.new_zeros(most - x.shape[0], *x.shape[1:])))
         out = x.new_empty(self.world * most, *x.shape[1:])
-        self._call("all_gather of the MoE outputs", _all_gather, wire(out), wire(padded.contiguous()),
+        self.call("all_gather of the MoE outputs", _all_gather, wire(out), wire(padded.contiguous()),
                    group=self.world_group)
         if all(s == most for s in sizes):
             return out
@@ -144,13 +106,15 @@ class Mesh:
     def all_to_all(self, x: torch.Tensor, send_sizes: list[int], recv_sizes: list[int], what: str) -> torch.Tensor:
         """Rows x[sum(send_sizes[:d]) ...] go to rank d; returns the rows received, in rank order."""
         out = x.new_empty(sum(recv_sizes), *x.shape[1:])
-        self._call(what, dist.all_to_all_single, wire(out), wire(x.contiguous()), recv_sizes, send_sizes,
+        self.call(what, dist.all_to_all_single, wire(out), wire(x.contiguous()), recv_sizes, send_sizes,
                    group=self.world_group)
         return out
 
-    def routed_experts(self, x: torch.Tensor, gate, experts_op, weights) -> torch.Tensor:
+    def routed_experts(self, mesh: Mesh, x: torch.Tensor, gate, experts_op, weights) -> torch.Tensor:
         """The routed-expert part of a MoE layer across ranks; see dsv3.parallel.moe."""
-        return moe.routed_experts(self, x, gate, experts_op, weights)
+        return moe.routed_experts(mesh, self, x, gate, experts_op, weights)
 
 
-SINGLE = Mesh()   # one process: every slice is the whole, every collective the identity
+def process_mesh(world: int, rank: int, tp: int, ep: int, tp_group, world_group) -> Mesh:
+    """The mesh of a torchrun rank: its layout, with collectives over the given process groups."""
+    return Mesh(world, rank, tp, ep, comm=ProcessGroups(world, rank, tp_group, world_group))

@@ -1,7 +1,7 @@
 """Routed experts across ranks: every token's top-k experts live on other ranks; bring them together.
 
 Rank r holds experts [first, first + E/ep) and, when ep < W, one 1/(W/ep) slice of each one's
-intermediate dimension (dsv3.parallel.mesh). The backend's `moe_experts` op computes a rank's share:
+intermediate dimension (dsv3.core.layout). The backend's `moe_experts` op computes a rank's share:
 it ignores routes to experts the rank does not hold, so its output is the rank's partial sum.
 
 Two ways to sum the partials, chosen by tokens per rank (a Python int: no host sync to decide):
@@ -28,21 +28,22 @@ def split_sizes(n: int, parts: int) -> list[int]:
     return [n // parts + (i < n % parts) for i in range(parts)]
 
 
-def routed_experts(mesh, x: torch.Tensor, gate, experts_op, weights: ExpertWeights) -> torch.Tensor:
-    """x [T, D], identical on every rank -> sum_k w_k expert_k(x) [T, D], identical on every rank."""
+def routed_experts(mesh, comm, x: torch.Tensor, gate, experts_op, weights: ExpertWeights) -> torch.Tensor:
+    """x [T, D], identical on every rank -> sum_k w_k expert_k(x) [T, D], identical on every rank.
+    mesh: the layout (dsv3.core.layout.Mesh); comm: its process-group collectives."""
     sizes = split_sizes(x.shape[0], mesh.world)
-    if sizes[0] <= mesh.sync_free_max_tokens:
-        return _sync_free(mesh, x, gate, experts_op, weights)
-    return _dispatch_combine(mesh, x, sizes, gate, experts_op, weights)
+    if sizes[0] <= comm.sync_free_max_tokens:
+        return _sync_free(comm, x, gate, experts_op, weights)
+    return _dispatch_combine(mesh, comm, x, sizes, gate, experts_op, weights)
 
 
-def _sync_free(mesh, x, gate, experts_op, weights):
+def _sync_free(comm, x, gate, experts_op, weights):
     topk_w, topk_ids = gate(x)                                   # [T, k], [T, k]: same on every rank
     y = experts_op(x, topk_w, topk_ids, weights)                 # [T, D]: this rank's experts only
-    return mesh.world_reduce(y)
+    return comm.world_reduce(y)
 
 
-def _dispatch_combine(mesh, x, sizes, gate, experts_op, weights):
+def _dispatch_combine(mesh, comm, x, sizes, gate, experts_op, weights):
     world, rank = mesh.world, mesh.rank
     start = sum(sizes[:rank])
     xs = x[start: start + sizes[rank]]                           # [Ts, D] this rank's token shard
@@ -54,18 +55,18 @@ def _dispatch_combine(mesh, x, sizes, gate, experts_op, weights):
     dest = visits.repeat_interleave(mesh.moe_tp, dim=1)          # [Ts, W] ranks each token goes to
     to_rank, token = dest.t().nonzero(as_tuple=True)             # routes sorted by rank, then token
     send_counts = dest.sum(0)                                    # [W]
-    recv_counts = mesh.all_to_all(send_counts, [1] * world, [1] * world, "all_to_all of MoE dispatch counts")
+    recv_counts = comm.all_to_all(send_counts, [1] * world, [1] * world, "all_to_all of MoE dispatch counts")
     send_sizes, recv_sizes = send_counts.tolist(), recv_counts.tolist()   # the host sync of this path
 
     # dispatch: each token once per destination rank, with its top-k weights and ids (ids < 2^24 are
     # exact in float32, so one message carries both)
     meta = torch.cat((topk_w.float(), topk_ids.float()), dim=1)[token]               # [N, 2k]
-    recv_x = mesh.all_to_all(xs[token], send_sizes, recv_sizes, "all_to_all of MoE dispatch (tokens)")
-    recv_meta = mesh.all_to_all(meta, send_sizes, recv_sizes, "all_to_all of MoE dispatch (routes)")
+    recv_x = comm.all_to_all(xs[token], send_sizes, recv_sizes, "all_to_all of MoE dispatch (tokens)")
+    recv_meta = comm.all_to_all(meta, send_sizes, recv_sizes, "all_to_all of MoE dispatch (routes)")
     k = topk_ids.shape[1]
     y = experts_op(recv_x, recv_meta[:, :k], recv_meta[:, k:].long(), weights)      # [N', D] partial sums
 
     # combine: partial outputs back to the token's owner, summed there in float32
-    back = mesh.all_to_all(y, recv_sizes, send_sizes, "all_to_all of MoE combine")   # [N, D]
+    back = comm.all_to_all(y, recv_sizes, send_sizes, "all_to_all of MoE combine")   # [N, D]
     ys = torch.zeros(xs.shape, dtype=torch.float32, device=x.device).index_add_(0, token, back.float())
-    return mesh.gather_rows(ys.to(x.dtype), sizes)
+    return comm.gather_rows(ys.to(x.dtype), sizes)

@@ -14,7 +14,7 @@ from typing import Callable
 from dsv3.core.config import ModelConfig
 from dsv3.core.errors import ProfileError
 from dsv3.core.weights import BLOCK
-from dsv3.parallel.mesh import Mesh
+from dsv3.core.layout import Mesh
 
 BLOCK_FORMATS = ("fp8-block", "fp8-fnuz")
 

@@ -275,7 +275,7 @@ def broadcast(mesh, replay: list | None) -> list:
     """Rank 0 sends `replay`; every other rank returns what rank 0 sent."""
     import torch.distributed as dist
     box = [replay]
-    mesh._call("broadcast of the serving commands", dist.broadcast_object_list, box, 0, group=mesh.world_group)
+    mesh.comm.call("broadcast of the serving commands", dist.broadcast_object_list, box, 0, group=mesh.comm.world_group)
     return box[0]
 
 

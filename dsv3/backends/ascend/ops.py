@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 import torch_npu
 
-from dsv3.backends.ascend.plugin import EMULATION_ENV
+from dsv3.backends.ascend import EMULATION_ENV
 from dsv3.backends.reference import ops as ref
 from dsv3.core.errors import PluginError
 from dsv3.core.ops import ExpertWeights, GateSpec

@@ -9,10 +9,10 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from dsv3.backends.ascend import EMULATION_ENV
 from dsv3.plugins import hookimpl
 from dsv3.plugins.hookspecs import BackendSpec
 
-EMULATION_ENV = "DSV3_ASCEND_EMULATION"      # "1": the importable torch_npu is dsv3's CPU emulation
 VISIBLE_ENV = "ASCEND_RT_VISIBLE_DEVICES"     # CANN's device mask, like CUDA_VISIBLE_DEVICES
 
 

@@ -17,7 +17,7 @@ Either way set DSV3_ASCEND_EMULATION=1 and the profile override `device: cpu`; t
 refuses the emulation without that flag, so an emulated result is never mistaken for an NPU one.
 """
 from dsv3.backends.ascend.emulation import kernels
-from dsv3.backends.ascend.plugin import EMULATION_ENV
+from dsv3.backends.ascend import EMULATION_ENV
 
 
 def install(monkeypatch) -> None:

@@ -2,7 +2,7 @@
 
 This is what `dsv3-run check --backend X` runs, and what a plugin author imports in their own tests:
 
-    from dsv3.core.conformance import check_ops, check_generation
+    from dsv3.plugins.conformance import check_ops, check_generation
     results = check_ops(my_ops, CheckSetting.for_profile(profile, spec))   # one OpResult per case
     assert all(r.passed for r in results), format_table(results)
 
@@ -473,9 +473,9 @@ def check_generation(registry, profile, device: str | None = None, max_new_token
     YaRN) through `profile`'s backend, against the reference backend in float32 with the same
     weights. At the first token where they differ, the reference's logits must show a near-tie
     (margin within the tolerance of the backend's precision); after it, sequences diverge legitimately."""
-    from dsv3.core.api import LLM
+    from dsv3.llm import LLM
     from dsv3.core.profile import load_profile
-    from dsv3.core.synthetic import TINY_CONFIG, random_checkpoint
+    from dsv3.checkpoints.synthetic import TINY_CONFIG, random_checkpoint
     from dsv3.plugins.manager import create_registry
 
     overrides = {"device": device} if device else {}

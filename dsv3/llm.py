@@ -78,7 +78,7 @@ class LLM:
     def __init__(self, model_path: str | Path | None = None, backend: str | None = None, dtype: str | None = None,
                  profile: str | Profile | None = None, registry: Registry | None = None, **overrides):
         if model_path is None:
-            from dsv3.core.demo import demo_model_path
+            from dsv3.demo import demo_model_path
             model_path = demo_model_path()
         self.registry = registry or create_registry()
         given = {"dtype": dtype, **overrides}
@@ -115,7 +115,7 @@ class LLM:
             slicer = sharding.slicer(self.config, self.mesh)
         with torch.device(self.device):
             self.model = DeepseekV3(self.config, self.ops, self.weight_format, self.dtype, with_mtp=with_mtp,
-                                    parallel=self.mesh)
+                                    mesh=self.mesh)
         ue8m0 = self.profile.ue8m0 if self.profile.ue8m0 is not None else bool(
             self.config.quantization and self.config.quantization.scale_fmt == "ue8m0")
         load_weights(self.model, self.ckpt, ue8m0=ue8m0, slicer=slicer,

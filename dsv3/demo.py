@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dsv3.core.errors import CheckpointError
 
-DEMO_DIR = Path(__file__).resolve().parent.parent / "demo_model"
+DEMO_DIR = Path(__file__).resolve().parent / "demo_model"
 
 
 def demo_model_path() -> Path:

@@ -114,7 +114,7 @@ SPECIAL_TOKENS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 
 
 def _reference_chat_template() -> str:
-    ref = Path(__file__).resolve().parent / "chat_template.jinja"
+    ref = Path(__file__).resolve().parent.parent / "core" / "chat_template.jinja"
     return ref.read_text()
 
 
