@@ -105,9 +105,19 @@ class Tokenizer:
         return tuple(t.content for t in self._tok.get_added_tokens_decoder().values() if t.special)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                    max_seconds: float | None = None, max_chars: int | None = None) -> str:
+                    max_seconds: float | None = None, max_chars: int | None = None,
+                    tools: list[dict] | None = None, template_kwargs: dict | None = None) -> str:
         """The chat template's text for `messages`. Rendering is bounded in time and size (a template
-        may loop or multiply strings without end): past either bound it raises TemplateLimitError."""
+        may loop or multiply strings without end): past either bound it raises TemplateLimitError.
+        `tools` (OpenAI function tools) reach the template as its `tools` variable, and
+        `template_kwargs` as further variables (V3.1's `thinking`)."""
+        extra = dict(template_kwargs or {})
+        reserved = sorted(set(extra) & TEMPLATE_VARIABLES)
+        if reserved:
+            raise RequestError(f"chat_template_kwargs may not set {', '.join(reserved)}: the server sets "
+                               f"{', '.join(sorted(TEMPLATE_VARIABLES))} itself")
+        if tools is not None:
+            extra["tools"] = tools
         if not self.chat_template:
             raise CheckpointError("this checkpoint's tokenizer_config.json has no chat_template; "
                                   "use plain prompts instead of chat mode")
@@ -120,7 +130,7 @@ class Tokenizer:
         pieces, size = [], 0
         try:
             for piece in template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
-                                           bos_token=self.bos_token or "", eos_token=self.eos_token or ""):
+                                           bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra):
                 size += len(piece)
                 env.check(size)
                 pieces.append(piece)
@@ -128,20 +138,34 @@ class Tokenizer:
             raise TemplateLimitError("the chat template recursed too deeply") from None
         return "".join(pieces)
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Token ids of the rendered conversation (the template writes the BOS token itself).
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None,
+                    template_kwargs: dict | None = None) -> list[int]:
+        """Token ids of the rendered conversation (the template writes the BOS token itself)."""
+        return self.chat_prompt(messages, tools, template_kwargs)[1]
+
+    @functools.cached_property
+    def template_variables(self) -> frozenset[str]:
+        """The variables the chat template reads from its caller (`messages`, `tools`, `thinking`, ...)."""
+        if not self.chat_template:
+            return frozenset()
+        from jinja2 import meta
+        return frozenset(meta.find_undeclared_variables(ImmutableSandboxedEnvironment().parse(self.chat_template)))
+
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None,
+                    template_kwargs: dict | None = None) -> tuple[str, list[int]]:
+        """(the rendered conversation, its token ids).
 
         Control tokens come from the template only: text in a message that spells one (a user typing
         `<｜Assistant｜>`) is encoded as plain text, so it cannot forge a turn, as the peers do."""
-        rendered = self.render_chat(messages)
+        rendered = self.render_chat(messages, tools=tools, template_kwargs=template_kwargs)
         contents = [m.get("content") for m in messages]
         if not any(isinstance(c, str) and any(t in c for t in self.special_texts) for c in contents):
-            return self.encode(rendered, add_bos=False)
+            return rendered, self.encode(rendered, add_bos=False)
         # Render again with each content replaced by a marker; the template's text between markers
         # is encoded with control tokens, each content without.
         marked = [dict(m, content=_MARK.format(i)) if isinstance(m.get("content"), str) else m
                   for i, m in enumerate(messages)]
-        template_text = self.render_chat(marked)
+        template_text = self.render_chat(marked, tools=tools, template_kwargs=template_kwargs)
         parts = _MARK_RE.split(template_text)     # text, index, text, index, ..., text
         if "".join(p if j % 2 == 0 else contents[int(p)] for j, p in enumerate(parts)) != rendered:
             raise TemplateLimitError("a message contains the text of a control token and this chat template "
@@ -153,7 +177,7 @@ class Tokenizer:
                 ids += self._tok.encode(p, add_special_tokens=False).ids if p else []
             else:
                 ids += self._plain.encode(contents[int(p)], add_special_tokens=False).ids
-        return ids
+        return rendered, ids
 
     @functools.cached_property
     def _plain(self):
@@ -165,6 +189,7 @@ class Tokenizer:
         return plain
 
 
+TEMPLATE_VARIABLES = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token", "tools"})
 _WIDTH_FILTERS = {"do_center", "do_indent", "do_wordwrap", "do_truncate", "do_format", "do_batch", "do_slice"}
 
 
