@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import torch
 
@@ -26,6 +28,27 @@ def make_checkpoint(path, hf_config=None, seed=0, fmt="dense", num_shards=1, std
     if tokenizer:
         write_tokenizer(path, hf_config["vocab_size"], CORPUS)
     return path, weights
+
+
+DATA = Path(__file__).resolve().parent / "data"
+# the family's chat templates as published (copies of ../shared/reference/)
+CHAT_TEMPLATES = {
+    "v3": lambda: json.loads((DATA / "deepseek-v3-tokenizer_config.json").read_text())["chat_template"],
+    "r1": lambda: (DATA / "deepseek-r1-chat_template.jinja").read_text(),
+    "v3.1": lambda: (DATA / "deepseek-v3.1-chat_template.jinja").read_text(),
+}
+
+
+def make_chat_checkpoint(path, family: str, seed=0, std=0.1, corpus=None):
+    """A random checkpoint whose tokenizer carries `family`'s chat template ("v3", "r1", "v3.1") and
+    DeepSeek's markers as the released tokenizers have them (tool-call and reasoning markers, not
+    special, so they stay in decoded text); returns the path."""
+    hf_config = tiny_config()
+    weights = random_weights(ModelConfig.from_hf(hf_config), seed, std=std)
+    write_checkpoint(path, hf_config, to_checkpoint_format(weights, "dense", torch.float32))
+    write_tokenizer(path, hf_config["vocab_size"], corpus or CORPUS, chat_template=CHAT_TEMPLATES[family](),
+                    released_markers=True)
+    return path
 
 
 def hf_oracle(hf_config: dict, weights: dict[str, torch.Tensor]):

@@ -111,6 +111,7 @@ SPECIAL_TOKENS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
                   "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
                   "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>", "<｜tool▁output▁begin｜>",
                   "<｜tool▁output▁end｜>", "<｜tool▁sep｜>"]
+THINK_TOKENS = ["<think>", "</think>"]
 
 
 def _reference_chat_template() -> str:
@@ -118,19 +119,31 @@ def _reference_chat_template() -> str:
     return ref.read_text()
 
 
-def write_tokenizer(path: str | Path, vocab_size: int, corpus: list[str]) -> None:
+def write_tokenizer(path: str | Path, vocab_size: int, corpus: list[str], chat_template: str | None = None,
+                    released_markers: bool = False) -> None:
     """A byte-level BPE tokenizer trained on `corpus`, with DeepSeek's special tokens (ids 0 and 1 are
-    BOS and EOS, as in V3) and DeepSeek-V3's chat template."""
+    BOS and EOS, as in V3) and `chat_template` (default: DeepSeek-V3's).
+
+    `released_markers`: also `<think>` and `</think>`, and every marker but BOS and EOS flagged
+    non-special, as in DeepSeek's released tokenizer.json files, so decoding keeps the tool-call and
+    reasoning markers in the text (where the server's parsers read them)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+    specials = SPECIAL_TOKENS + (THINK_TOKENS if released_markers else [])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer=trainer)
     path = Path(path)
     tok.save(str(path / "tokenizer.json"))
+    if released_markers:
+        data = json.loads((path / "tokenizer.json").read_text())
+        for added in data["added_tokens"]:
+            added["special"] = added["content"] in SPECIAL_TOKENS[:2]
+        (path / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
     (path / "tokenizer_config.json").write_text(json.dumps({
         "add_bos_token": True, "add_eos_token": False, "bos_token": SPECIAL_TOKENS[0],
         "eos_token": SPECIAL_TOKENS[1], "pad_token": SPECIAL_TOKENS[1], "model_max_length": 131072,
-        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": _reference_chat_template()}, indent=2))
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": chat_template if chat_template is not None else _reference_chat_template()}, indent=2))
