@@ -174,7 +174,7 @@ class ToolCallParser:
                 return False
             if i:
                 events.append(Content(p[:i]))
-            self._consume(i + len(CALLS_BEGIN), p)
+            self._consume(len(CALLS_BEGIN), p[i:])
             self.state = "calls"
             return True
         if self.state == "calls":
