@@ -61,7 +61,9 @@ class OpSpecs(Protocol):
 
     def linear(self, x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
         """x [T, K] @ dequantize(w)^T -> [T, N] in x's dtype. FP8/INT8 backends may quantise x
-        dynamically (1x128 groups for fp8, per token for int8); tolerances in `check` allow for it."""
+        dynamically (1x128 groups for fp8, per token for int8); tolerances in `check` allow for it.
+        An FP8 weight with `w.act_scale_fmt == "ue8m0"` (V3.1) fixes that quantisation: x in 1x128
+        groups with power-of-two scales (quantize_act with ue8m0), as the reference then does too."""
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up, elementwise, [T, I]."""
@@ -72,7 +74,8 @@ class OpSpecs(Protocol):
     def write_latent_cache(self, cache: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
                            slots: torch.Tensor) -> None:
         """In place: cache [num_blocks, block_size, C + R] viewed as [num_slots, C + R];
-        cache[slots[t]] = concat(latent[t], k_rope[t]). latent [T, C] is already normed, k_rope [T, R] rotated."""
+        cache[slots[t]] = concat(latent[t], k_rope[t]). latent [T, C] is already normed, k_rope [T, R] rotated.
+        A negative slots[t] writes nothing (the padding rows of a captured batch)."""
 
     def mla_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                     cu_seqlens_k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -97,7 +100,41 @@ class OpSpecs(Protocol):
     def moe_experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                     experts: ExpertWeights) -> torch.Tensor:
         """sum_j topk_weights[t, j] * down(silu(gate(x_t)) * up(x_t)) over the experts topk_ids[t, j]
-        that this rank holds. x [T, D] -> [T, D] in x's dtype."""
+        that this rank holds. x [T, D] -> [T, D] in x's dtype. Activation quantisation (x, and the
+        down projection's input) follows the expert weights' `act_scale_fmt` as in `linear`."""
+
+
+# -- what a captured decode step (a CUDA graph) needs of the op table, and how an op says it -----------
+# A graph runner replays one fixed launch sequence per batch bucket, padding the batch with rows whose
+# slot is -1 and whose context length is 1. So the contract requires, of every backend:
+#   - write_latent_cache writes nothing for a negative slot (conformance checks it);
+#   - an op that may read device values back to the host (a .tolist(), a shape that depends on the
+#     data) is marked @host_syncing; a runner captures no op table that holds one;
+#   - an op that multiplies only some weight formats says which with @for_weight_formats(...); the op
+#     table is resolved for the model's weight format when the model is built (plugins.manager), so
+#     no op decides per call and the graph runner sees the op that will really run.
+
+def host_syncing(fn: Callable) -> Callable:
+    """Mark `fn` as reading device values back to the host: correct, but not capturable in a graph."""
+    fn.syncs_with_host = True
+    return fn
+
+
+def syncs_with_host(fn: Callable) -> bool:
+    return getattr(fn, "syncs_with_host", False)
+
+
+def for_weight_formats(*formats: str) -> Callable[[Callable], Callable]:
+    """Mark a linear / moe_experts implementation as handling only these weight formats."""
+    def mark(fn: Callable) -> Callable:
+        fn.weight_formats = tuple(formats)
+        return fn
+    return mark
+
+
+def handles_weight_format(fn: Callable, weight_format: str) -> bool:
+    formats = getattr(fn, "weight_formats", None)
+    return formats is None or weight_format in formats
 
 
 OP_NAMES: tuple[str, ...] = tuple(

@@ -29,7 +29,7 @@ from typing import Callable, Iterable
 import pluggy
 
 from dsv3.core.errors import PluginError
-from dsv3.core.ops import OP_NAMES, Ops
+from dsv3.core.ops import OP_NAMES, Ops, handles_weight_format
 from dsv3.plugins import hookspecs
 from dsv3.plugins.hookspecs import BackendSpec
 
@@ -354,3 +354,25 @@ def resolve_ops(reg: Registry, backend: str, pins: dict[str, str] | None = None,
     return Ops.from_mapping({op: c.fn for op, c in plan.items()},
                             {op: f"{c.plugin} (reference fallback)" if c.fallback else c.plugin
                              for op, c in plan.items()})
+
+
+def for_weight_format(ops: Ops, weight_format: str, warn: Callable[[str], None], strict: bool = False) -> Ops:
+    """`ops` with every op that does not multiply `weight_format` weights (it says so with
+    dsv3.core.ops.for_weight_formats) replaced by the reference's, one warning each. Runs once, when
+    the model is built, so no op decides per call and a graph runner sees what will really run."""
+    from dataclasses import replace
+
+    from dsv3.backends.reference.ops import OPS as REFERENCE_OPS
+    swaps, providers = {}, dict(ops.providers)
+    for op in OP_NAMES:
+        fn = getattr(ops, op)
+        if not handles_weight_format(fn, weight_format):
+            if strict:
+                raise PluginError(f"{op} of {ops.providers.get(op, '?')} does not run {weight_format!r} weights and the "
+                                  f"profile is strict; use weight_format {fn.weight_formats[0]!r} (dsv3-run convert), "
+                                  f"or drop `strict: true` to run the reference {op} for them")
+            warn(f"{op} of {ops.providers.get(op, '?')} does not run {weight_format!r} weights "
+                 f"(it runs {', '.join(fn.weight_formats)}); using the reference implementation")
+            swaps[op] = REFERENCE_OPS[op]
+            providers[op] = f"{REFERENCE_BACKEND} (reference: {weight_format} weights)"
+    return replace(ops, **swaps, providers=providers) if swaps else ops

@@ -3,31 +3,28 @@
 A decode-only batch (every token a single decode token after its cached context) of T tokens is
 padded to the smallest captured bucket >= T and replayed; anything else (prefill, mixed batches,
 more tokens than the largest bucket, a block table wider than the captured one) runs eagerly.
-Padding rows carry token 0 at position 0, context length 1, and slot -1, which the cuda
-write_latent_cache kernel skips, so they never touch a sequence's cache; their outputs are dropped.
+Padding rows carry token 0 at position 0, context length 1, and slot -1, which every backend's
+write_latent_cache skips (the op contract; conformance checks it), so they never touch a
+sequence's cache; their outputs are dropped.
 """
 from __future__ import annotations
 
 import torch
 
 from dsv3.core.batch import Batch
+from dsv3.core.ops import OP_NAMES, syncs_with_host
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-# reference ops a decode step may run that read device tensors back to the host (.tolist() over
-# context lengths / routed experts): a capture would fail on them
-HOST_SYNCING_REFERENCE_OPS = ("mla_decode", "moe_experts")
-FUSED_MOE_FORMATS = ("fp8-block", "fp8-fnuz")
+DECODE_STEP_OPS = tuple(op for op in OP_NAMES if op != "mla_prefill")   # what a decode-only step calls
 
 
 def capture_blockers(model) -> list[str]:
-    """Why `model`'s decode steps cannot be captured in a CUDA graph (empty: they can)."""
-    reasons = [f"{op} is the reference implementation ({provider}), which synchronises with the host"
-               for op in HOST_SYNCING_REFERENCE_OPS
-               if (provider := model.ops.providers.get(op, "")).startswith("cpu")]
-    if model.cfg.n_routed_experts and model.weight_format not in FUSED_MOE_FORMATS and not reasons:
-        reasons.append(f"moe_experts on {model.weight_format!r} weights runs the reference per-expert loop, which "
-                       f"synchronises with the host (the fused MoE runs {' / '.join(FUSED_MOE_FORMATS)})")
-    return reasons
+    """Why `model`'s decode steps cannot be captured in a CUDA graph (empty: they can): the ops that
+    say they read device values back to the host (dsv3.core.ops.host_syncing). The op table is the
+    one the model was built with, resolved for its weight format, so this is what would really run."""
+    called = [op for op in DECODE_STEP_OPS if model.cfg.n_routed_experts or not op.startswith("moe_")]
+    return [f"{op} ({model.ops.providers.get(op, '?')}) synchronises with the host"
+            for op in called if syncs_with_host(getattr(model.ops, op))]
 
 
 class _GraphSet:

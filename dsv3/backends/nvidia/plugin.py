@@ -35,12 +35,9 @@ def dsv3_backend_ops(backend):
 def dsv3_model_runner(backend, model, profile):
     """CUDA-graph replay of decode steps when the profile asks for it (cuda-fp8 does).
 
-    Padding rows rely on the cuda write_latent_cache skipping slot -1, so graphs are used only
-    when that op is this backend's own. An op table that would synchronise inside a decode step
-    (see graphs.capture_blockers) runs eagerly, with one warning, instead of failing in capture."""
+    An op table that would synchronise inside a decode step (ops marked host_syncing, see
+    graphs.capture_blockers) runs eagerly, with one warning, instead of failing in capture."""
     if backend != "cuda" or not profile.cuda_graphs:
-        return None
-    if model.ops.providers.get("write_latent_cache") != "cuda":
         return None
     from dsv3.backends.nvidia.graphs import CudaGraphRunner, capture_blockers
     if blockers := capture_blockers(model):
