@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable
 
@@ -20,10 +21,10 @@ from dsv3.core.errors import CheckpointError, ProfileError, RequestError
 from dsv3.core.loader import Checkpoint, checkpoint_format, has_mtp, load_weights
 from dsv3.core.model import DeepseekV3
 from dsv3.core.profile import Profile, select_profile, validate_for_backend, with_overrides
-from dsv3.core.sampling import SamplingParams
+from dsv3.core.sampling import SamplingParams, choice_seed, generation_defaults
 from dsv3.core.tokenizer import Tokenizer
 from dsv3.parallel import launch, sharding
-from dsv3.plugins.manager import Registry, create_registry, resolve_ops
+from dsv3.plugins.manager import Registry, create_registry, for_weight_format, resolve_ops
 
 
 def build_runtime(profile: Profile, registry: Registry, warn: Callable[[str], None] | None = None):
@@ -64,13 +65,17 @@ def _device(name: str, default: str) -> torch.device:
 
 
 class Completion(str):
-    """A completion's text, with how it ended: `finish_reason` "stop" (EOS or a stop string) or
-    "length" (max_new_tokens, or the model's context or the latent cache ran out first: see
-    `LLM.max_total_tokens`), and its `token_ids`."""
+    """A completion's text, with how it ended: `finish_reason` "stop" (EOS, a stop string or a stop
+    token id) or "length" (max_new_tokens, or the model's context or the latent cache ran out first:
+    see `LLM.max_total_tokens`), and its `token_ids`. With `logprobs=N`, `logprobs` holds one
+    (logprob, top ids, top logprobs) per token (N alternatives, of the distribution sampled from);
+    with `prompt_logprobs=N`, `prompt_logprobs` the same for each prompt token after the first."""
 
-    def __new__(cls, text: str = "", finish_reason: str | None = None, token_ids: list[int] | None = None):
+    def __new__(cls, text: str = "", finish_reason: str | None = None, token_ids: list[int] | None = None,
+                logprobs: list | None = None, prompt_logprobs: list | None = None):
         self = super().__new__(cls, text)
         self.finish_reason, self.token_ids = finish_reason, list(token_ids or [])
+        self.logprobs, self.prompt_logprobs = logprobs, prompt_logprobs
         return self
 
 
@@ -108,6 +113,7 @@ class LLM:
         if self.weight_format not in self.spec.weight_formats:
             raise ProfileError(f"the checkpoint's weight format {self.weight_format!r} cannot run on backend "
                                f"{self.spec.name!r}; set weight_format to one of {', '.join(self.spec.weight_formats)}")
+        self.ops = for_weight_format(self.ops, self.weight_format, self.registry.warn, self.profile.strict)
         with_mtp = self.config.num_nextn_predict_layers > 0 and has_mtp(self.ckpt, self.config.num_hidden_layers)
         slicer = None
         if self.mesh.distributed:   # parallel: check the split fits the model, then read only this rank's slice
@@ -118,6 +124,7 @@ class LLM:
                                     mesh=self.mesh)
         ue8m0 = self.profile.ue8m0 if self.profile.ue8m0 is not None else bool(
             self.config.quantization and self.config.quantization.scale_fmt == "ue8m0")
+        self.model.set_act_scale_fmt("ue8m0" if ue8m0 else None)   # FP8 activation scales, part of each weight
         load_weights(self.model, self.ckpt, ue8m0=ue8m0, slicer=slicer,
                      progress=None if self.mesh.rank == 0 else False)   # one progress line, from rank 0
         self.ckpt.close()
@@ -131,6 +138,9 @@ class LLM:
         spec = self.profile.speculative
         self.engine = Engine(self.model, self.cache, self.tokenizer, self.profile.max_batch_tokens, runner,
                              num_draft_tokens=spec.num_draft_tokens if spec.method == "mtp" else 0)
+        # the checkpoint's generation_config.json: temperature / top_p / top_k / repetition_penalty where
+        # a call leaves them unset (None); without one, greedy decoding
+        self.generation_defaults = generation_defaults(self.path)
 
     # -- generation ---------------------------------------------------------------------------------
     def _tokenizer(self) -> Tokenizer:
@@ -145,13 +155,20 @@ class LLM:
         Generation past it ends with finish_reason "length"; the server refuses such requests."""
         return min(self.engine.max_context, self.engine.capacity_tokens - self.engine.reserve)
 
-    def generate(self, prompts: str | list[str], max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: list[str] | tuple[str, ...] = (),
-                 on_output: Callable[[int, StepOutput], None] | None = None) -> Completion | list[Completion]:
+    def generate(self, prompts: str | list[str], max_new_tokens: int = 64, temperature: float | None = None,
+                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
+                 stop: list[str] | tuple[str, ...] = (), on_output: Callable[[int, StepOutput], None] | None = None,
+                 n: int = 1, **params) -> Completion | list:
         """Complete one prompt (a str: returns its Completion) or each of a list (returns a list);
-        `on_output(index, out)` sees text as it is produced (streaming)."""
+        `on_output(index, out)` sees text as it is produced (streaming). temperature / top_p / top_k
+        left None take the checkpoint's generation_config.json values, else greedy (temperature 0).
+        `n` > 1: n choices per prompt (a list of n Completions each; the prompt is computed once).
+        More sampling keywords (SamplingParams): presence_penalty, frequency_penalty,
+        repetition_penalty, logit_bias ({token id: bias}), min_tokens, stop_token_ids, logprobs,
+        prompt_logprobs, ignore_eos."""
         if isinstance(prompts, str):
-            return self.generate([prompts], max_new_tokens, temperature, top_p, top_k, seed, stop, on_output)[0]
+            return self.generate([prompts], max_new_tokens, temperature, top_p, top_k, seed, stop, on_output,
+                                 n, **params)[0]
         if not isinstance(prompts, (list, tuple)):
             raise TypeError(f"generate() takes a prompt string or a list of them, not {type(prompts).__name__}; "
                             f"token ids go to generate_ids()")
@@ -160,15 +177,36 @@ class LLM:
                 raise TypeError(f"generate(): prompts[{i}] is {type(p).__name__}, not str; token ids go to "
                                 f"generate_ids()")
         tok = self._tokenizer()
-        return self.generate_ids([tok.encode(p) for p in prompts], max_new_tokens=max_new_tokens,
-                                 temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-                                 on_output=on_output)[1]
+        texts = self.generate_ids([tok.encode(p) for p in prompts], max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+                                  on_output=on_output, n=n, **params)[1]
+        return texts if n == 1 else [texts[i * n: (i + 1) * n] for i in range(len(prompts))]
+
+    def sampling_params(self, **params) -> SamplingParams:
+        """SamplingParams from keywords, with the checkpoint's defaults where a sampling value is None
+        (or absent); logit_bias may be a {token id: bias} dict, stop / stop_token_ids lists."""
+        for key, fallback in (("temperature", 0.0), ("top_p", 1.0), ("top_k", 0), ("repetition_penalty", 1.0)):
+            if params.get(key) is None:
+                params[key] = self.generation_defaults.get(key, fallback)
+        bias = params.get("logit_bias")
+        if isinstance(bias, dict):
+            params["logit_bias"] = tuple((int(t), float(b)) for t, b in bias.items())
+        for key in ("stop", "stop_token_ids", "logit_bias"):
+            if key in params:
+                params[key] = tuple(params[key] or ())
+        return SamplingParams(**params)
 
     def generate_ids(self, prompts: list[list[int]], on_output=None, seed: int | None = None,
-                     stop=(), **params) -> tuple[list[list[int]], list[Completion]]:
-        """Token-level generation: returns (output token ids, output texts) per prompt."""
-        seqs = [self.engine.add(ids, SamplingParams(seed=None if seed is None else seed + i, stop=tuple(stop or ()),
-                                                    **params)) for i, ids in enumerate(prompts)]
+                     stop=(), n: int = 1, **params) -> tuple[list[list[int]], list[Completion]]:
+        """Token-level generation: returns (output token ids, output texts) per prompt, or with n > 1
+        per choice (prompt i's choice j at i * n + j; its seed derives from (seed + i, j))."""
+        if not isinstance(n, int) or n < 1:
+            raise RequestError(f"n = {n!r}: must be an integer >= 1")
+        base = self.sampling_params(stop=stop, **params)
+        seqs = []
+        for i, ids in enumerate(prompts):
+            seqs += self.engine.add_choices(ids, [
+                dataclasses.replace(base, seed=choice_seed(None if seed is None else seed + i, j)) for j in range(n)])
         index = {s.id: i for i, s in enumerate(seqs)}
         try:
             self.engine.run_to_completion(None if on_output is None else lambda o: on_output(index[o.seq.id], o))
@@ -176,7 +214,9 @@ class LLM:
             for s in seqs:
                 if not s.finished:
                     self.engine.release(s)
-        return [s.output_ids for s in seqs], [Completion(s.text, s.finish_reason, s.output_ids) for s in seqs]
+        return [s.output_ids for s in seqs], [
+            Completion(s.text, s.finish_reason, s.output_ids, s.logprobs if s.params.logprobs is not None else None,
+                       s.prompt_logprobs if s.params.prompt_logprobs is not None else None) for s in seqs]
 
     # -- scoring ------------------------------------------------------------------------------------
     @torch.inference_mode()

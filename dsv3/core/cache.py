@@ -119,5 +119,10 @@ class LatentCache:
         if need > 0:
             blocks += self.allocator.allocate(need)
 
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy one block's contents in every layer (on the device): a fork's own copy of a partial block."""
+        for layer in self.layers:
+            layer[dst].copy_(layer[src])
+
     def can_grow(self, blocks: list[int], num_tokens: int) -> bool:
         return self.blocks_needed(num_tokens) - len(blocks) <= self.allocator.num_free

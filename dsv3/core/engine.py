@@ -39,6 +39,7 @@ class StepOutput:
     finished: bool
     new_tokens: list[int] = field(default_factory=list)
     error: str | None = None   # set when this sequence failed (isolate_failures): what went wrong
+    new_logprobs: list = field(default_factory=list)   # a LogprobEntry per new token (params.logprobs set)
 
 
 def _stop_prefix_at_end(text: str, stop: str) -> int:
@@ -113,6 +114,13 @@ class Engine:
         return self.cache.num_blocks * self.cache.block_size
 
     def add(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        return self.add_choices(prompt_ids, [params])[0]
+
+    def add_choices(self, prompt_ids: list[int], params: list[SamplingParams]) -> list[Sequence]:
+        """One sequence per params, all completing the same prompt (the n choices of a request). The
+        first is scheduled; the others wait on it and, in the step that computes its prompt, are
+        sampled from the same logits row and fork: its full cache blocks shared, the partial last
+        one copied. So the prompt is computed once however many choices there are."""
         if not prompt_ids:
             raise RequestError("empty prompt: give at least one token")
         if len(prompt_ids) >= self.max_context:
@@ -122,18 +130,29 @@ class Engine:
             raise RequestError(f"prompt is {len(prompt_ids)} tokens but the latent cache holds "
                                f"{self.capacity_tokens - 1 - self.reserve} prompt tokens at most; raise "
                                f"kv_cache.max_tokens (--max-cache-tokens) or shorten the prompt")
-        # Unseeded requests draw their key from torch's global generator, which a parallel launch seeds
-        # alike on every rank, so the ranks sample alike.
-        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()))
-        seq = Sequence(list(prompt_ids), len(prompt_ids), params, seed=seed)
-        if params.grammar is not None:
-            if self.tokenizer is None:
-                raise RequestError("structured output needs the checkpoint's tokenizer (tokenizer.json); "
-                                   "this engine has none")
-            cfg = self.model.cfg
-            seq.grammar = compiler_for(self.tokenizer, cfg.vocab_size, tuple(cfg.eos_token_ids)).matcher(params.grammar)
-        self.scheduler.add(seq)
-        return seq
+        vocab = self.model.cfg.vocab_size
+        seqs = []
+        for p in params:
+            for key, ids in (("logit_bias", [t for t, _ in p.logit_bias]), ("stop_token_ids", p.stop_token_ids)):
+                bad = [t for t in ids if t >= vocab]
+                if bad:
+                    raise RequestError(f"{key}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+            # Unseeded requests draw their key from torch's global generator, which a parallel launch seeds
+            # alike on every rank, so the ranks sample alike.
+            seed = p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()))
+            seq = Sequence(list(prompt_ids), len(prompt_ids), p, seed=seed)
+            if p.grammar is not None:
+                if self.tokenizer is None:
+                    raise RequestError("structured output needs the checkpoint's tokenizer (tokenizer.json); "
+                                       "this engine has none")
+                cfg = self.model.cfg
+                seq.grammar = compiler_for(self.tokenizer, vocab, tuple(cfg.eos_token_ids)).matcher(p.grammar)
+            seqs.append(seq)
+        self.scheduler.add(seqs[0])
+        seqs[0].followers = seqs[1:]
+        for f in seqs[1:]:
+            f.leader = seqs[0]
+        return seqs
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -172,6 +191,9 @@ class Engine:
     def _post_process(self, r: StepResult) -> list[StepOutput]:
         """Advance each sequence by its new tokens (EOS, max tokens, stop strings, context), then draft."""
         outputs, drafting = [], []
+        forks: dict[int, list] = {}
+        for i, f, tokens, entries in r.forks:
+            forks.setdefault(i, []).append((f, tokens, entries))
         for i, ((s, c), tokens, accepted) in enumerate(zip(r.plan, r.tokens, r.accepted)):
             start = s.num_cached
             if accepted is not None:
@@ -180,11 +202,27 @@ class Engine:
             else:
                 s.num_cached += len(c.token_ids)
             s.drafts, s.draft_probs = [], None
-            out = self._append_all(s, tokens)
+            if r.prompt_logprobs[i]:
+                s.prompt_logprobs += r.prompt_logprobs[i]
+            for f, f_tokens, f_entries in forks.get(i, []):     # n > 1: before s may finish and free its blocks
+                s.followers.remove(f)
+                f.leader = None
+                f.prompt_logprobs = list(s.prompt_logprobs)
+                if self.scheduler.fork(s, f):
+                    out = self._append_all(f, f_tokens, f_entries)
+                    if out is not None:
+                        outputs.append(out)
+                else:      # no blocks for it now: it waits, and recomputes what the prefix cache lacks
+                    self.scheduler.waiting.appendleft(f)
+            out = self._append_all(s, tokens, r.logprobs[i])
             if out is not None:
                 outputs.append(out)
-            # a grammar row takes no drafts: the drafter samples without its mask
-            if (self.drafter and not s.finished and s.grammar is None
+            # rows the drafter cannot sample like the target take no drafts: grammar (its mask), logit
+            # edits and logprobs (LogitsProcessing and the entries come from the verify-free path), forks
+            p = s.params
+            if (self.drafter and not s.finished and s.grammar is None and not s.forked
+                    and not (p.penalized or p.logit_bias or p.logprobs is not None
+                             or len(s.output_ids) < p.min_tokens)
                     and s.num_cached + self.drafter.k < self.max_context):
                 drafting.append((s, start, s.num_cached, r.hidden[r.batch.token_rows[i][: s.num_cached - start]]))
         for failed_seq, e in self._draft(drafting):     # schedule() reserved the blocks drafting writes
@@ -242,20 +280,23 @@ class Engine:
         self.release(s)
         return StepOutput(s, "", True, [], error=f"{type(error).__name__}: {error}")
 
-    def _append_all(self, s: Sequence, tokens: list[int]) -> StepOutput | None:
-        """Append this step's tokens (one, or several after speculative verification) and post-process."""
+    def _append_all(self, s: Sequence, tokens: list[int], logprobs: list | None = None) -> StepOutput | None:
+        """Append this step's tokens (one, or several after speculative verification) and post-process;
+        `logprobs`: their LogprobEntry each, kept for the tokens that are appended."""
         if not tokens:
             return None
         before = len(s.output_ids)
         p = s.params
-        for token in tokens:
-            if not p.ignore_eos and token in self.model.cfg.eos_token_ids:
-                s.finish_reason = "stop"       # EOS ends the text; it is not part of it
+        for k, token in enumerate(tokens):
+            if (not p.ignore_eos and token in self.model.cfg.eos_token_ids) or token in p.stop_token_ids:
+                s.finish_reason = "stop"       # EOS (or a stop token id) ends the text; it is not part of it
                 break
             if s.grammar is not None and not s.grammar.accept(token):
                 # the runner masked every token the grammar refuses, so this is a bug, this sequence's own
                 return self._fail(s, RuntimeError(f"the grammar refused token {token}, which its bitmask allowed"))
             s.token_ids.append(token)
+            if logprobs is not None:
+                s.logprobs.append(logprobs[k])
             if s.grammar is not None and s.grammar.terminated:     # complete, and its EOS taken (ignore_eos)
                 s.finish_reason = "stop"
                 break
@@ -265,7 +306,8 @@ class Engine:
         delta = self._detokenize(s)
         if s.finished:
             self.release(s)
-        return StepOutput(s, delta, s.finished, s.output_ids[before:])
+        return StepOutput(s, delta, s.finished, s.output_ids[before:],
+                          new_logprobs=s.logprobs[before:] if p.logprobs is not None else [])
 
     def _detokenize(self, s: Sequence) -> str:
         """Update s.text; return the newly visible part. Stops at (and drops) the first stop string.

@@ -6,17 +6,27 @@ speculative drafts on the device (speculative.verify), and brings the chosen ids
 one device->host copy. It changes no sequence: the engine applies what it returns, so a step that
 fails can be run again, per sequence (its cache writes lie past every num_cached and are
 rewritten later).
+
+Before sampling, the rows' logits are edited on the device (LogitsProcessing: penalties, logit_bias,
+min_tokens; then the grammar bitmask). Logprobs (of the chosen token and the top alternatives, of
+the distribution sampled from) and prompt logprobs ride in the same single copy: when a step has
+any, the whole copy is one float32 tensor (token ids < 2**24 are exact in it). The choices of an
+n > 1 request that wait on a leader's prompt (Sequence.followers) are sampled from the leader's
+last row in the step that completes its prompt, each with its own seed.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from dsv3.core.batch import Batch
 from dsv3.core.grammar import apply_bitmask
-from dsv3.core.sampling import SamplingBatch
+from dsv3.core.sampling import LogitsProcessing, SamplingBatch
 from dsv3.core.speculative import verify
+
+# (logprob of the token, ids of the top alternatives, their logprobs), per token
+LogprobEntry = tuple[float, list[int], list[float]]
 
 
 @dataclass
@@ -26,6 +36,9 @@ class StepResult:
     hidden: torch.Tensor                   # [T, D] final hidden states (the drafter reads them)
     tokens: list[list[int]]                # per planned sequence: ids to append (empty mid-prompt)
     accepted: list[int | None]             # per planned sequence: drafts accepted (None: no drafts)
+    logprobs: list[list | None] = field(default_factory=list)         # per planned sequence: a LogprobEntry per token
+    prompt_logprobs: list[list | None] = field(default_factory=list)  # per planned sequence: entries of prompt tokens
+    forks: list[tuple] = field(default_factory=list)   # (plan index of the leader, follower, tokens, logprob entries)
 
 
 class ModelRunner:
@@ -45,19 +58,37 @@ class ModelRunner:
                 verifying.append(i)
             elif s.num_cached + len(c.token_ids) == len(s.token_ids):
                 plain.append(i)
-        rows = [batch.token_rows[i][-1] for i in plain] + [r for i in verifying for r in batch.token_rows[i]]
+        followers = [(i, f) for i in plain for f in plan[i][0].followers]     # n > 1: from the leader's row
+        sampled = [plan[i][0] for i in plain] + [f for _, f in followers]
+        # prompt positions whose next token's logprob was asked for (echo), each scored once
+        scored = []                                                              # (plan index, first position, rows)
+        for i, (s, c) in enumerate(plan):
+            if s.params.prompt_logprobs is not None:
+                first, last = max(c.start, len(s.prompt_logprobs)), min(c.start + len(c.token_ids), s.prompt_len - 1)
+                if first < last:
+                    scored.append((i, first, batch.token_rows[i][first - c.start: last - c.start]))
+        rows = ([batch.token_rows[i][-1] for i in plain] + [batch.token_rows[i][-1] for i, _ in followers]
+                + [r for i in verifying for r in batch.token_rows[i]] + [r for *_, rs in scored for r in rs])
         tokens: list[list[int]] = [[] for _ in plan]
         accepted: list[int | None] = [None] * len(plan)
         if not rows:
-            return StepResult(plan, batch, hidden, tokens, accepted)
+            return StepResult(plan, batch, hidden, tokens, accepted, [None] * len(plan), [None] * len(plan))
         logits = self.model.logits(hidden[rows])                                 # [R, V] float32
-        picks = []
-        if plain:
-            seqs = [plan[i][0] for i in plain]
-            apply_bitmask(logits[: len(plain)], [s.grammar for s in seqs])       # structured output's rows
-            sampler = SamplingBatch([s.params for s in seqs], [s.seed for s in seqs],
-                                    [len(s.token_ids) for s in seqs], self.device)
-            picks.append(sampler.sample(logits[: len(plain)]))                   # [Bp]
+        picks, floats, lp_rows, lp_width = [], [], [], 0
+        if sampled:
+            part = logits[: len(sampled)]
+            processing = LogitsProcessing.build(sampled, self.model.cfg.eos_token_ids, self.device)
+            if processing is not None:
+                processing.apply(part)                                           # penalties, logit_bias, min_tokens
+            apply_bitmask(part, [s.grammar for s in sampled])                    # structured output's rows
+            sampler = SamplingBatch([s.params for s in sampled], [s.seed for s in sampled],
+                                    [len(s.token_ids) for s in sampled], self.device)
+            chosen = sampler.sample(part)                                        # [Bp]
+            picks.append(chosen)
+            lp_rows = [j for j, s in enumerate(sampled) if s.params.logprobs is not None]
+            if lp_rows:
+                lp_width = max(sampled[j].params.logprobs for j in lp_rows)
+                floats += self._logprobs([sampled[j] for j in lp_rows], part, chosen, lp_rows, lp_width)
         if verifying:
             seqs = [plan[i][0] for i in verifying]
             k = len(seqs[0].drafts)
@@ -69,13 +100,72 @@ class ModelRunner:
                                     [len(s.token_ids) for s in seqs], self.device)
             chosen, n_accepted = verify(logits[len(plain):].view(len(seqs), k + 1, -1), drafts, probs, sampler)
             picks += [chosen.flatten(), n_accepted]
-        host = torch.cat(picks).tolist()                                        # the step's one device->host copy
+        sc_width = max((plan[i][0].params.prompt_logprobs for i, *_ in scored), default=0)
+        if scored:
+            start = len(rows) - sum(len(rs) for *_, rs in scored)
+            actual = torch.tensor([plan[i][0].token_ids[p + 1] for i, first, rs in scored
+                                   for p in range(first, first + len(rs))], dtype=torch.int64, device=self.device)
+            lp = logits[start:].float().log_softmax(-1)                           # the model's own distribution
+            floats.append(lp.gather(1, actual[:, None])[:, 0])
+            if sc_width:
+                top = lp.topk(sc_width, dim=-1)
+                floats += [top.values.flatten(), top.indices.flatten().float()]
+        num_ids = sum(p.numel() for p in picks)
+        if floats:        # token ids travel as float32 with the logprobs: exact below 2**24
+            host = torch.cat([torch.cat(picks).float(), *floats]).tolist()      # the step's one device->host copy
+            ids = [int(x) for x in host[:num_ids]]
+        else:
+            host = ids = torch.cat(picks).tolist()                               # the step's one device->host copy
         for j, i in enumerate(plain):
-            tokens[i] = [host[j]]
+            tokens[i] = [ids[j]]
         if verifying:
             k1 = len(plan[verifying[0]][0].drafts) + 1
-            flat, counts = host[len(plain): len(plain) + len(verifying) * k1], host[len(plain) + len(verifying) * k1:]
+            base = len(sampled)
+            flat, counts = ids[base: base + len(verifying) * k1], ids[base + len(verifying) * k1:]
             for j, i in enumerate(verifying):
                 accepted[i] = counts[j]
                 tokens[i] = flat[j * k1: j * k1 + counts[j] + 1]
-        return StepResult(plan, batch, hidden, tokens, accepted)
+        off = num_ids
+        entries: dict[int, LogprobEntry] = {}
+        if lp_rows:
+            entries, off = self._entries(host, off, lp_rows, [sampled[j].params.logprobs for j in lp_rows], lp_width)
+        logprobs: list[list | None] = [None] * len(plan)
+        for j, i in enumerate(plain):
+            if j in entries:
+                logprobs[i] = [entries[j]]
+        prompt_logprobs: list[list | None] = [None] * len(plan)
+        if scored:
+            n = sum(len(rs) for *_, rs in scored)
+            scores, off = self._entries(host, off, list(range(n)), [sc_width] * n, sc_width)
+            k = 0
+            for (i, _, rs) in scored:
+                wanted = plan[i][0].params.prompt_logprobs
+                prompt_logprobs[i] = [(lp, top[:wanted], vals[:wanted]) for lp, top, vals in
+                                      (scores[k + r] for r in range(len(rs)))]
+                k += len(rs)
+        forks = [(i, f, [ids[len(plain) + j]], [entries[len(plain) + j]] if len(plain) + j in entries else None)
+                 for j, (i, f) in enumerate(followers)]
+        return StepResult(plan, batch, hidden, tokens, accepted, logprobs, prompt_logprobs, forks)
+
+    @staticmethod
+    def _logprobs(seqs, logits, chosen, rows: list[int], width: int) -> list[torch.Tensor]:
+        """[the chosen tokens' logprobs, top-`width` logprobs, their ids] of `rows` (flat, device)."""
+        index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
+        lp = SamplingBatch([s.params for s in seqs], [s.seed for s in seqs], [len(s.token_ids) for s in seqs],
+                           logits.device).log_probs(logits[index])                       # [W, V]
+        out = [lp.gather(1, chosen[index][:, None])[:, 0]]
+        if width:
+            top = lp.topk(width, dim=-1)
+            out += [top.values.flatten(), top.indices.flatten().float()]
+        return out
+
+    @staticmethod
+    def _entries(host: list, off: int, rows: list[int], wanted: list[int], width: int):
+        """Read back what _logprobs packed: ({row: LogprobEntry}, offset after it)."""
+        n = len(rows)
+        chosen = host[off: off + n]
+        values = host[off + n: off + n + n * width]
+        ids = host[off + n + n * width: off + n + 2 * n * width]
+        out = {r: (chosen[k], [int(t) for t in ids[k * width: k * width + w]], values[k * width: k * width + w])
+               for k, (r, w) in enumerate(zip(rows, wanted))}
+        return out, off + n + 2 * n * width

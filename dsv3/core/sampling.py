@@ -1,8 +1,12 @@
-"""Sampling parameters and the token sampler (temperature, top-k, top-p, per-request seed)."""
+"""Sampling parameters and the token sampler (temperature, top-k, top-p, per-request seed), the
+per-row logit edits that come before it (penalties, logit_bias, min_tokens: LogitsProcessing), and
+the checkpoint's default sampling values (generation_config.json)."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -13,6 +17,9 @@ from dsv3.core.grammar import GrammarSpec
 SEED_RANGE = (-(2**63), 2**64 - 1)      # what torch.Generator.manual_seed accepts
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1024                     # per stop string: the hold-back check is linear in it
+MAX_LOGPROBS = 20                         # alternatives per token (OpenAI's top_logprobs bound)
+MAX_LOGIT_BIAS = 300                      # entries in logit_bias (OpenAI's bound)
+MAX_STOP_TOKEN_IDS = 64
 
 
 @dataclass(frozen=True)
@@ -25,6 +32,14 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     grammar: GrammarSpec | None = None     # structured output: what the output must match (dsv3.core.grammar)
+    presence_penalty: float = 0.0           # OpenAI: minus this from every token already generated
+    frequency_penalty: float = 0.0          # OpenAI: minus this times how often a token was generated
+    repetition_penalty: float = 1.0         # HF/vLLM: tokens in prompt or output, logit / this (> 0) or * this
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias in [-100, 100]) added to the logits
+    min_tokens: int = 0                     # EOS and stop_token_ids are masked until this many are generated
+    stop_token_ids: tuple[int, ...] = ()    # end the output at any of these (like EOS: not part of it)
+    logprobs: int | None = None             # per generated token: its logprob and this many alternatives
+    prompt_logprobs: int | None = None      # per prompt token (after the first): the same, of the model
 
     def __post_init__(self):
         lo, hi = SEED_RANGE
@@ -37,7 +52,23 @@ class SamplingParams:
                   (len(self.stop) <= MAX_STOP_STRINGS and all(self.stop), "stop",
                    f"give at most {MAX_STOP_STRINGS} non-empty strings"),
                   (all(len(s) <= MAX_STOP_CHARS for s in self.stop), "stop",
-                   f"each stop string may hold at most {MAX_STOP_CHARS} characters"))
+                   f"each stop string may hold at most {MAX_STOP_CHARS} characters"),
+                  (math.isfinite(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty",
+                   "must be in [-2, 2]"),
+                  (math.isfinite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+                   "frequency_penalty", "must be in [-2, 2]"),
+                  (math.isfinite(self.repetition_penalty) and 0 < self.repetition_penalty <= 10,
+                   "repetition_penalty", "must be in (0, 10] (1 means none)"),
+                  (len(self.logit_bias) <= MAX_LOGIT_BIAS and all(
+                      t >= 0 and math.isfinite(b) and -100 <= b <= 100 for t, b in self.logit_bias), "logit_bias",
+                   f"maps at most {MAX_LOGIT_BIAS} token ids (>= 0) to biases in [-100, 100]"),
+                  (0 <= self.min_tokens <= self.max_new_tokens, "min_tokens", "must be in [0, max_new_tokens]"),
+                  (len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS and all(t >= 0 for t in self.stop_token_ids),
+                   "stop_token_ids", f"give at most {MAX_STOP_TOKEN_IDS} token ids (>= 0)"),
+                  (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
+                   f"must be in [0, {MAX_LOGPROBS}]"),
+                  (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS, "prompt_logprobs",
+                   f"must be in [0, {MAX_LOGPROBS}]"))
         for ok, key, msg in checks:
             if not ok:
                 value = getattr(self, key)
@@ -47,6 +78,50 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def edits_logits(self) -> bool:
+        """Does LogitsProcessing touch this row (at some step)?"""
+        return self.penalized or bool(self.logit_bias) or self.min_tokens > 0
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice `index` of an n > 1 request seeded `seed`: choice 0 keeps it (so n = 1 and
+    the first of n agree), the others get a hash of (seed, index)."""
+    if seed is None or index == 0:
+        return seed
+    x = (seed + index * 0x9E3779B97F4A7C15) % 2**64                   # splitmix64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+    return x ^ (x >> 31)
+
+
+GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def generation_defaults(model_dir: str | Path) -> dict:
+    """The sampling values a checkpoint recommends (its generation_config.json: temperature, top_p,
+    top_k, repetition_penalty), used where a request leaves them unset, as vLLM does; {} without one.
+    A value of the wrong type is ignored; a value out of range fails when a request uses it."""
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    if not isinstance(cfg, dict):
+        return {}
+    out = {}
+    for key in GENERATION_DEFAULT_KEYS:
+        v = cfg.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[key] = int(v) if key == "top_k" else float(v)
+    if out.get("top_k", 0) < 0:          # HF / vLLM spell "no limit" -1
+        out["top_k"] = 0
+    return out
 
 
 class SamplingBatch:
@@ -132,6 +207,88 @@ class SamplingBatch:
         if self.greedy_only:
             return best
         return torch.where(self.greedy, best, self.choose(self.probs(logits), stream=0))
+
+    def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [R, V] -> [R, V] float32 log-probabilities of the distribution each row samples from
+        (vLLM's "processed" logprobs): after temperature, top-k and top-p (-inf where filtered out);
+        for a greedy row, the log-softmax of its logits (temperature 1, no filter)."""
+        logits = logits.float()
+        plain = logits.log_softmax(-1)
+        if self.greedy_only:
+            return plain
+        sampled = self.probs(logits).log() if self.filtered else (logits / self.temperature[:, None]).log_softmax(-1)
+        return torch.where(self.greedy[:, None], plain, sampled)
+
+
+class LogitsProcessing:
+    """What some rows of a step change in their logits before sampling, applied to the whole batch
+    on the device in a few vectorised ops: repetition penalty (prompt + output tokens, HF/vLLM), then
+    frequency and presence penalties (output tokens, OpenAI), logit_bias, and min_tokens (EOS and
+    stop_token_ids at -inf). build() returns None when no row asks for any of it, so such a step
+    pays nothing. Token counts are scattered on the device from the rows' token ids each step (a
+    host->device copy, no device->host read), so they follow preemption and rollback for free."""
+
+    def __init__(self, device):
+        self.device = device
+        self.penalty = None        # (rows [Rp], token rows, token ids, prompt rows, prompt ids, rep, freq, pres)
+        self.repetition = False    # does any penalised row have a repetition penalty
+        self.bias = None           # (rows, ids, values): flat (row, token) pairs
+        self.banned = None         # (rows, ids): flat (row, token) pairs set to -inf
+
+    @classmethod
+    def build(cls, seqs: list, eos_ids, device) -> "LogitsProcessing | None":
+        """seqs: the batch's rows in order (anything with .params, .token_ids, .prompt_len)."""
+        if not any(s.params.edits_logits for s in seqs):
+            return None
+        out = cls(device)
+        pen = [(i, s) for i, s in enumerate(seqs) if s.params.penalized]
+        if pen:
+            rows, out_r, out_t, pr_r, pr_t = [], [], [], [], []
+            for j, (i, s) in enumerate(pen):
+                rows.append(i)
+                generated = s.token_ids[s.prompt_len:]
+                out_r += [j] * len(generated)
+                out_t += generated
+                if s.params.repetition_penalty != 1.0:
+                    pr_r += [j] * s.prompt_len
+                    pr_t += s.token_ids[: s.prompt_len]
+            t = out._tensor
+            out.repetition = any(s.params.repetition_penalty != 1.0 for _, s in pen)     # decided on the host
+            out.penalty = (t(rows), t(out_r), t(out_t), t(pr_r), t(pr_t),
+                           t([s.params.repetition_penalty for _, s in pen], torch.float32)[:, None],
+                           t([s.params.frequency_penalty for _, s in pen], torch.float32)[:, None],
+                           t([s.params.presence_penalty for _, s in pen], torch.float32)[:, None])
+        bias = [(i, tok, b) for i, s in enumerate(seqs) for tok, b in s.params.logit_bias]
+        if bias:
+            out.bias = (out._tensor([b[0] for b in bias]), out._tensor([b[1] for b in bias]),
+                        out._tensor([b[2] for b in bias], torch.float32))
+        banned = [(i, tok) for i, s in enumerate(seqs) if len(s.token_ids) - s.prompt_len < s.params.min_tokens
+                  for tok in dict.fromkeys([*eos_ids, *s.params.stop_token_ids])]
+        if banned:
+            out.banned = (out._tensor([b[0] for b in banned]), out._tensor([b[1] for b in banned]))
+        return out
+
+    def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)
+
+    def apply(self, logits: torch.Tensor) -> None:
+        """Edit logits [R, V] in place (R: the rows build() was given)."""
+        if self.penalty is not None:
+            rows, out_r, out_t, pr_r, pr_t, rep, freq, pres = self.penalty
+            sub = logits[rows].float()                                                 # [Rp, V]
+            counts = torch.zeros_like(sub).index_put_((out_r, out_t), torch.ones_like(out_t, dtype=sub.dtype),
+                                                      accumulate=True)                # output token counts
+            if self.repetition:
+                seen = counts > 0
+                seen[pr_r, pr_t] = True
+                sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+            sub = sub - freq * counts - pres * (counts > 0).float()
+            logits[rows] = sub.to(logits.dtype)
+        if self.bias is not None:
+            rows, ids, values = self.bias
+            logits.index_put_((rows, ids), values.to(logits.dtype), accumulate=True)
+        if self.banned is not None:
+            logits[self.banned] = float("-inf")
 
 
 _M32 = 0xFFFFFFFF

@@ -46,6 +46,11 @@ class Sequence:
     prefix_keys: list[bytes] = field(default_factory=list)   # prefix-cache keys of the leading full blocks
     num_prefix_cached: int = 0         # prompt tokens taken from the prefix cache at admission
     grammar: object = None             # its SequenceGrammar under structured output (dsv3.core.grammar)
+    logprobs: list = field(default_factory=list)          # per output token (params.logprobs): LogprobEntry
+    prompt_logprobs: list = field(default_factory=list)   # per prompt token after the first (params.prompt_logprobs)
+    leader: "Sequence | None" = None   # n > 1: the choice whose prompt this one shares, until it forks
+    followers: list = field(default_factory=list)         # n > 1: the choices waiting on this one's prompt
+    forked: bool = False               # took its prompt's cache from a leader (takes no MTP drafts)
 
     @property
     def output_ids(self) -> list[int]:
@@ -87,7 +92,13 @@ class Scheduler:
         return bool(self.running or self.waiting)
 
     def release(self, seq: Sequence) -> None:
-        """Drop a sequence (finished, or abandoned by its caller) and free its blocks now."""
+        """Drop a sequence (finished, or abandoned by its caller) and free its blocks now. Choices still
+        waiting on it (n > 1) are queued on their own; one waiting on a leader just leaves it."""
+        if seq.leader is not None:
+            seq.leader.followers.remove(seq)
+            seq.leader = None
+            return
+        self.detach_followers(seq)
         self.register_blocks(seq)
         self.cache.allocator.free(seq.blocks)
         seq.blocks = []
@@ -95,6 +106,33 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+
+    # -- n > 1: choices that share one prompt ---------------------------------------------------------
+    def detach_followers(self, leader: Sequence) -> None:
+        """The leader leaves before its prompt step: its followers queue first, each on its own."""
+        for f in reversed(leader.followers):
+            f.leader = None
+            self.waiting.appendleft(f)
+        leader.followers = []
+
+    def fork(self, leader: Sequence, f: Sequence) -> bool:
+        """Give follower f the leader's computed prompt: its full blocks shared (refcounts), the partial
+        last block copied; f joins the running batch with the prompt cached. False (f untouched) when
+        the cache has no blocks for it now."""
+        bs, n = self.cache.block_size, leader.num_cached
+        full = n // bs
+        need = self.cache.blocks_needed(len(f.token_ids) + 1 + self.reserve) - full
+        if need > self.cache.allocator.num_free:
+            return False
+        for b in leader.blocks[:full]:
+            self.cache.allocator.share(b)
+        f.blocks = leader.blocks[:full] + self.cache.allocator.allocate(need)
+        if n % bs:
+            self.cache.copy_block(leader.blocks[full], f.blocks[full])
+        f.num_cached, f.mtp_valid, f.forked = n, 0, True
+        f.prefix_keys = leader.prefix_keys[:full]
+        self.running.append(f)
+        return True
 
     # -- prefix cache -------------------------------------------------------------------------------
     def register_blocks(self, s: Sequence) -> None:
@@ -113,7 +151,7 @@ class Scheduler:
     def _match_prefix(self, s: Sequence) -> tuple[list[int], list[bytes]]:
         """Registered blocks that hold the start of s; the last token is always left to compute,
         since its logits are needed and a shared block is never written."""
-        if not self.prefix_caching:
+        if not self.prefix_caching or s.params.prompt_logprobs is not None:    # every prompt row is needed
             return [], []
         bs, span = self.cache.block_size, self.key_span
         blocks, keys, parent = [], [], b""
