@@ -35,10 +35,11 @@ def test_bf16_arithmetic_passes_bf16_tolerances():
     assert max(r.error for r in results if r.op == "linear") > 1e-4
 
 
-def quantising_linear(x, w):
+def quantising_linear(x, w, honour_ue8m0=True):
     """What an FP8 / W8A8 backend does: quantise activations dynamically, multiply, rescale."""
     if w.format.startswith("fp8"):
-        q, s = quantize_act_fp8(x, dtype=torch.float8_e4m3fnuz if w.format == "fp8-fnuz" else torch.float8_e4m3fn)
+        q, s = quantize_act_fp8(x, dtype=torch.float8_e4m3fnuz if w.format == "fp8-fnuz" else torch.float8_e4m3fn,
+                                ue8m0=honour_ue8m0 and w.act_scale_fmt == "ue8m0")
         xq = q.float() * s.repeat_interleave(128, dim=-1)[:, : x.shape[-1]]
     elif w.format == "int8-w8a8":
         q, s = quantize_act_int8(x)
@@ -56,6 +57,18 @@ def test_activation_quantisation_passes_the_quantised_tolerance_but_not_the_dens
     assert worst > 100 * tolerance("linear", torch.float32, "dense")   # the quantisation error is real ...
     # ... and the bound leaves a margin (measured up to 0.58x of it for fp8 at these small shapes)
     assert worst < 0.75 * tolerance("linear", torch.float32, fmt)
+
+
+@pytest.mark.parametrize("fmt", ["fp8-block", "fp8-fnuz"])
+def test_ue8m0_cases_catch_a_backend_that_ignores_the_activation_scale_format(fmt):
+    setting = CheckSetting(CPU, torch.float32, (fmt,))
+    honest = check_ops({"linear": quantising_linear}, setting, real_shapes=False)
+    ue8m0 = [r for r in honest if "ue8m0" in r.shape]
+    assert ue8m0 and not failed(honest), format_table(honest)
+    assert max(r.error for r in ue8m0) < 1e-5          # same quantisation as the reference's emulation
+    sloppy = check_ops({"linear": lambda x, w: quantising_linear(x, w, honour_ue8m0=False)}, setting,
+                       real_shapes=False)
+    assert [r.shape for r in sloppy if not r.passed] == [r.shape for r in ue8m0], format_table(sloppy)
 
 
 def wrong(op):

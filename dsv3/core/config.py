@@ -101,6 +101,11 @@ class ModelConfig:
             scale *= _yarn_mscale(y.factor, y.mscale_all_dim) ** 2
         return scale
 
+    @property
+    def act_scale_fmt(self) -> str | None:
+        """"ue8m0" when the checkpoint's FP8 activation scales are powers of two (V3.1), else None."""
+        return self.quantization.scale_fmt if self.quantization is not None else None
+
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.first_k_dense_replace
 

@@ -33,6 +33,7 @@ class Linear(nn.Module):
                  experts: int | None = None):
         super().__init__()
         self.ops, self.format = ops, fmt
+        self.act_scale_fmt = None   # "ue8m0": power-of-two activation scales (V3.1); set by DeepseekV3
         lead = () if experts is None else (experts,)
         self.weight = nn.Parameter(torch.empty(*lead, out_features, in_features,
                                                dtype=STORAGE_DTYPE.get(fmt, dtype)), requires_grad=False)
@@ -44,7 +45,7 @@ class Linear(nn.Module):
 
     @property
     def qweight(self) -> QuantWeight:
-        return QuantWeight(self.weight, getattr(self, self.scale_name, None), self.format)
+        return QuantWeight(self.weight, getattr(self, self.scale_name, None), self.format, self.act_scale_fmt)
 
     def forward(self, x):
         return self.ops.linear(x, self.qweight)
@@ -322,6 +323,7 @@ class DeepseekV3(nn.Module):
             start, stop = mesh.vocab_range(cfg.vocab_size)   # vocab parallel, like the embedding
             self.lm_head = Linear(ops, cfg.hidden_size, stop - start, "dense", dtype)
         self._rope = None
+        self.set_act_scale_fmt(cfg.act_scale_fmt)
 
     @property
     def num_cache_layers(self) -> int:
@@ -356,6 +358,13 @@ class DeepseekV3(nn.Module):
     def mtp_hidden(self, next_ids, prev_hidden, batch: Batch, caches: list[torch.Tensor]) -> torch.Tensor:
         rope = self.rope_tables(batch.input_ids.device)
         return self.mtp.hidden(next_ids, prev_hidden, batch, caches[self.cfg.num_hidden_layers], rope)
+
+    def set_act_scale_fmt(self, fmt: str | None) -> None:
+        """How every quantised projection's FP8 activation scales are rounded (QuantWeight.act_scale_fmt):
+        the checkpoint's `scale_fmt` by default; a profile's `ue8m0` overrides it."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.act_scale_fmt = fmt
 
     def set_ops(self, ops: Ops) -> None:
         """Rebind every module to a new op table (e.g. after a backend's weight preparation)."""

@@ -26,11 +26,27 @@ STORAGE_DTYPE = {
 }
 
 
+ACT_SCALE_FORMATS = (None, "ue8m0")
+
+
 @dataclass(frozen=True)
 class QuantWeight:
+    """`act_scale_fmt` is part of an FP8 weight's numerics: how the 1x128 activation scales of x in
+    `linear(x, w)` / `moe_experts` are rounded. None: amax / fp8_max as computed (V3, R1); backends
+    may quantise x that way or not at all, and the reference multiplies exactly. "ue8m0" (V3.1,
+    `quantization_config.scale_fmt`): rounded up to a power of two; every backend that quantises x
+    must do so, and the reference then emulates the quantisation (x through quantize_act_fp8 with
+    ue8m0, then the exact product), so a backend is checked against the checkpoint's own numerics.
+    Ignored for dense and int8 weights (int8 activations have per-token float scales)."""
     data: torch.Tensor            # [..., out, in]; leading dims stack experts
     scale: torch.Tensor | None    # see module docstring; None for dense
     format: str
+    act_scale_fmt: str | None = None
+
+    @property
+    def ue8m0_acts(self) -> bool:
+        """True when FP8 activations for this weight take power-of-two scales."""
+        return self.act_scale_fmt == "ue8m0" and self.format in ("fp8-block", "fp8-fnuz")
 
     @property
     def out_features(self) -> int:

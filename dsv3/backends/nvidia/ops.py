@@ -26,7 +26,7 @@ def cublas_linear(x, w):
     from dsv3.backends.triton.quant import act_quant
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    xq, xs = act_quant(x2, w.data.dtype, scale_column_major=True)
+    xq, xs = act_quant(x2, w.data.dtype, w.ue8m0_acts, scale_column_major=True)
     y = torch._scaled_mm(xq, w.data.t(), scale_a=xs, scale_b=w.scale.t(), out_dtype=x.dtype)
     return y.view(*shape[:-1], w.out_features)
 

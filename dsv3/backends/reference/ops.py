@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsv3.core.ops import ExpertWeights, GateSpec
+from dsv3.core.ops import ExpertWeights, GateSpec, host_syncing
 from dsv3.core.quant import quantize_act_fp8
 from dsv3.core.weights import QuantWeight, dequantize
 
@@ -37,7 +37,17 @@ def rope(x, positions, cos, sin):
 def linear(x, w: QuantWeight):
     if w.format == "dense":
         return F.linear(x, w.data.to(x.dtype))
-    return F.linear(x.float(), dequantize(w)).to(x.dtype)
+    xf = x.float()
+    if w.ue8m0_acts:   # the checkpoint's numerics (V3.1): x quantised 1x128 with power-of-two scales
+        xf = _fp8_roundtrip(xf, w.data.dtype)
+    return F.linear(xf, dequantize(w)).to(x.dtype)
+
+
+def _fp8_roundtrip(x, fp8_dtype):
+    """x [..., K] float32 -> the values its 1x128 ue8m0 FP8 quantisation stands for."""
+    shape = x.shape
+    q, s = quantize_act_fp8(x.reshape(-1, shape[-1]), ue8m0=True, dtype=fp8_dtype)
+    return (q.float() * s.repeat_interleave(128, dim=-1)[:, : shape[-1]]).view(shape)
 
 
 def silu_mul(gate, up):
@@ -48,11 +58,14 @@ def quantize_act(x, dtype, ue8m0):
     return quantize_act_fp8(x, ue8m0=ue8m0, dtype=dtype)
 
 
+@host_syncing          # the boolean index of the kept rows is a data-dependent shape
 def write_latent_cache(cache, latent, k_rope, slots):
     flat = cache.view(-1, cache.shape[-1])
-    flat[slots] = torch.cat((latent, k_rope), dim=-1).to(cache.dtype)
+    keep = slots >= 0                                  # a negative slot (a padding row) writes nothing
+    flat[slots[keep]] = torch.cat((latent, k_rope), dim=-1)[keep].to(cache.dtype)
 
 
+@host_syncing          # per-sequence / per-expert Python loops over device values
 def mla_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, scale):
     out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
     bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
@@ -68,6 +81,7 @@ def mla_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, scale):
     return out
 
 
+@host_syncing
 def mla_decode(q_latent, q_rope, cache, block_table, context_lens, scale):
     block_size, c = cache.shape[1], q_latent.shape[-1]
     out = torch.empty_like(q_latent)
@@ -96,6 +110,7 @@ def moe_gate(x, weight, bias, spec: GateSpec):
     return weights * spec.routed_scaling_factor, ids
 
 
+@host_syncing
 def moe_experts(x, topk_weights, topk_ids, experts: ExpertWeights):
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     local_ids = topk_ids - experts.first_expert
@@ -112,7 +127,7 @@ def moe_experts(x, topk_weights, topk_ids, experts: ExpertWeights):
 
 
 def _expert(w: QuantWeight, e: int) -> QuantWeight:
-    return QuantWeight(w.data[e], None if w.scale is None else w.scale[e], w.format)
+    return QuantWeight(w.data[e], None if w.scale is None else w.scale[e], w.format, w.act_scale_fmt)
 
 
 OPS = {name: globals()[name] for name in (

@@ -5,42 +5,33 @@ NVIDIA backend adds its cuBLAS dispatch for large-M FP8 GEMMs on top (dsv3.backe
 """
 from __future__ import annotations
 
-import sys
-
 import torch
 import torch.nn.functional as F
 
-from dsv3.backends.reference import ops as reference
 from dsv3.backends.triton import elementwise, gate, mla, moe, norm
 from dsv3.backends.triton.gemm import fp8_gemm
 from dsv3.backends.triton.quant import act_quant
 from dsv3.backends.triton.tuning import QUANT_IN_GEMM_MAX_M, Target, gemm_config
+from dsv3.core.ops import for_weight_formats
 from dsv3.core.quant import FP8_MAX
 from dsv3.core.weights import QuantWeight
 
 FP8_FORMATS = ("fp8-block", "fp8-fnuz")
-_warned: set[str] = set()
-
-
-def _warn_once(msg: str) -> None:
-    if msg not in _warned:
-        _warned.add(msg)
-        print(f"dsv3: warning: {msg}", file=sys.stderr)
-
-
 def triton_linear(target: Target, x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     """FP8 block-scaled linear through the Triton GEMM alone (what AMD runs; NVIDIA below its cuBLAS threshold).
-    The activation is quantised per 1x128 group in the weight's FP8 dtype (fnuz's max on MI300)."""
+    The activation is quantised per 1x128 group in the weight's FP8 dtype (fnuz's max on MI300), with
+    power-of-two scales when the weight says so (`w.act_scale_fmt`, V3.1)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     m, k = x2.shape
     n = w.out_features
     cfg = gemm_config(target, m, n, k)
-    fmax = FP8_MAX[w.data.dtype]
+    fmax, ue8m0 = FP8_MAX[w.data.dtype], w.ue8m0_acts
     if m <= QUANT_IN_GEMM_MAX_M:   # quantised inside the GEMM: one launch
-        y = fp8_gemm(x2 if x2.stride(-1) == 1 else x2.contiguous(), None, w.data, w.scale, x.dtype, cfg, fp8_max=fmax)
+        y = fp8_gemm(x2 if x2.stride(-1) == 1 else x2.contiguous(), None, w.data, w.scale, x.dtype, cfg,
+                     ue8m0=ue8m0, fp8_max=fmax)
     else:
-        xq, xs = act_quant(x2, w.data.dtype)
+        xq, xs = act_quant(x2, w.data.dtype, ue8m0)
         y = fp8_gemm(xq, xs, w.data, w.scale, x.dtype, cfg, fp8_max=fmax)
     return y.view(*shape[:-1], n)
 
@@ -60,14 +51,12 @@ def make_ops(target: Target, fp8_linear=None) -> dict:
     def quantize_act(x, dtype, ue8m0):
         return act_quant(x, dtype, ue8m0)
 
+    # The fused MoE is built for FP8 experts. Unquantised ones (the cuda-bf16 profile) get the
+    # reference's per-expert loop, chosen when the model is built (dsv3.plugins.manager.plan_ops),
+    # with one warning then: correct, host-synchronising, not fast.
+    @for_weight_formats(*FP8_FORMATS)
     def moe_experts(x, topk_weights, topk_ids, experts):
-        if experts.gate.format not in FP8_FORMATS:
-            # unquantised experts (cuda-bf16 profile) are not what the fused kernel is built for: the
-            # reference's per-expert torch loop runs them (correct, host-synchronising, not fast)
-            _warn_once("moe_experts on dense weights uses the reference per-expert loop; "
-                       "weight_format fp8-block runs the fused Triton MoE")
-            return reference.moe_experts(x, topk_weights, topk_ids, experts)
-        return moe.moe_experts(target, x, topk_weights, topk_ids, experts)
+        return moe.moe_experts(target, x, topk_weights, topk_ids, experts, ue8m0=experts.gate.ue8m0_acts)
 
     return {
         # a row gather at copy bandwidth: torch's embedding kernel is already at the floor

@@ -31,7 +31,8 @@ def silu_mul(gate, up):
 
 def linear(x, w: QuantWeight):
     """int8-w8a8: quantise x per token to int8, multiply integers, rescale (what an int8 matrix unit
-    does); dense: a plain matmul."""
+    does); dense: a plain matmul. (`w.act_scale_fmt`, V3.1's power-of-two scales, concerns FP8
+    activations only: int8 keeps its per-token float scale.)"""
     CALLS["linear"] += 1
     if w.format == "dense":
         return F.linear(x, w.data.to(x.dtype))
