@@ -58,7 +58,7 @@ def test_official_config_on_80_and_141_gib(capsys):
     code, out = _plan(capsys, "--config", str(OFFICIAL), "--profile", "cuda-fp8", "--gpu-memory", "80GiB")
     assert code == 0, out.err
     assert "needs 16 GPUs (tp 16, ep 16)" in out.out
-    assert re.search(r"^\s+8\s+8\s+8\s+81\.3 GiB\s+17\.4 GiB.*no$", out.out, re.M)   # 8 x 80 GiB is too small
+    assert re.search(r"^\s+8\s+8\s+8\s+81\.3 GiB\s+0\.2 GiB\s+17\.4 GiB.*no$", out.out, re.M)   # 8 x 80 GiB is too small
     assert "71,424 bytes per token" in out.out                                     # 62 x 576 x 2
     assert "--nnodes 2" in out.out
     code, out = _plan(capsys, "--config", str(OFFICIAL), "--profile", "cuda-fp8", "--gpu-memory", "141GiB")
@@ -66,7 +66,7 @@ def test_official_config_on_80_and_141_gib(capsys):
     # a smaller cache changes the cache line, not the weights
     code, out = _plan(capsys, "--config", str(OFFICIAL), "--profile", "cuda-fp8", "--gpu-memory", "141GiB",
                       "--max-cache-tokens", "65536")
-    assert "81.3 GiB weights + 4.4 GiB latent cache" in out.out
+    assert "81.3 GiB weights + 0.2 GiB absorbed MLA weights + 4.4 GiB latent cache" in out.out
 
 
 def test_bf16_profile_and_fixed_layout(capsys):
@@ -96,3 +96,25 @@ def test_does_not_fit_and_bad_input(capsys):
 def test_parse_size():
     assert parse_size("80GiB") == 80 * GiB and parse_size("80") == 80 * GiB
     assert parse_size("96GB") == 96 * 10**9 and parse_size("141 gib") == 141 * GiB and parse_size("0.5TiB") == 512 * GiB
+
+
+def test_plan_counts_the_absorbed_mla_weights():
+    """W_UK [H/tp, 128, 512] + W_UV [H/tp, 128, 512] in bf16 per MLA layer (61 + the MTP layer): the
+    ~33.5 MB per layer decode keeps beside the checkpoint's tensors, made once the weights are loaded."""
+    cfg = ModelConfig.from_file(OFFICIAL)
+    per_layer = 128 * (128 + 128) * 512 * 2
+    assert per_layer == 33_554_432
+    for tp in (1, 8):
+        got = memory.absorbed_bytes(cfg, torch.bfloat16, True, Mesh(8, 0, tp, 8))
+        assert got == 62 * per_layer // tp
+    m = memory.rank_memory(cfg, 8, 8, 8, "fp8-block", torch.bfloat16, torch.bfloat16, 1024, 256, True)
+    assert m.absorbed == 62 * per_layer // 8 and m.total == m.weights + m.absorbed + m.cache + m.activations + m.reserve
+
+
+def test_prepared_absorbed_weights_are_kv_b_split_per_head(tmp_path):
+    from dsv3 import LLM
+    path, _ = make_checkpoint(tmp_path / "ckpt", tiny_config())
+    llm = LLM(path, backend="cpu")
+    attn = llm.model.model.layers[0].self_attn
+    kv_b = attn.kv_b_proj.qweight.data.float().view(attn.n_heads, attn.nope + attn.v_dim, attn.kv_rank)
+    assert torch.equal(attn.w_uk.float(), kv_b[:, : attn.nope]) and torch.equal(attn.w_uv.float(), kv_b[:, attn.nope:])

@@ -356,9 +356,9 @@ def build_model(registry, backend: str, layers: int, mtp: bool = False, parallel
               num_nextn_predict_layers=int(mtp))
     cfg = ModelConfig.from_hf(hf)
     ops = resolve_ops(registry, backend)
-    from dsv3.parallel.mesh import SINGLE
+    from dsv3.core.layout import SINGLE
     with torch.device(device):
-        model = DeepseekV3(cfg, ops, "fp8-block", torch.bfloat16, with_mtp=mtp, parallel=parallel or SINGLE)
+        model = DeepseekV3(cfg, ops, "fp8-block", torch.bfloat16, with_mtp=mtp, mesh=parallel or SINGLE)
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for mod in model.modules():
@@ -377,6 +377,7 @@ def build_model(registry, backend: str, layers: int, mtp: bool = False, parallel
                     p.normal_(0, 0.02, generator=g)
             elif name.endswith("e_score_correction_bias"):
                 p.normal_(0, 0.01, generator=g)
+    model.prepare_weights()
     return model, cfg, ops, dataclasses
 
 

@@ -104,8 +104,8 @@ def run(args) -> int:
           f"tokens per step")
     print(f"GPU      {_gib(gpu)}\n")
 
-    header = ("GPUs", "tp", "ep", "weights", "latent cache", "activations", "reserve", "total", "fits")
-    table = [header] + [(str(m.world), str(m.tp), str(m.ep), _gib(m.weights), _gib(m.cache), _gib(m.activations),
+    header = ("GPUs", "tp", "ep", "weights", "absorbed MLA", "latent cache", "activations", "reserve", "total", "fits")
+    table = [header] + [(str(m.world), str(m.tp), str(m.ep), _gib(m.weights), _gib(m.absorbed), _gib(m.cache), _gib(m.activations),
                          _gib(m.reserve), _gib(m.total), "yes" if m.total <= gpu else "no") for m in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     for r in table:
@@ -123,7 +123,7 @@ def run(args) -> int:
         return 1
     m = chosen
     print(f"\nneeds {m.world} GPU{'s' if m.world > 1 else ''} (tp {m.tp}, ep {m.ep}): per rank {_gib(m.weights)} "
-          f"weights + {_gib(m.cache)} latent cache + {_gib(m.activations)} activations + {_gib(m.reserve)} "
+          f"weights + {_gib(m.absorbed)} absorbed MLA weights + {_gib(m.cache)} latent cache + {_gib(m.activations)} activations + {_gib(m.reserve)} "
           f"reserve = {_gib(m.total)} of {_gib(gpu)}; the memory left would hold "
           f"{m.tokens_that_fit(gpu) - m.cache_tokens:,} more cache tokens ({m.tokens_that_fit(gpu):,} in all)")
     if m.world > 1:

@@ -702,6 +702,7 @@ def load_weights(model: DeepseekV3, ckpt: Checkpoint, progress: bool | None = No
             shown.update(u.nbytes)
     ckpt.release()
     shown.close()
+    model.prepare_weights()                # the absorbed MLA weights, from the kv_b just loaded
 
 
 class Progress:

@@ -114,13 +114,17 @@ class MLA(nn.Module):
         self.kv_b_proj = Linear(ops, cfg.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), fmt, dtype)
         self.o_proj = Linear(ops, self.n_heads * self.v_dim, cfg.hidden_size, fmt, dtype)
         self.softmax_scale = cfg.softmax_scale
-        self._absorbed = None  # (W_UK [H, nope, C], W_UV [H, v, C]) in the activation dtype, made on first decode
+        # The absorbed decode weights, kv_b split per head: W_UK [H, nope, C] and W_UV [H, v, C] in the
+        # activation dtype. Buffers, not parameters (no checkpoint tensor holds them): made from kv_b
+        # by prepare_weights() once the weights are loaded, and counted by `dsv3-run plan`.
+        self.register_buffer("w_uk", torch.empty(self.n_heads, self.nope, self.kv_rank, dtype=dtype), persistent=False)
+        self.register_buffer("w_uv", torch.empty(self.n_heads, self.v_dim, self.kv_rank, dtype=dtype), persistent=False)
 
-    def absorbed_weights(self, dtype):
-        if self._absorbed is None or self._absorbed[0].dtype != dtype:
-            w = dequantize(self.kv_b_proj.qweight, dtype).view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
-            self._absorbed = (w[:, : self.nope].contiguous(), w[:, self.nope:].contiguous())
-        return self._absorbed
+    @torch.no_grad()
+    def prepare_weights(self):
+        w = dequantize(self.kv_b_proj.qweight, self.w_uk.dtype).view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
+        self.w_uk.copy_(w[:, : self.nope])
+        self.w_uv.copy_(w[:, self.nope:])
 
     def forward(self, x, batch: Batch, cache: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         ops, t = self.ops, x.shape[0]
@@ -136,7 +140,7 @@ class MLA(nn.Module):
         out = x.new_empty(t, self.n_heads, self.v_dim)
         nd = batch.num_decode_tokens
         if nd:  # absorbed: attend in latent space over the paged cache
-            w_uk, w_uv = self.absorbed_weights(x.dtype)
+            w_uk, w_uv = self.w_uk, self.w_uv
             q_latent = torch.einsum("thn,hnc->thc", q_nope[:nd], w_uk)             # [Td, H, C]
             o_latent = ops.mla_decode(q_latent, q_rope[:nd].contiguous(), cache, batch.decode_block_table,
                                       batch.decode_context_lens, self.softmax_scale)
@@ -332,6 +336,13 @@ class DeepseekV3(nn.Module):
     @property
     def mtp(self) -> MTPLayer:
         return self.model.layers[self.cfg.num_hidden_layers]
+
+    def prepare_weights(self):
+        """What the loaded weights imply and decode needs: the absorbed MLA weights of every layer.
+        Called by the loader after every load (and by whoever writes weights another way)."""
+        for module in self.modules():
+            if isinstance(module, MLA):
+                module.prepare_weights()
 
     def rope_tables(self, device):
         if self._rope is None or self._rope[0].device != torch.device(device):

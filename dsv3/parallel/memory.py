@@ -40,6 +40,7 @@ class RankMemory:
     cache_tokens: int
     activations: int
     reserve: int = RESERVE
+    absorbed: int = 0       # the absorbed MLA weights (W_UK, W_UV per layer) made from kv_b after loading
 
     @property
     def cache(self) -> int:
@@ -47,11 +48,11 @@ class RankMemory:
 
     @property
     def total(self) -> int:
-        return self.weights + self.cache + self.activations + self.reserve
+        return self.weights + self.absorbed + self.cache + self.activations + self.reserve
 
     def tokens_that_fit(self, gpu_bytes: int) -> int:
         """Latent-cache tokens the rest of the GPU would hold (0 if weights and activations do not fit)."""
-        return max(gpu_bytes - self.weights - self.activations - self.reserve, 0) // self.cache_per_token
+        return max(gpu_bytes - self.weights - self.absorbed - self.activations - self.reserve, 0) // self.cache_per_token
 
 
 def _meta_model(cfg: ModelConfig, weight_format: str, dtype: torch.dtype, with_mtp: bool, mesh: Mesh):
@@ -60,6 +61,12 @@ def _meta_model(cfg: ModelConfig, weight_format: str, dtype: torch.dtype, with_m
     from dsv3.core.ops import Ops
     with torch.device("meta"):
         return DeepseekV3(cfg, Ops.from_mapping(OPS, {}), weight_format, dtype, with_mtp=with_mtp, mesh=mesh)
+
+
+def absorbed_bytes(cfg: ModelConfig, dtype: torch.dtype, with_mtp: bool, mesh: Mesh) -> int:
+    """Bytes of what this rank makes from its loaded weights: the absorbed MLA weights W_UK, W_UV
+    (H/tp x (nope + v) x C per layer in the activation dtype; ~33.5 MB per layer for V3 at tp 1)."""
+    return sum(b.numel() * b.element_size() for b in _meta_model(cfg, "dense", dtype, with_mtp, mesh).buffers())
 
 
 def weight_bytes(cfg: ModelConfig, weight_format: str, dtype: torch.dtype, with_mtp: bool, mesh: Mesh) -> int:
@@ -118,7 +125,8 @@ def rank_memory(cfg: ModelConfig, world: int, tp: int, ep: int, weight_format: s
     mesh = Mesh(world, 0, tp, ep)    # layout only: no process group
     return RankMemory(world, tp, ep, weight_bytes(cfg, weight_format, dtype, with_mtp, mesh),
                       cache_bytes_per_token(cfg, with_mtp, cache_dtype), cache_tokens,
-                      activation_bytes(cfg, mesh, dtype, batch_tokens))
+                      activation_bytes(cfg, mesh, dtype, batch_tokens),
+                      absorbed=absorbed_bytes(cfg, dtype, with_mtp, mesh))
 
 
 # -- before loading: refuse what this device cannot hold, naming the key that makes it large ----------
@@ -173,7 +181,8 @@ def check_fits(cfg: ModelConfig, profile, device: torch.device, weight_format: s
     kv = profile.kv_cache
     cache_dtype = dtype if kv.dtype == "auto" else getattr(torch, kv.dtype)
     parts = {label: 0 for _, label, _ in _PARTS}
-    for name, p in _meta_model(cfg, weight_format, dtype, with_mtp, layout).named_parameters():
+    model = _meta_model(cfg, weight_format, dtype, with_mtp, layout)
+    for name, p in [*model.named_parameters(), *model.named_buffers()]:   # buffers: the absorbed MLA weights
         label = next(label for pattern, label, _ in _PARTS if pattern.search(name))
         parts[label] += p.numel() * p.element_size()
     rope = 2 * cfg.max_position_embeddings * (cfg.qk_rope_head_dim // 2) * 4   # cos, sin float32 tables

@@ -62,7 +62,7 @@ class _GraphSet:
         static_extra = None if extra is None else torch.zeros(bucket, extra.shape[-1], dtype=extra.dtype, device=dev)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):          # warm-up: compiles kernels, builds absorbed weights
+        with torch.cuda.stream(stream):          # warm-up: compiles kernels
             for _ in range(2):
                 self.fn(static, caches, static_extra)
         torch.cuda.current_stream().wait_stream(stream)
