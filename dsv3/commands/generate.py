@@ -24,25 +24,64 @@ def configure(p):
     g.add_argument("--max-new-tokens", type=int, default=64,
                    help="tokens to generate at most (default 64); prompt + this must fit the model's context "
                         "and the latent cache")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="0 = no limit")
-    g.add_argument("--seed", type=int, help="sampling seed (per prompt: seed + index)")
+    g.add_argument("--temperature", type=float, help="0 = greedy (default: the checkpoint's generation_config.json, "
+                   "else greedy)")
+    g.add_argument("--top-p", type=float, help="default: generation_config.json's, else 1")
+    g.add_argument("--top-k", type=int, help="0 = no limit (default: generation_config.json's, else 0)")
+    g.add_argument("--seed", type=int, help="sampling seed (per prompt: seed + index; per choice of --n: derived "
+                   "from that and the choice's index)")
     g.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    g.add_argument("--stop-token-id", dest="stop_token_ids", type=int, action="append", default=[], metavar="ID",
+                   help="stop at this token id, like EOS (repeatable)")
+    g.add_argument("--n", type=int, default=1, help="completions per prompt (the prompt is computed once)")
+    g.add_argument("--logprobs", type=int, metavar="N", help="print each generated token's logprob and its N most "
+                   "likely alternatives (0-20; of the distribution sampled from); stderr for --prompt, a "
+                   "\"logprobs\" key in JSONL")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's: minus this from tokens already "
+                   "generated ([-2, 2])")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's: minus this times each token's "
+                   "count in the output ([-2, 2])")
+    g.add_argument("--repetition-penalty", type=float, help="HF's: logits of tokens in the prompt or output divided "
+                   "(if > 0) or multiplied by this (1 = none; default: generation_config.json's, else 1)")
+    g.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
+                   help="add BIAS ([-100, 100]) to token ID's logit (repeatable)")
+    g.add_argument("--min-tokens", type=int, default=0, help="no EOS or stop token id before this many tokens")
     g.add_argument("--verbose", action="store_true", help="print speed and speculative-decoding metrics (stderr)")
     p.set_defaults(func=run)
 
 
 def _params(args) -> dict:
+    """generate_ids() keywords; None sampling values take the checkpoint's generation_config.json."""
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, seed=args.seed, stop=args.stop)
+                top_k=args.top_k, seed=args.seed, stop=args.stop, n=args.n, logprobs=args.logprobs,
+                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                repetition_penalty=args.repetition_penalty, logit_bias=_logit_bias(args.logit_bias),
+                min_tokens=args.min_tokens, stop_token_ids=args.stop_token_ids)
+
+
+def _logit_bias(items: list[str]) -> dict[int, float]:
+    out = {}
+    for item in items:
+        token, sep, bias = item.partition("=")
+        try:
+            out[int(token)] = float(bias)
+        except ValueError:
+            raise RequestError(f"--logit-bias {item!r}: write TOKEN_ID=BIAS, e.g. --logit-bias 1234=-100") from None
+        if not sep:
+            raise RequestError(f"--logit-bias {item!r}: write TOKEN_ID=BIAS, e.g. --logit-bias 1234=-100")
+    return out
 
 
 def _check_params(args) -> None:
     """Bad sampling flags fail before the model loads (the same checks the engine makes)."""
     from dsv3.core.sampling import SamplingParams
+    if args.n < 1:
+        raise RequestError(f"--n {args.n}: must be >= 1")
+    given = {k: v for k, v in _params(args).items() if v is not None and k != "n"}
+    given.update(stop=tuple(args.stop), stop_token_ids=tuple(args.stop_token_ids),
+                 logit_bias=tuple(given["logit_bias"].items()))
     try:
-        SamplingParams(**{**_params(args), "stop": tuple(args.stop)})
+        SamplingParams(**given)
     except RequestError as e:
         key, _, rest = str(e).partition(" ")
         raise RequestError(f"--{key.replace('_', '-')} {rest}") from None
@@ -74,6 +113,8 @@ def run(args) -> int:
     _check_params(args)
     if args.output_format and not args.input_file:
         raise Dsv3Error("--output-format applies to --input-file")
+    if args.interactive and (args.n != 1 or args.logprobs is not None):
+        raise Dsv3Error("--n and --logprobs apply to --prompt and --input-file, not --interactive")
     prompts = _read_prompts(args.input_file) if args.input_file else None
     llm = build_llm(args)
     if args.interactive:
@@ -84,9 +125,18 @@ def run(args) -> int:
         prompt = args.prompt if args.prompt is not None else "The Zen of Python:"
         ids = llm._tokenizer().encode(prompt)
         check_fits(llm, len(ids), args.max_new_tokens)      # before anything is printed
-        sys.stdout.write(prompt)
-        llm.generate_ids([ids], on_output=lambda i, out: _write(out.delta), **_params(args))
-        sys.stdout.write("\n")
+        choices = _params(args)["n"]
+        if choices == 1:        # streamed as it is generated
+            sys.stdout.write(prompt)
+            _, texts = llm.generate_ids([ids], on_output=lambda i, out: _write(out.delta), **_params(args))
+            sys.stdout.write("\n")
+        else:
+            _, texts = llm.generate_ids([ids], **_params(args))
+            for j, text in enumerate(texts):
+                sys.stdout.write(f"--- choice {j}\n{prompt}{text}\n")
+        if args.logprobs is not None:
+            for j, text in enumerate(texts):
+                _print_logprobs(llm, text, f"choice {j}: " if choices > 1 else "")
         code = 0
     if args.verbose:
         _report(llm)
@@ -128,15 +178,34 @@ def _complete_file(llm, args, records: list[tuple[int, dict]]) -> int:
     for (n, _), p in zip(records, ids):        # every prompt is checked before any is run
         check_fits(llm, len(p), args.max_new_tokens, f"--input-file {args.input_file} line {n}: the prompt")
     _, texts = llm.generate_ids(ids, **_params(args))
-    for (_, r), p, text in zip(records, ids, texts):
+    n = args.n
+    for k, text in enumerate(texts):           # prompt k // n, choice k % n
+        (_, r), p = records[k // n], ids[k // n]
         if jsonl:
             out = dict(r)
+            if n > 1:
+                out["choice"] = k % n
             out.update(completion=str(text), finish_reason=text.finish_reason, prompt_tokens=len(p),
                        completion_tokens=len(text.token_ids))
+            if args.logprobs is not None:
+                out["logprobs"] = _logprob_records(llm, text)
             print(json.dumps(out, ensure_ascii=False))
         else:
             print(text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r"))
     return 0
+
+
+def _logprob_records(llm, text) -> list[dict]:
+    """One {"token", "logprob", "top_logprobs": {token: logprob}} per generated token."""
+    tok = llm._tokenizer()
+    return [{"token": tok.decode([t]), "logprob": lp, "top_logprobs": {tok.decode([i]): v for i, v in zip(ids, vals)}}
+            for t, (lp, ids, vals) in zip(text.token_ids, text.logprobs or [])]
+
+
+def _print_logprobs(llm, text, label: str) -> None:
+    for rec in _logprob_records(llm, text):
+        alts = "  ".join(f"{t!r} {v:.4f}" for t, v in rec["top_logprobs"].items())
+        print(f"{label}{rec['token']!r}\t{rec['logprob']:.4f}\t{alts}", file=sys.stderr)
 
 
 def _write(text: str) -> None:

@@ -44,7 +44,7 @@ POLL_MS = 200
 def _event_to_wire(event) -> list:
     if isinstance(event, Delta):
         return ["delta", event.text, event.num_tokens, event.finish_reason, event.prompt_tokens,
-                event.completion_tokens, event.cached_tokens]
+                event.completion_tokens, event.cached_tokens, event.logprobs, event.prompt_logprobs]
     if isinstance(event, Failed):
         return ["failed", event.status, event.message, event.type, event.code]
     return ["accepted"]
@@ -148,15 +148,23 @@ class EngineProcess:
         return 0.0 if started == 0.0 else time.time() - started
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Handle:
-        h = Handle(prompt_ids, params, asyncio.get_running_loop())
-        rid = next(self._ids)
-        h.seq, h.rid = None, rid
-        self._handles[rid] = h
+        return self.submit_choices(prompt_ids, [params])[0]
+
+    def submit_choices(self, prompt_ids: list[int], params: list[SamplingParams]) -> list[Handle]:
+        """One handle per choice of one prompt (n > 1: the engine computes the prompt once)."""
+        loop = asyncio.get_running_loop()
+        handles = []
+        for p in params:
+            h = Handle(prompt_ids, p, loop)
+            h.seq, h.rid = None, next(self._ids)
+            self._handles[h.rid] = h
+            handles.append(h)
         if self._dead:
-            h.events.put_nowait(Failed(503, self.exit_message or "the engine has stopped", "server_error"))
+            for h in handles:
+                h.events.put_nowait(Failed(503, self.exit_message or "the engine has stopped", "server_error"))
         else:
-            self._send(["add", rid, list(prompt_ids), params])
-        return h
+            self._send(["add", [h.rid for h in handles], list(prompt_ids), list(params)])
+        return handles
 
     def abort(self, h: Handle) -> None:
         if not h.done and self._handles.pop(h.rid, None) is not None:
@@ -308,12 +316,14 @@ def _engine_main(build, build_args, warm_up, cmd_addr, evt_addr, step_started, p
             continue
         msg = _decode(commands.recv())
         kind = msg[0]
-        if kind == "add":
-            params = _decode_params(_encode(msg[3]))
-            h = Handle(msg[2], params, None)
-            h.rid, h.deliver = msg[1], deliver
-            handles[h.rid] = h
-            worker.put(("add", h))
+        if kind == "add":          # one prompt's choices
+            group = []
+            for rid, p in zip(msg[1], msg[3]):
+                h = Handle(msg[2], _decode_params(_encode(p)), None)
+                h.rid, h.deliver = rid, deliver
+                handles[h.rid] = h
+                group.append(h)
+            worker.put(("add", group))
         elif kind == "abort":
             h = handles.pop(msg[1], None)
             if h is not None:

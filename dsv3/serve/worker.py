@@ -44,6 +44,8 @@ class Delta:
     prompt_tokens: int = 0          # the usage fields are filled on the final delta
     completion_tokens: int = 0
     cached_tokens: int = 0
+    logprobs: list | None = None    # a [token, logprob, top ids, top logprobs] per new token, when asked for
+    prompt_logprobs: list | None = None   # on the first delta with tokens, when asked for (echo)
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class Handle:
         self.aborted = False
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
+        self.sent_prompt_logprobs = False
 
     def _send(self, event) -> None:
         self.deliver([(self, event)])
@@ -119,9 +122,14 @@ class EngineWorker:
         return 0.0 if started is None else time.monotonic() - started
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Handle:
-        h = Handle(prompt_ids, params, asyncio.get_running_loop())
-        self._commands.put(("add", h))
-        return h
+        return self.submit_choices(prompt_ids, [params])[0]
+
+    def submit_choices(self, prompt_ids: list[int], params: list[SamplingParams]) -> list[Handle]:
+        """One handle per choice of one prompt (n > 1: Engine.add_choices computes the prompt once)."""
+        loop = asyncio.get_running_loop()
+        handles = [Handle(prompt_ids, p, loop) for p in params]
+        self._commands.put(("add", handles))
+        return handles
 
     def put(self, command: tuple) -> None:
         """Queue a command ("add", handle) / ("abort", handle) / ("stop", None) from any thread."""
@@ -195,28 +203,36 @@ class EngineWorker:
         if kind == "stop":
             self._stopping = True
             self._replay.append(("stop",))
-        elif kind == "add":
-            if h.aborted:
+        elif kind == "add":          # h: the handles of one prompt's choices
+            handles = [x for x in h if not x.aborted]
+            if not handles:
                 return
-            if self.mesh is not None and not h.params.greedy and h.params.seed is None:
-                # every rank must sample alike: draw the seed here and send it with the request
-                h.params = dataclasses.replace(h.params, seed=secrets.randbits(62))
+            for x in handles:
+                if self.mesh is not None and not x.params.greedy and x.params.seed is None:
+                    # every rank must sample alike: draw the seed here and send it with the request
+                    x.params = dataclasses.replace(x.params, seed=secrets.randbits(62))
+            failed = None
             try:
-                h.seq = self.engine.add(h.prompt_ids, h.params)
+                prompt = handles[0].prompt_ids
+                seqs = ([self.engine.add(prompt, handles[0].params)] if len(handles) == 1
+                        else self.engine.add_choices(prompt, [x.params for x in handles]))
             except QueueFullError as e:
-                h._send(Failed(503, f"the server is overloaded: {e}", "server_error", "overloaded"))
-                return
+                failed = Failed(503, f"the server is overloaded: {e}", "server_error", "overloaded")
             except RequestError as e:
-                h._send(Failed(400, str(e)))
-                return
+                failed = Failed(400, str(e))
             except Exception as e:  # noqa: BLE001 - this request alone is refused; the engine goes on
                 log.exception("engine.add failed")
-                h._send(Failed(500, f"internal error admitting the request ({type(e).__name__}: {e})",
-                                       "server_error"))
+                failed = Failed(500, f"internal error admitting the request ({type(e).__name__}: {e})", "server_error")
+            if failed is not None:
+                for x in handles:
+                    x._send(failed)
                 return
-            self._active[h.seq.id] = h
-            self._replay.append(("add", h.seq.id, h.prompt_ids, h.params))
-            h._send(Accepted())         # refusals above are counted once, by the HTTP layer
+            for x, seq in zip(handles, seqs):
+                x.seq = seq
+                self._active[seq.id] = x
+            self._replay.append(("add", [s.id for s in seqs], handles[0].prompt_ids, [x.params for x in handles]))
+            for x in handles:
+                x._send(Accepted())     # refusals above are counted once, by the HTTP layer
         elif kind == "abort":
             h.aborted = True
             if h.seq is not None and not h.seq.finished and self._active.pop(h.seq.id, None) is not None:
@@ -256,15 +272,22 @@ class EngineWorker:
                     500, f"internal error while generating this request ({out.error}); it was dropped, the "
                          f"server serves on", "server_error")))
                 continue
+            logprobs = ([[t, *e] for t, e in zip(out.new_tokens, out.new_logprobs)]
+                        if s.params.logprobs is not None else None)    # [token, logprob, top ids, top logprobs]
+            prompt_logprobs = s.prompt_logprobs if s.params.prompt_logprobs is not None else None
+            if h.sent_prompt_logprobs:
+                prompt_logprobs = None
             if out.finished:
                 del self._active[s.id]
                 self.metrics.requests.labels(s.finish_reason).inc()
                 self.metrics.e2e.observe(now - h.arrival)
-                ev = Delta(out.delta, n, s.finish_reason, s.prompt_len, len(s.output_ids), s.num_prefix_cached)
+                ev = Delta(out.delta, n, s.finish_reason, s.prompt_len, len(s.output_ids), s.num_prefix_cached,
+                           logprobs, prompt_logprobs)
             elif out.delta or n:
-                ev = Delta(out.delta, n)
+                ev = Delta(out.delta, n, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
             else:
                 continue
+            h.sent_prompt_logprobs = True       # on the request's first event only
             sends.append((h, ev))
         if sends:
             sends[0][0].deliver(sends)       # every handle of one worker delivers the same way
@@ -285,7 +308,8 @@ def follow(engine: Engine, mesh) -> None:
     while True:
         for entry in broadcast(mesh, None):
             if entry[0] == "add":
-                seqs[entry[1]] = engine.add(entry[2], entry[3])
+                for rank0_id, seq in zip(entry[1], engine.add_choices(entry[2], entry[3])):
+                    seqs[rank0_id] = seq
             elif entry[0] == "abort":
                 s = seqs.pop(entry[1], None)
                 if s is not None and not s.finished:
