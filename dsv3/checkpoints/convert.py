@@ -51,7 +51,7 @@ import torch
 from dsv3.core.config import ModelConfig
 from dsv3.core.errors import Dsv3Error
 from dsv3.core.loader import (INDEX_FILE, MODELSLIM_DESCRIPTION, PICKLE_SUFFIXES, Checkpoint, Progress, RawWeight,
-                              check_unused, convert_into, has_mtp, plan_load, read_weight)
+                              check_unused, convert_into, has_mtp, parse_expert_tensor_name, plan_load, read_weight)
 from dsv3.core.weights import BLOCK, QuantWeight, dequantize, scale_shape
 
 TARGETS = ("bf16", "fp8-block", "fp8-fnuz", "int8-w8a8")
@@ -112,8 +112,9 @@ class _Job:
 
 def tensor_class(name: str) -> str:
     """Group tensors for the report: layer and expert indices dropped, `.weight` stripped."""
+    if expert := parse_expert_tensor_name(name):
+        name = f"{expert[0]}.{expert[2]}.{expert[3]}"
     name = re.sub(r"^model\.layers\.\d+\.", "layers.", name)
-    name = re.sub(r"\.experts\.\d+\.", ".experts.", name)
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
 

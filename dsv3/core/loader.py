@@ -45,7 +45,35 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 MODELSLIM_DESCRIPTION = "quant_model_description.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# The checkpoint stores routed experts one by one, `<layer>.mlp.experts.<e>.<proj>.<tensor>`; the model
+# stacks them, `<layer>.mlp.experts.<proj>.<tensor>` with the expert as the leading dim. This is the one
+# place that naming rule lives (the loader, the parallel slicer and the converter's report use it).
+EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(.+)$")
+_STACKED_EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)\.(.+)$")
+
+
+def expert_prefix(experts: str, expert: int, proj: str) -> str:
+    """The checkpoint prefix of one expert's projection: experts `model.layers.3.mlp.experts`, expert
+    17, proj `up_proj` -> `model.layers.3.mlp.experts.17.up_proj` (+ `.weight`, `.weight_scale_inv`)."""
+    return f"{experts}.{expert}.{proj}"
+
+
+def expert_tensor_name(experts: str, expert: int, proj: str, tensor: str = "weight") -> str:
+    return f"{expert_prefix(experts, expert, proj)}.{tensor}"
+
+
+def parse_expert_tensor_name(name: str) -> tuple[str, int, str, str] | None:
+    """`...mlp.experts.17.up_proj.weight` -> ("...mlp.experts", 17, "up_proj", "weight"); None if not a
+    routed expert's tensor."""
+    m = _EXPERT.match(name)
+    return (m.group(1), int(m.group(2)), m.group(3), m.group(4)) if m else None
+
+
+def parse_stacked_expert_name(name: str) -> tuple[str, str, str] | None:
+    """The model's stacked name `...mlp.experts.up_proj.weight` -> ("...mlp.experts", "up_proj", "weight")."""
+    m = _STACKED_EXPERTS.match(name)
+    return (m.group(1), m.group(2), m.group(3)) if m else None
 # bits per element of each safetensors dtype (F4 packs two per byte)
 _DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E4M3FNUZ": 8,
                "F8_E5M2FNUZ": 8, "F8_E8M0": 8, "F4": 4, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
@@ -590,7 +618,7 @@ def plan_load(model: DeepseekV3, ckpt: Checkpoint, slicer: Slicer | None = None)
         if lin.weight.dim() == 3:   # stacked experts: checkpoint has experts.{e}.<proj>
             experts = model.get_submodule(prefix.rsplit(".", 1)[0])
             base, proj = prefix.rsplit(".", 1)
-            targets = [(f"{base}.{experts.first_expert + e}.{proj}", e) for e in range(lin.weight.shape[0])]
+            targets = [(expert_prefix(base, experts.first_expert + e, proj), e) for e in range(lin.weight.shape[0])]
         else:
             targets = [(prefix, None)]
         for src_prefix, e in targets:
@@ -639,8 +667,8 @@ def _not_held(model: DeepseekV3, num_layers: int) -> Callable[[str], bool]:
             return True
         if not model.has_mtp and name.startswith(f"model.layers.{num_layers}."):
             return True
-        m = _EXPERT.match(name)
-        return bool(m and m.group(1) in held and int(m.group(2)) not in held[m.group(1)])
+        expert = parse_expert_tensor_name(name)
+        return bool(expert and expert[0] in held and expert[1] not in held[expert[0]])
     return skippable
 
 
@@ -745,11 +773,11 @@ def expected_tensors(model: DeepseekV3) -> dict[str, tuple[list[int], torch.dtyp
     """Checkpoint name -> (shape, dtype) this model reads: the official layout, experts unstacked."""
     out = {}
     for name, p in model.state_dict(keep_vars=True).items():
-        m = re.match(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)\.(.+)$", name)
-        if m:
-            first = model.get_submodule(m.group(1)).first_expert
+        if stacked := parse_stacked_expert_name(name):
+            experts, proj, tensor = stacked
+            first = model.get_submodule(experts).first_expert
             for e in range(p.shape[0]):
-                out[f"{m.group(1)}.{first + e}.{m.group(2)}.{m.group(3)}"] = (list(p.shape[1:]), p.dtype)
+                out[expert_tensor_name(experts, first + e, proj, tensor)] = (list(p.shape[1:]), p.dtype)
         else:
             out[name] = (list(p.shape), p.dtype)
     return out

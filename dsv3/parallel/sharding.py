@@ -13,8 +13,9 @@ from typing import Callable
 
 from dsv3.core.config import ModelConfig
 from dsv3.core.errors import ProfileError
-from dsv3.core.weights import BLOCK
 from dsv3.core.layout import Mesh
+from dsv3.core.loader import parse_expert_tensor_name
+from dsv3.core.weights import BLOCK
 
 BLOCK_FORMATS = ("fp8-block", "fp8-fnuz")
 
@@ -85,7 +86,6 @@ def check_layout(cfg: ModelConfig, mesh: Mesh, checkpoint_format: str, source: s
 
 
 _ATTN = re.compile(r"\.self_attn\.(q_proj|q_b_proj|kv_b_proj|o_proj)\.weight$")
-_EXPERT = re.compile(r"\.mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.weight$")
 _MLP = re.compile(r"\.mlp\.(shared_experts\.)?(gate_proj|up_proj|down_proj)\.weight$")
 _VOCAB = re.compile(r"(^|\.)(embed_tokens|lm_head|shared_head\.head)\.weight$")
 
@@ -107,10 +107,10 @@ def slicer(cfg: ModelConfig, mesh: Mesh) -> Callable[[str, tuple[int, ...]], tup
                 return None
             n = per_head[m.group(1)]
             return rows_or_cols(m.group(1), h0 * n, h1 * n)
-        if m := _EXPERT.search(name):
+        if (expert := parse_expert_tensor_name(name)) and expert[3] == "weight":
             if mesh.moe_tp == 1:
                 return None
-            return rows_or_cols(m.group(1), *mesh.expert_inter_range(cfg.moe_intermediate_size))
+            return rows_or_cols(expert[2], *mesh.expert_inter_range(cfg.moe_intermediate_size))
         if m := _MLP.search(name):
             if mesh.tp == 1:
                 return None
