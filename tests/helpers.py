@@ -39,11 +39,11 @@ CHAT_TEMPLATES = {
 }
 
 
-def make_chat_checkpoint(path, family: str, seed=0, std=0.1, corpus=None):
+def make_chat_checkpoint(path, family: str, seed=0, std=0.1, corpus=None, **config_changes):
     """A random checkpoint whose tokenizer carries `family`'s chat template ("v3", "r1", "v3.1") and
     DeepSeek's markers as the released tokenizers have them (tool-call and reasoning markers, not
     special, so they stay in decoded text); returns the path."""
-    hf_config = tiny_config()
+    hf_config = tiny_config(**config_changes)
     weights = random_weights(ModelConfig.from_hf(hf_config), seed, std=std)
     write_checkpoint(path, hf_config, to_checkpoint_format(weights, "dense", torch.float32))
     write_tokenizer(path, hf_config["vocab_size"], corpus or CORPUS, chat_template=CHAT_TEMPLATES[family](),

@@ -97,6 +97,25 @@ def test_random_walks_through_a_schema_always_give_valid_json(tok, compiler):
         assert ended, (seed, text)
         value = json.loads(text)                  # strict: raw control characters in strings are refused
         jsonschema.validate(value, SCHEMA)
+        assert "\ufffd" not in text                # every byte sequence was UTF-8
+
+
+def test_strings_are_json_and_utf8(tok, compiler):
+    """Two holes in xgrammar 0.2.9's string grammars, closed in grammar.py: length-bounded strings
+    took raw control characters, and all strings took UTF-8-encoded surrogates (which decode to three
+    replacement characters each, so the string came back longer than maxLength)."""
+    schema = {"type": "object", "properties": {"short": {"type": "string", "maxLength": 12},
+                                               "free": {"type": "string"}}, "required": ["short", "free"]}
+    spec = G.json_schema(schema)
+    seed = random.randrange(2**31)
+    rng = torch.Generator().manual_seed(seed)
+    for _ in range(60):
+        out, ended = walk(compiler, spec, rng, steps=150)
+        if not ended:                             # the free string may run long
+            continue
+        text = tok.decode(out)
+        assert "\ufffd" not in text, (seed, text)
+        jsonschema.validate(json.loads(text), schema)
 
 
 def test_json_object_walks_give_objects(tok, compiler):

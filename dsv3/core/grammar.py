@@ -90,11 +90,20 @@ def check(spec: GrammarSpec) -> None:
     _grammar(spec)
 
 
-# xgrammar 0.2.9 writes the characters of a length-bounded JSON string (maxLength) as this class, which
-# admits the raw control characters U+0000-U+001F that JSON forbids inside strings (its unbounded
-# strings exclude them). The grammar goes through its EBNF text, where the class is narrowed.
-_BOUNDED_STRING_CHAR = r'[^\"\\\r\n]'
-_JSON_STRING_CHAR = r'[^\0-\x1f\"\\]'
+# Two fixes to the JSON-string character classes of xgrammar 0.2.9's grammars, made in their EBNF text:
+# a length-bounded string (maxLength) admits the raw control characters U+0000-U+001F that JSON forbids
+# in strings, and every string admits the UTF-8 encodings of surrogates (U+D800-U+DFFF), which are not
+# UTF-8 (they decode to replacement characters, so a 10-character string can come back longer).
+_STRING_CHARS = {
+    r'[^\"\\\r\n]': r'[^\0-\x1f\"\\\uD800-\uDFFF]',                   # bounded strings
+    r'[^\0-\x1f\"\\\r\n]': r'[^\0-\x1f\"\\\r\n\uD800-\uDFFF]',       # unbounded strings
+}
+
+
+def _json_strings_fixed(ebnf: str) -> str:
+    for broken, fixed in _STRING_CHARS.items():
+        ebnf = ebnf.replace(broken, fixed)
+    return ebnf
 
 
 def _grammar(spec: GrammarSpec):
@@ -109,7 +118,7 @@ def _grammar(spec: GrammarSpec):
             raise RequestError(f"unknown grammar kind {spec.kind!r}; use json_schema or structural_tag")
     except (RuntimeError, ValueError) as e:
         raise RequestError(f"the JSON schema cannot be enforced: {_xgrammar_message(e)}") from None
-    return xgr.Grammar.from_ebnf(str(grammar).replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR))
+    return xgr.Grammar.from_ebnf(_json_strings_fixed(str(grammar)))
 
 
 def _xgrammar_message(e: Exception) -> str:

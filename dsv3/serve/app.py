@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import hmac
 import json
 import time
@@ -26,8 +27,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from dsv3.core.errors import RequestError
-from dsv3.core.sampling import SamplingParams
+from dsv3.core.sampling import SamplingParams, choice_seed, generation_defaults
 from dsv3.core.tokenizer import TemplateLimitError, Tokenizer
+from dsv3.serve import chat as chat_requests
 from dsv3.serve import protocol as P
 from dsv3.serve.worker import Accepted, Failed
 
@@ -62,6 +64,25 @@ with contextlib.suppress(OSError, AttributeError, TypeError):
 
 class _Disconnected:
     """Put in a request's event queue when its client goes away."""
+
+
+class _Tagged:
+    """A choice's event queue as the engine side sees it: its events go, with its index, into the
+    queue that all choices of a request share."""
+
+    def __init__(self, queue: asyncio.Queue, index: int):
+        self._queue, self._index = queue, index
+
+    def put_nowait(self, event) -> None:
+        self._queue.put_nowait((self._index, event))
+
+
+def _merge(a: dict, b: dict) -> dict:
+    """Two stream deltas as one: text fields joined, tool_calls lists concatenated."""
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = out[key] + value if key in out else value
+    return out
 
 
 def _error(e: P.APIError, metrics=None) -> JSONResponse:
@@ -103,6 +124,7 @@ def create_app(model: ServedModel, worker, options: ServeOptions) -> Starlette:
     # tokens: refused before it is tokenized (which costs seconds and hundreds of MB for megabytes).
     max_prompt_bytes = (max_prompt + 1) * tok.max_token_bytes
     created = int(time.time())
+    defaults = generation_defaults(model.path)     # the checkpoint's sampling values, for unset fields
     # Tokenizing and template rendering run off the event loop, on threads of their own: a slow one
     # (a long prompt, a template at its time bound) never delays the engine's events or other requests.
     tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dsv3-tokenize")
@@ -168,12 +190,25 @@ def create_app(model: ServedModel, worker, options: ServeOptions) -> Starlette:
             raise P.APIError(400, f"this model's context is {context} tokens, but {prompt_len} prompt tokens + "
                                   f"max_tokens {max_tokens} exceed it; lower max_tokens to at most {room}",
                              param="max_tokens", code="context_length_exceeded")
-        top_k = req.top_k if req.top_k not in (None, -1) else 0
+        # unset sampling values: the checkpoint's generation_config.json, else OpenAI's defaults
+        temperature = req.temperature if req.temperature is not None else defaults.get("temperature", 1.0)
+        top_p = req.top_p if req.top_p is not None else defaults.get("top_p", 1.0)
+        top_k = req.top_k if req.top_k is not None else defaults.get("top_k", 0)
+        repetition = req.repetition_penalty if req.repetition_penalty is not None else defaults.get(
+            "repetition_penalty", 1.0)
+        bias, stop_ids = req.logit_bias_pairs(), tuple(req.stop_token_ids or ())
+        for key, ids in (("logit_bias", [t for t, _ in bias]), ("stop_token_ids", stop_ids)):
+            bad = [t for t in ids if not 0 <= t < model.vocab_size]
+            if bad:
+                raise P.APIError(400, f"{key}: token id {bad[0]} is outside the vocabulary [0, {model.vocab_size})",
+                                 param=key)
         try:
             return SamplingParams(
-                max_new_tokens=max_tokens or room, temperature=1.0 if req.temperature is None else req.temperature,
-                top_p=1.0 if req.top_p is None else req.top_p, top_k=top_k, seed=req.seed,
-                stop=P.stop_list(req.stop), ignore_eos=req.ignore_eos)
+                max_new_tokens=max_tokens or room, temperature=temperature, top_p=top_p,
+                top_k=0 if top_k == -1 else top_k, seed=req.seed, stop=P.stop_list(req.stop),
+                ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty, repetition_penalty=repetition, logit_bias=bias,
+                min_tokens=req.min_tokens, stop_token_ids=stop_ids)
         except RequestError as e:
             raise P.APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
 
@@ -188,78 +223,170 @@ def create_app(model: ServedModel, worker, options: ServeOptions) -> Starlette:
             pass
         h.events.put_nowait(_Disconnected())
 
-    async def submit(prompt_ids: list[int], params: SamplingParams):
-        h = worker.submit(prompt_ids, params)
-        first = await h.events.get()
-        if isinstance(first, Failed):
-            raise P.APIError(first.status, first.message, first.type, code=first.code)
-        assert isinstance(first, Accepted)
-        return h
-
-    async def events(request: Request, h):
-        """The request's engine events until the final one; aborts the request if the client leaves."""
-        watcher = asyncio.create_task(watch_disconnect(request, h))
+    async def submit_all(prompts: list[list[int]], params: list[list[SamplingParams]]) -> list:
+        """Queue every choice of every prompt; a refusal of any aborts the others and is the answer."""
+        handles = []
         try:
-            while True:
-                ev = await h.events.get()
+            for ids, choices in zip(prompts, params):
+                group = worker.submit_choices(ids, choices)
+                handles += group
+                for h in group:
+                    first = await h.events.get()
+                    if isinstance(first, Failed):
+                        raise P.APIError(first.status, first.message, first.type, code=first.code)
+                    assert isinstance(first, Accepted)
+        except BaseException:
+            for h in handles:
+                worker.abort(h)
+            raise
+        return handles
+
+    async def merged_events(request: Request, handles: list):
+        """(choice index, event) of every choice until each has had its final one; all are aborted if
+        the client leaves or one of them fails."""
+        queue: asyncio.Queue = asyncio.Queue()
+        for k, h in enumerate(handles):
+            held, h.events = h.events, _Tagged(queue, k)
+            while not held.empty():          # what arrived before the swap (no await in between)
+                queue.put_nowait((k, held.get_nowait()))
+        watcher = asyncio.create_task(watch_disconnect(request, handles[0]))
+        remaining = len(handles)
+        try:
+            while remaining:
+                k, ev = await queue.get()
                 if isinstance(ev, _Disconnected):
                     return
+                if isinstance(ev, Failed) or ev.finish_reason is not None:
+                    handles[k].done = True
+                    remaining -= 1
+                yield k, ev
                 if isinstance(ev, Failed):
-                    h.done = True
-                    yield ev
-                    return
-                if ev.finish_reason is not None:
-                    h.done = True
-                yield ev
-                if h.done:
                     return
         finally:
             watcher.cancel()
-            worker.abort(h)          # no-op when finished; frees the blocks of an abandoned request
+            for h in handles:
+                worker.abort(h)      # no-op when finished; frees the blocks of an abandoned choice
 
     def sse(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    async def generate(request: Request, req, prompt_ids: list[int], chat: bool) -> Response:
+    async def generate(request: Request, req, prompt_ids: list, chat: bool, output=None, grammar=None,
+                       new_output=None, prompt_texts: list | None = None) -> Response:
+        """`prompt_ids`: a chat's prompt ids, or a list of completion prompts' ids (`prompt_texts`:
+        their text where given as text, for echo). n choices per prompt; choice j of prompt i is
+        `index` i * n + j, its seed derived from (seed, j). `output` (a ChatOutput) reads a chat answer
+        back into reasoning, content and tool calls (`new_output()` makes one for each further
+        choice); `grammar` constrains it (structured output, a required tool call)."""
+        prompts = [prompt_ids] if chat else prompt_ids
+        n = req.n
         max_tokens = req.max_completion_tokens if chat and req.max_completion_tokens is not None else req.max_tokens
-        params = sampling(req, len(prompt_ids), max_tokens)
-        h = await submit(prompt_ids, params)
+        logprobs = ((req.top_logprobs or 0) if req.logprobs else None) if chat else req.logprobs
+        echo = not chat and req.echo
+        params = []
+        for ids in prompts:
+            base = dataclasses.replace(sampling(req, len(ids), max_tokens), logprobs=logprobs,
+                                       prompt_logprobs=logprobs if echo else None)
+            if grammar is not None:
+                base = dataclasses.replace(base, grammar=grammar)
+            params.append([dataclasses.replace(base, seed=choice_seed(base.seed, j)) for j in range(n)])
+        handles = await submit_all(prompts, params)
         rid = P.new_id("chatcmpl" if chat else "cmpl")
         model, t0 = options.model_name, int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        outputs = [output] + [new_output() for _ in range(n - 1)] if output is not None else [None] * n
+        texts = P.TokenTexts(tok) if logprobs is not None else None
+        echoed = [(prompt_texts[i] if prompt_texts and prompt_texts[i] is not None else tok.decode(prompts[i]))
+                  if echo else "" for i in range(len(prompts))]
+        first_seen = [False] * len(handles)
+
+        def entries_of(k: int, ev) -> tuple[list[int], list]:
+            """The token ids and logprob entries an event brings for choice k (echo: the prompt's first)."""
+            ids, entries = [t for t, *_ in ev.logprobs or []], [tuple(e) for _, *e in ev.logprobs or []]
+            if echo and not first_seen[k]:
+                prompt = prompts[k // n]
+                ids, entries = prompt + ids, [None] + [tuple(e) for e in ev.prompt_logprobs or []] + entries
+            return ids, entries
+
+        def usage(finals: list) -> dict:
+            return P.usage(sum(len(p) for p in prompts), sum(f.completion_tokens for f in finals),
+                           sum(finals[i * n].cached_tokens for i in range(len(prompts))))
+
+        def chat_choice_end(k: int, finish_reason: str | None) -> str | None:
+            o = outputs[k]
+            return "tool_calls" if o is not None and o.called and finish_reason == "stop" else finish_reason
 
         if not req.stream:
-            text, final = [], None
-            async for ev in events(request, h):
+            pieces, finals = [[] for _ in handles], [None] * len(handles)
+            token_ids, entries = [[] for _ in handles], [[] for _ in handles]
+            async for k, ev in merged_events(request, handles):
                 if isinstance(ev, Failed):
                     return _error(P.APIError(ev.status, ev.message, ev.type, code=ev.code), metrics)
-                text.append(ev.text)
-                final = ev
-            if final is None or final.finish_reason is None:      # the client left; nobody reads this
+                pieces[k].append(ev.text)
+                if logprobs is not None and (ev.logprobs or (echo and not first_seen[k])):
+                    ids, es = entries_of(k, ev)
+                    token_ids[k] += ids
+                    entries[k] += es
+                    first_seen[k] = True
+                finals[k] = ev
+            if any(f is None or f.finish_reason is None for f in finals):   # the client left; nobody reads this
                 return Response(status_code=499)
-            use = P.usage(final.prompt_tokens, final.completion_tokens, final.cached_tokens)
-            body = (P.chat_body if chat else P.completion_body)(rid, model, "".join(text), final.finish_reason, use)
+            choices = []
+            for k, final in enumerate(finals):
+                text = echoed[k // n] + "".join(pieces[k])
+                if chat:
+                    lp = P.chat_logprobs(texts, token_ids[k], entries[k]) if texts else None
+                    choice = P.chat_body(rid, model, text, final.finish_reason, {}, k, lp)["choices"][0]
+                    if outputs[k] is not None:
+                        outputs[k].feed(text)
+                        outputs[k].finish()
+                        choice["message"] = outputs[k].message()
+                        choice["finish_reason"] = chat_choice_end(k, final.finish_reason)
+                else:
+                    lp = P.completion_logprobs(texts, token_ids[k], entries[k]) if texts else None
+                    choice = P.completion_body(rid, model, text, final.finish_reason, {}, k, lp)["choices"][0]
+                choices.append(choice)
+            body = (P.chat_body if chat else P.completion_body)(rid, model, "", None, usage(finals))
+            body["choices"] = choices
             return JSONResponse(body)
 
         async def stream():
+            finals, offsets = [None] * len(handles), [0] * len(handles)
             if chat:
-                yield sse(P.chat_chunk(rid, model, t0, {"role": "assistant", "content": ""}))
-            async for ev in events(request, h):
+                for k in range(len(handles)):
+                    yield sse(P.chat_chunk(rid, model, t0, {"role": "assistant", "content": ""}, index=k))
+            async for k, ev in merged_events(request, handles):
                 if isinstance(ev, Failed):     # headers are sent: report in-band, as OpenAI does
                     yield sse(P.APIError(ev.status, ev.message, ev.type, code=ev.code).body())
                     return
                 # one chunk per engine step that produced tokens, even while their text is held back
                 # (a possible stop string, an incomplete UTF-8 character): clients see progress
                 if ev.text or ev.finish_reason or ev.num_tokens:
-                    delta = {"content": ev.text} if ev.text or ev.finish_reason is None else {}
-                    yield sse(P.chat_chunk(rid, model, t0, delta, ev.finish_reason)
-                              if chat else P.completion_chunk(rid, model, t0, ev.text, ev.finish_reason))
+                    lp = None
+                    if texts is not None:
+                        ids, es = entries_of(k, ev)
+                        lp = (P.chat_logprobs(texts, ids, es) if chat
+                              else P.completion_logprobs(texts, ids, es, offsets[k]))
+                    text = ev.text if first_seen[k] else echoed[k // n] + ev.text
+                    first_seen[k] = True
+                    offsets[k] += len(text)
+                    if chat:
+                        delta = {"content": text} if text or ev.finish_reason is None else {}
+                        o = outputs[k]
+                        if o is not None:
+                            delta = _merge(o.feed(text) if text else {},
+                                           o.finish() if ev.finish_reason is not None else {})
+                            if not delta and ev.finish_reason is None:
+                                delta = {"content": ""}                   # progress: tokens came, no text yet
+                        yield sse(P.chat_chunk(rid, model, t0, delta, chat_choice_end(k, ev.finish_reason), k, lp))
+                    else:
+                        yield sse(P.completion_chunk(rid, model, t0, text, ev.finish_reason, k, lp))
                 if ev.finish_reason is not None:
-                    if include_usage:
-                        use = P.usage(ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens)
-                        yield sse(P.usage_chunk(rid, model, t0, "chat.completion.chunk" if chat
-                                                else "text_completion", use))
-                    yield "data: [DONE]\n\n"
+                    finals[k] = ev
+            if all(f is not None for f in finals):
+                if include_usage:
+                    yield sse(P.usage_chunk(rid, model, t0, "chat.completion.chunk" if chat else "text_completion",
+                                            usage(finals)))
+                yield "data: [DONE]\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -272,26 +399,38 @@ def create_app(model: ServedModel, worker, options: ServeOptions) -> Starlette:
             body = await read_body(request)
             req = P.parse(schema, body)
             check_model(req.model)
+            output = grammar = None
             if chat:
-                messages = [m.as_template_input() for m in req.messages]
-                check_prompt_bytes(sum(len(m["content"].encode()) for m in messages), "messages")
+                plan = chat_requests.plan(req, tok)
+                messages = plan.messages
+                check_prompt_bytes(sum(len((m["content"] or "").encode()) for m in messages)
+                                   + len(json.dumps([m.get("tool_calls") for m in messages] + [plan.tools],
+                                                    ensure_ascii=False).encode()), "messages")
                 try:
-                    prompt_ids = await off_loop(tok.encode_chat, messages)
+                    prompt_text, prompt_ids = await off_loop(tok.chat_prompt, messages, plan.tools,
+                                                             plan.template_kwargs)
                 except TemplateLimitError as e:
                     raise P.APIError(400, f"messages: {e}", param="messages") from None
                 except Exception as e:  # noqa: BLE001 - the template raises for conversations it rejects
                     raise P.APIError(400, f"messages: the chat template rejected them ({e})", param="messages")
+                output, grammar = plan.output(tok, prompt_text)
             else:
-                prompt = req.single_prompt()
-                if isinstance(prompt, str):
-                    check_prompt_bytes(len(prompt.encode()), "prompt")
-                    prompt_ids = await off_loop(tok.encode, prompt)
-                else:
-                    check_ids(prompt)
-                    prompt_ids = list(prompt)
+                prompt_ids, prompt_texts = [], []
+                for prompt in req.prompts():
+                    if isinstance(prompt, str):
+                        check_prompt_bytes(len(prompt.encode()), "prompt")
+                        prompt_ids.append(await off_loop(tok.encode, prompt))
+                        prompt_texts.append(prompt)
+                    else:
+                        check_ids(prompt)
+                        prompt_ids.append(list(prompt))
+                        prompt_texts.append(None)
             if len(body) >= 1 << 20:
                 await off_loop(_malloc_trim)
-            return await generate(request, req, prompt_ids, chat)
+            if chat:
+                return await generate(request, req, prompt_ids, chat, output, grammar,
+                                      new_output=lambda: plan.output(tok, prompt_text)[0])
+            return await generate(request, req, prompt_ids, chat, prompt_texts=prompt_texts)
         except P.APIError as e:
             return _error(e, metrics)
         except _ClientGone:

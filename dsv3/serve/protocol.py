@@ -2,9 +2,14 @@
 
 Requests are parsed with pydantic in strict JSON mode, so `"max_tokens": "5"` or `"stream": 1` is a
 400 that names the field rather than a silent coercion. Fields this server does not implement are
-rejected when they ask for behaviour (n > 1, penalties, logprobs, tools), and accepted when they
+rejected when they ask for behaviour (best_of other than n, suffix), and accepted when they
 hold their neutral value, so clients that always send defaults keep working; unknown fields are
 ignored, as OpenAI-compatible servers commonly do.
+
+Logprobs are those of the distribution each token was sampled from (after penalties, logit_bias,
+temperature, top-k and top-p; vLLM's "processed" logprobs; a greedy request's are its log-softmax),
+a token filtered out reads -9999.0 as in vLLM; echoed prompt tokens carry the model's own
+log-softmax, the first one None as in OpenAI.
 """
 from __future__ import annotations
 
@@ -12,7 +17,10 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+MAX_N = 16                  # choices per prompt
+MAX_PROMPTS = 64            # prompts per /v1/completions request
 
 
 class APIError(Exception):
@@ -49,20 +57,25 @@ class _Common(_Strict):
     ignore_eos: bool = False           # extension (vLLM): keep generating past EOS, for benchmarks
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float | None = None    # extension (vLLM): HF's, over prompt and output tokens
     logit_bias: dict[str, float] | None = None
+    min_tokens: int = 0                # extension (vLLM): no EOS / stop token id before this many tokens
+    stop_token_ids: list[int] | None = None    # extension (vLLM): end at these token ids, like EOS
     user: str | None = None
 
     def unsupported(self) -> list[tuple[str, str]]:
         """(field, reason) for each field that asks for something this server does not do."""
         out = []
-        if self.n != 1:
-            out.append(("n", "n must be 1: send one request per completion you want"))
-        if self.presence_penalty or self.frequency_penalty:
-            out.append(("presence_penalty" if self.presence_penalty else "frequency_penalty",
-                        "presence and frequency penalties are not supported; leave them at 0"))
-        if self.logit_bias:
-            out.append(("logit_bias", "logit_bias is not supported"))
+        if not 1 <= self.n <= MAX_N:
+            out.append(("n", f"n = {self.n}: must be in [1, {MAX_N}]"))
+        for key in (self.logit_bias or {}):
+            if not key.isdigit():
+                out.append(("logit_bias", f"logit_bias key {key[:40]!r} is not a token id (a decimal integer)"))
+                break
         return out
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items())
 
 
 class CompletionRequest(_Common):
@@ -74,22 +87,27 @@ class CompletionRequest(_Common):
 
     def unsupported(self):
         out = super().unsupported()
-        for name, ok in (("echo", not self.echo), ("logprobs", not self.logprobs),
-                         ("best_of", self.best_of in (None, 1)), ("suffix", not self.suffix)):
-            if not ok:
-                out.append((name, f"{name} is not supported by this server"))
+        if self.best_of not in (None, self.n):
+            out.append(("best_of", f"best_of = {self.best_of}: this server returns every choice it samples; "
+                                   f"leave best_of unset (or equal to n)"))
+        if self.suffix:
+            out.append(("suffix", "suffix is not supported by this server"))
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            out.append(("logprobs", f"logprobs = {self.logprobs}: must be in [0, 20]"))
         return out
 
-    def single_prompt(self) -> str | list[int]:
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts: one (a string or token ids) or a list of them."""
         p = self.prompt
-        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            if len(p) != 1:
-                raise APIError(400, f"prompt holds {len(p)} prompts; this server takes one prompt per request",
-                               param="prompt")
-            p = p[0]
-        if len(p) == 0:
-            raise APIError(400, "prompt is empty: give at least one token", param="prompt")
-        return p
+        prompts = p if isinstance(p, list) and p and isinstance(p[0], (str, list)) else [p]
+        if len(prompts) > MAX_PROMPTS:
+            raise APIError(400, f"prompt holds {len(prompts)} prompts; at most {MAX_PROMPTS} per request",
+                           param="prompt")
+        for i, one in enumerate(prompts):
+            if len(one) == 0:
+                where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+                raise APIError(400, f"{where} is empty: give at least one token", param="prompt")
+        return prompts
 
 
 class TextPart(_Strict):
@@ -97,13 +115,82 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str                     # JSON text, as the model wrote it
+
+
+class MessageToolCall(_Strict):
+    """A tool call of an earlier assistant turn, sent back in the history."""
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[MessageToolCall] | None = None      # assistant turns that called tools
+    tool_call_id: str | None = None                       # a tool turn: the call it answers
+    name: str | None = None
+    reasoning_content: str | None = None                  # accepted and dropped: templates drop earlier reasoning
+
+    @model_validator(mode="after")
+    def _content_given(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content (only an assistant message with "
+                             f"tool_calls may leave it null)")
+        return self
 
     def as_template_input(self) -> dict:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        text = self.content if isinstance(self.content, str) or self.content is None else "".join(
+            p.text for p in self.content)
+        out = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_calls:
+            # DeepSeek's V3 template writes the calls only when content is null; clients send "" too
+            out["content"] = text or None
+            out["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                                 for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")     # OpenAI's rule: letters, digits, _ . -, 64 at most
+    description: str | None = None
+    parameters: dict | None = None     # a JSON schema for the arguments
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
+class JSONSchemaResponse(_Strict):
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    name: str
+    description: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaResponse | None = None
 
 
 class ChatRequest(_Common):
@@ -111,17 +198,18 @@ class ChatRequest(_Common):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list | None = None
-    response_format: dict | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+    chat_template_kwargs: dict | None = None    # extension (vLLM, SGLang): more template variables, e.g. thinking
 
     def unsupported(self):
         out = super().unsupported()
-        if self.logprobs or self.top_logprobs:
-            out.append(("logprobs", "logprobs are not supported by this server"))
-        if self.tools:
-            out.append(("tools", "tool calling is not supported by this server"))
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            out.append(("response_format", "only response_format {\"type\": \"text\"} is supported"))
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
+            out.append(("top_logprobs", f"top_logprobs = {self.top_logprobs}: must be in [0, 20]"))
+        elif self.top_logprobs and not self.logprobs:
+            out.append(("top_logprobs", "top_logprobs needs logprobs: true"))
         return out
 
 
@@ -160,27 +248,100 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def chat_body(rid: str, model: str, text: str, finish_reason: str, use: dict) -> dict:
+def chat_body(rid: str, model: str, text: str, finish_reason: str, use: dict, index: int = 0,
+              logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": index, "message": {"role": "assistant", "content": text},
+                         "logprobs": logprobs, "finish_reason": finish_reason}],
             "usage": use}
 
 
-def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: str | None = None) -> dict:
+def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: str | None = None,
+               index: int = 0, logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
-def completion_body(rid: str, model: str, text: str, finish_reason: str, use: dict) -> dict:
+def completion_body(rid: str, model: str, text: str, finish_reason: str, use: dict, index: int = 0,
+                    logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
             "usage": use}
 
 
-def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None = None) -> dict:
+def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None = None,
+                     index: int = 0, logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+
+
+# -- logprobs -------------------------------------------------------------------------------------
+FILTERED_LOGPROB = -9999.0      # a token the sampler could not pick (top-k / top-p / a ban), as vLLM writes it
+
+
+def _finite(lp: float) -> float:
+    return lp if lp > FILTERED_LOGPROB else FILTERED_LOGPROB
+
+
+class TokenTexts:
+    """Each token's text and bytes as logprobs show them: the byte-level BPE piece's raw bytes (a
+    piece may hold part of a UTF-8 character; its text then shows U+FFFD), special tokens as written."""
+
+    def __init__(self, tok):
+        self._tok = tok.backend
+        bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(
+            range(ord("\xae"), ord("\xff") + 1))
+        cs, n = bs[:], 0
+        for b in range(256):                       # GPT-2's bytes_to_unicode, inverted
+            if b not in bs:
+                bs.append(b)
+                cs.append(256 + n)
+                n += 1
+        self._byte_of = {chr(c): b for b, c in zip(bs, cs)}
+        self._cache: dict[int, tuple[str, bytes]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, bytes]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            piece = self._tok.id_to_token(token_id) or ""
+            if piece and all(ch in self._byte_of for ch in piece):
+                raw = bytes(self._byte_of[ch] for ch in piece)
+            else:
+                raw = piece.encode()
+            hit = self._cache[token_id] = (raw.decode("utf-8", errors="replace"), raw)
+        return hit
+
+
+def chat_logprobs(texts: TokenTexts, token_ids: list[int], entries: list) -> dict:
+    """OpenAI's chat `logprobs` object for these tokens and their (logprob, top ids, top logprobs)."""
+    def item(t: int, lp: float) -> dict:
+        text, raw = texts(t)
+        return {"token": text, "logprob": _finite(lp), "bytes": list(raw)}
+    return {"content": [dict(item(t, lp), top_logprobs=[item(i, v) for i, v in zip(ids, vals)])
+                        for t, (lp, ids, vals) in zip(token_ids, entries)], "refusal": None}
+
+
+def completion_logprobs(texts: TokenTexts, token_ids: list[int], entries: list, offset: int = 0) -> dict:
+    """OpenAI's legacy completions `logprobs` object: tokens, token_logprobs, top_logprobs (a
+    {token: logprob} per token, None where there is no entry: the first prompt token), text_offset
+    (each token's start in the choice's text, from `offset`)."""
+    tokens, lps, tops, offsets = [], [], [], []
+    for t, entry in zip(token_ids, entries):
+        text = texts(t)[0]
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+        if entry is None:
+            lps.append(None)
+            tops.append(None)
+        else:
+            lp, ids, vals = entry
+            lps.append(_finite(lp))
+            top: dict[str, float] = {}
+            for i, v in zip(ids, vals):
+                top.setdefault(texts(i)[0], _finite(v))
+            tops.append(top)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
 def usage_chunk(rid: str, model: str, created: int, obj: str, use: dict) -> dict:

@@ -1,0 +1,144 @@
+"""A chat request's tools, tool choice, response format and template variables, turned into what
+the template renders, what constrains the output (a GrammarSpec) and how the answer is read back
+(ChatOutput).
+
+Tools reach the template as its `tools` variable. DeepSeek's published templates write the calls of
+earlier turns but never list the available tools, so when a template does not read `tools` the tools
+are described in a system message of our own, which shows the template's own call format.
+`tool_choice` "none" leaves the tools out and reads no calls; "required" and a named function
+constrain the answer to calls whose arguments follow the functions' schemas (dsv3.core.grammar).
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+from dsv3.core import grammar
+from dsv3.core.errors import RequestError
+from dsv3.core.tokenizer import TEMPLATE_VARIABLES
+from dsv3.serve import protocol as P
+from dsv3.serve.chat_output import ChatOutput
+from dsv3.serve.reasoning import THINK_END, ReasoningParser, reasoning_mode
+from dsv3.serve.tool_parsers import CALLS_BEGIN, CALLS_END, ToolCallFormat, ToolCallParser, detect_format
+
+
+@functools.lru_cache(maxsize=8)
+def tool_format(tok) -> ToolCallFormat | None:
+    """The tool-call format of a tokenizer's chat template (None: it writes no tool calls we know)."""
+    if not tok.chat_template:
+        return None
+    return detect_format(lambda messages: tok.render_chat(messages, add_generation_prompt=False))
+
+
+def tools_system_prompt(fmt: ToolCallFormat, tools: list[dict]) -> str:
+    """The tools described for a template that does not list them: the layout of DeepSeek-V3.1's
+    model card (a `## Tools` section after the system prompt), showing the template's own call format."""
+    lines = ["## Tools", "You have access to the following tools:"]
+    for t in tools:
+        f = t["function"]
+        lines += ["", f"### {f['name']}", f"Description: {f.get('description') or ''}", "",
+                  f"Parameters: {json.dumps(f.get('parameters') or {'type': 'object'}, ensure_ascii=False)}"]
+    example = fmt.call_begin("tool_call_name") + "tool_call_arguments" + fmt.call_end
+    chain = ("put each further call on a new line" if fmt.separator == "\n"
+             else "chain them directly without separators or spaces")
+    lines += ["", "IMPORTANT: ALWAYS adhere to this exact format for tool use:",
+              f"{CALLS_BEGIN}{example}{{additional_tool_calls}}{CALLS_END}", "", "Where:",
+              "- `tool_call_name` must be an exact match to one of the available tools",
+              "- `tool_call_arguments` must be valid JSON that strictly follows the tool's Parameters Schema",
+              f"- For multiple tool calls, {chain}"]
+    return "\n".join(lines)
+
+
+def with_tools_described(messages: list[dict], text: str) -> list[dict]:
+    """`text` appended to the system prompt: to the last system message (R1's template keeps only
+    the last one; the others join them all), or as a first system message."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "system"), default=None)
+    if last is None:
+        return [{"role": "system", "content": text}] + messages
+    out = list(messages)
+    out[last] = dict(out[last], content=f"{out[last]['content']}\n\n{text}")
+    return out
+
+
+@dataclass
+class ChatPlan:
+    messages: list[dict]                   # for the template
+    tools: list[dict] | None               # the template's `tools` variable
+    template_kwargs: dict | None
+    tool_format: ToolCallFormat | None     # read tool calls from the answer in this format (None: none)
+    grammar: grammar.GrammarSpec | None    # what the answer must match
+
+    def output(self, tok, prompt_text: str) -> tuple[ChatOutput, grammar.GrammarSpec | None]:
+        """How to read this answer back, and its grammar, once the prompt is rendered: a prompt that
+        opens the reasoning leaves the grammar waiting for `</think>`."""
+        mode = reasoning_mode(tok.chat_template, prompt_text)
+        spec = self.grammar
+        if spec is not None and mode == "open":
+            end = tok.token_id(THINK_END)
+            if end is None:
+                raise P.APIError(400, f"this model reasons before it answers, and its tokenizer has no single "
+                                      f"{THINK_END} token to start the constraint after; send the request without "
+                                      f"response_format or tool_choice", param="response_format")
+            spec = spec.after(end)
+        tools = ToolCallParser(self.tool_format) if self.tool_format is not None else None
+        return ChatOutput(ReasoningParser(mode) if mode else None, tools), spec
+
+
+def plan(req: P.ChatRequest, tok) -> ChatPlan:
+    """Check a chat request's tools, tool_choice and response_format against each other and the
+    template; APIError 400 naming the field when they do not fit."""
+    messages = [m.as_template_input() for m in req.messages]
+    kwargs = req.chat_template_kwargs
+    if kwargs is not None:
+        reserved = sorted(set(kwargs) & TEMPLATE_VARIABLES)
+        if reserved:
+            raise P.APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}: the server sets them",
+                             param="chat_template_kwargs")
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    choice = req.tool_choice if req.tool_choice is not None else ("auto" if tools else "none")
+    if choice != "none" and not tools:
+        raise P.APIError(400, "tool_choice needs tools: give the functions the model may call in `tools`",
+                         param="tool_choice")
+    fmt = None
+    spec = None
+    if tools and choice != "none":
+        fmt = tool_format(tok)
+        if fmt is None:
+            raise P.APIError(400, "this checkpoint's chat template writes no tool calls in a format this server "
+                                  "reads (DeepSeek V3/R1's or V3.1's); send the request without tools",
+                             param="tools")
+        names = [t["function"]["name"] for t in tools]
+        if len(set(names)) != len(names):
+            raise P.APIError(400, f"tools: two functions share a name ({sorted(n for n in set(names) if names.count(n) > 1)[0]!r})",
+                             param="tools")
+        if isinstance(choice, P.NamedToolChoice):
+            if choice.function.name not in names:
+                raise P.APIError(400, f"tool_choice names the function {choice.function.name!r}, which is not in "
+                                      f"tools ({', '.join(names)})", param="tool_choice")
+            chosen, parallel = [tools[names.index(choice.function.name)]], False
+        else:
+            chosen, parallel = tools, req.parallel_tool_calls
+        if choice != "auto":
+            try:
+                spec = fmt.grammar(chosen, parallel)
+            except RequestError as e:
+                raise P.APIError(400, f"tools: a function's parameters: {e}", param="tools") from None
+        if "tools" not in tok.template_variables:
+            messages = with_tools_described(messages, tools_system_prompt(fmt, tools))
+    rf = req.response_format
+    if rf is not None and rf.type != "text":
+        if spec is not None:
+            raise P.APIError(400, "response_format and a required or named tool_choice both constrain the answer; "
+                                  "give one of them", param="response_format")
+        try:
+            if rf.type == "json_object":
+                spec = grammar.json_object()
+            elif rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise P.APIError(400, "response_format of type json_schema needs json_schema.schema (the JSON "
+                                      "schema the answer must follow)", param="response_format")
+            else:
+                spec = grammar.json_schema(rf.json_schema.schema_)
+        except RequestError as e:
+            raise P.APIError(400, f"response_format.json_schema.schema: {e}", param="response_format") from None
+    return ChatPlan(messages, tools if choice != "none" else None, kwargs, fmt, spec)
