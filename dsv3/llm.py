@@ -23,7 +23,7 @@ from dsv3.core.model import DeepseekV3
 from dsv3.core.profile import Profile, select_profile, validate_for_backend, with_overrides
 from dsv3.core.sampling import SamplingParams, choice_seed, generation_defaults
 from dsv3.core.tokenizer import Tokenizer
-from dsv3.parallel import launch, sharding
+from dsv3.parallel import launch, memory, sharding
 from dsv3.plugins.manager import Registry, create_registry, for_weight_format, resolve_ops
 
 
@@ -119,6 +119,9 @@ class LLM:
         if self.mesh.distributed:   # parallel: check the split fits the model, then read only this rank's slice
             sharding.check_layout(self.config, self.mesh, checkpoint_format(self.ckpt), self.profile.source)
             slicer = sharding.slicer(self.config, self.mesh)
+        # refuse, before anything is allocated, what this device cannot hold (naming the key to change)
+        memory.check_fits(self.config, self.profile, self.device, self.weight_format, with_mtp, self.mesh,
+                          source=str(self.path / "config.json"))
         with torch.device(self.device):
             self.model = DeepseekV3(self.config, self.ops, self.weight_format, self.dtype, with_mtp=with_mtp,
                                     mesh=self.mesh)

@@ -398,3 +398,15 @@ def test_index_shard_that_is_a_fifo(tmp_path):
 def test_every_error_here_is_a_dsv3_error():
     for cls in (CheckpointError, ConfigError, ProfileError):
         assert issubclass(cls, Dsv3Error)
+
+
+def test_llm_refuses_what_the_machine_cannot_hold_before_allocating(tmp_path, capsys):
+    """The fit check runs inside LLM(), before the model is built: a latent cache larger than this
+    machine's memory is a ProfileError naming kv_cache.max_tokens, not an allocation failure."""
+    path, _ = make_checkpoint(tmp_path / "ckpt", tiny_config())
+    huge = 2_000_000_000                             # tokens; at ~1 KB each, far beyond this host
+    with pytest.raises(ProfileError, match=r"kv_cache\.max_tokens = 2000000000 needs .* at most \d+ tokens fit"):
+        LLM(path, backend="cpu", **{"kv_cache.max_tokens": huge})
+    assert main(["--model", str(path), "--prompt", "hi", "--max-cache-tokens", str(huge)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--max-cache-tokens" in err and "Traceback" not in err
