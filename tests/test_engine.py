@@ -135,7 +135,7 @@ def test_warm_up_leaves_nothing_behind(tmp_path):
 _READS = ("item", "tolist", "__int__", "__bool__", "__float__", "__index__", "cpu", "numpy")
 
 
-def _reads_per_step(llm, batch: int, monkeypatch) -> float:
+def _reads_per_step(llm, batch: int, monkeypatch, **features) -> float:
     """Device->host reads (every Tensor method that hands a value to Python) per engine step of a
     sampled generation of `batch` sequences; on a GPU each one is a synchronisation."""
     prompts = [[5 + (7 * i + j) % 400 for j in range(6)] for i in range(batch)]
@@ -149,20 +149,28 @@ def _reads_per_step(llm, batch: int, monkeypatch) -> float:
                 return _real(self, *a, **k)
             m.setattr(torch.Tensor, name, counted)
         before = llm.engine.stats.steps
-        llm.generate_ids(prompts, max_new_tokens=12, temperature=0.8, top_p=0.9, seed=1, ignore_eos=True)
+        llm.generate_ids(prompts, max_new_tokens=12, temperature=0.8, top_p=0.9, seed=1, ignore_eos=True, **features)
         steps = llm.engine.stats.steps - before
     return calls[0] / steps
 
 
-@pytest.mark.parametrize("speculative", [False, True])
-def test_device_to_host_reads_per_step_do_not_grow_with_batch(tmp_path, monkeypatch, speculative):
+# logprobs with alternatives, every penalty, logit_bias and min_tokens, n = 2 choices, echo's prompt logprobs
+FEATURES = dict(logprobs=5, prompt_logprobs=2, presence_penalty=0.3, frequency_penalty=0.2, repetition_penalty=1.1,
+                logit_bias={7: 2.0, 9: -100.0}, min_tokens=3, n=2)
+
+
+@pytest.mark.parametrize("speculative, features", [(False, {}), (True, {}), (False, FEATURES), (True, FEATURES)],
+                         ids=["plain", "mtp", "plain-features", "mtp-features"])
+def test_device_to_host_reads_per_step_do_not_grow_with_batch(tmp_path, monkeypatch, speculative, features):
     """The runner samples (and verifies drafts for) the whole batch on the device and copies the
-    chosen ids once; the drafter copies its drafts once. The rest are the reference ops' own reads
-    (CPU kernels), the same at any batch size. Before: 11 reads per step at batch 4, 39 at 32."""
+    chosen ids once, with their logprobs when asked for (LogitsProcessing builds its edits from host
+    lists, so penalties read nothing back); the drafter copies its drafts once. The rest are the
+    reference ops' own reads (CPU kernels), the same at any batch size. Before: 11 reads per step at
+    batch 4, 39 at 32."""
     path, _ = make_checkpoint(tmp_path / "m", tiny_config(), seed=5, std=0.3)
     extra = {"speculative.method": "mtp", "speculative.num_draft_tokens": 2} if speculative else {}
     llm = LLM(path, backend="cpu", **extra)
-    small, large = _reads_per_step(llm, 4, monkeypatch), _reads_per_step(llm, 32, monkeypatch)
+    small, large = _reads_per_step(llm, 4, monkeypatch, **features), _reads_per_step(llm, 32, monkeypatch, **features)
     assert large <= small + 2, (small, large)
     # plain decoding: <= 8; with MTP the reference ops of the MTP layer's passes read as well (~11)
     assert large <= (12 if speculative else 8), (small, large)

@@ -112,7 +112,7 @@ class ModelRunner:
                 floats += [top.values.flatten(), top.indices.flatten().float()]
         num_ids = sum(p.numel() for p in picks)
         if floats:        # token ids travel as float32 with the logprobs: exact below 2**24
-            host = torch.cat([torch.cat(picks).float(), *floats]).tolist()      # the step's one device->host copy
+            host = torch.cat([p.float() for p in picks] + floats).tolist()     # the step's one device->host copy
             ids = [int(x) for x in host[:num_ids]]
         else:
             host = ids = torch.cat(picks).tolist()                               # the step's one device->host copy
