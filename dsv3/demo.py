@@ -17,5 +17,5 @@ DEMO_DIR = Path(__file__).resolve().parent / "demo_model"
 def demo_model_path() -> Path:
     if not (DEMO_DIR / "model.safetensors").is_file():
         raise CheckpointError(f"{DEMO_DIR}: the embedded demo model is missing from this installation; "
-                              f"reinstall dsv3, or pass --model DIR")
+                              f"reinstall dsv3, or give a model path (--model DIR, or LLM(model_path))")
     return DEMO_DIR

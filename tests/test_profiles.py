@@ -125,9 +125,9 @@ def test_profile_by_name_or_path_and_flags_override_fields(tmp_path, reg):
                        overrides={"dtype": "bfloat16", "kv_cache.max_tokens": 1024, "device": None})
     assert (p.dtype, p.kv_cache.max_tokens, p.kv_cache.block_size, p.device) == ("bfloat16", 1024, 32, None)
     assert p.source == path
-    with pytest.raises(ProfileError, match="--backend cuda contradicts profile .*cpu.yaml \\(backend 'cpu'\\)"):
+    with pytest.raises(ProfileError, match=r"backend 'cuda' \(--backend, or LLM's backend=\) contradicts profile .*cpu.yaml \(backend 'cpu'\)"):
         select_profile(reg, backend="cuda", profile="cpu")
-    with pytest.raises(ProfileError, match="command-line overrides: kv_cache.max_tokens = 0 is invalid"):
+    with pytest.raises(ProfileError, match=r"\+ overrides \(flags or LLM keyword arguments\): kv_cache.max_tokens = 0 is invalid"):
         with_overrides(p, {"kv_cache.max_tokens": 0})
 
 

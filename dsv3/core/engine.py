@@ -129,7 +129,7 @@ class Engine:
         if self.cache.blocks_needed(len(prompt_ids) + 1 + self.reserve) > self.cache.num_blocks:
             raise RequestError(f"prompt is {len(prompt_ids)} tokens but the latent cache holds "
                                f"{self.capacity_tokens - 1 - self.reserve} prompt tokens at most; raise "
-                               f"kv_cache.max_tokens (--max-cache-tokens) or shorten the prompt")
+                               f"the profile's kv_cache.max_tokens (--max-cache-tokens on the command line) or shorten the prompt")
         vocab = self.model.cfg.vocab_size
         seqs = []
         for p in params:

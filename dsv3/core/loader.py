@@ -92,9 +92,9 @@ Slicer = Callable[[str, tuple[int, ...]], "tuple[slice, ...] | None"]
 def check_model_dir(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if not path.exists():
-        raise CheckpointError(f"{path}: no such directory; pass --model DIR with a DeepSeek-V3 HF checkpoint")
+        raise CheckpointError(f"{path}: no such directory; the model path (--model DIR, or LLM's model_path) is a DeepSeek-V3 HF checkpoint directory")
     if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory; --model takes the checkpoint directory, not a file")
+        raise CheckpointError(f"{path}: not a directory; the model path (--model DIR, or LLM's model_path) is the checkpoint directory, not a file")
     config = path / "config.json"
     if not (config.exists() or config.is_symlink()):
         raise CheckpointError(f"{path}: no config.json; a model directory needs the HF config.json "

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from dsv3.core.errors import ProfileError, brief
-from dsv3.core.ops import OP_NAMES
+from dsv3.core.ops import ALL_OP_NAMES
 from dsv3.core.weights import WEIGHT_FORMATS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -128,8 +128,8 @@ def _check_value(path: str, value, default, source: str):
         if not isinstance(value, dict):
             raise bad("expected a mapping of op name to plugin name")
         for op, plugin in value.items():
-            if op not in OP_NAMES:
-                raise ProfileError(f"{source}: ops.{_key(op)}: unknown op; known ops: {', '.join(OP_NAMES)}")
+            if op not in ALL_OP_NAMES:
+                raise ProfileError(f"{source}: ops.{_key(op)}: unknown op; known ops: {', '.join(ALL_OP_NAMES)}")
             if not isinstance(plugin, str):
                 raise ProfileError(f"{source}: ops.{op} = {brief(plugin)}: expected a plugin name")
         return dict(value)
@@ -201,7 +201,7 @@ def with_overrides(profile: Profile, overrides: dict) -> Profile:
             data.setdefault(node, {})[rest[0]] = value
         else:
             data[key] = value
-    return replace(_build(Profile, data, f"{profile.source} + command-line overrides"), source=profile.source)
+    return replace(_build(Profile, data, f"{profile.source} + overrides (flags or LLM keyword arguments)"), source=profile.source)
 
 
 def select_profile(registry, backend: str | None = None, profile: str | None = None,
@@ -211,7 +211,8 @@ def select_profile(registry, backend: str | None = None, profile: str | None = N
     if profile is not None:
         chosen = load_profile(profile)
         if backend is not None and registry.backend(backend).name != registry.aliases.get(chosen.backend.lower()):
-            raise ProfileError(f"--backend {backend} contradicts profile {chosen.source} (backend {chosen.backend!r}); "
+            raise ProfileError(f"backend {backend!r} (--backend, or LLM's backend=) contradicts profile {chosen.source} "
+                               f"(backend {chosen.backend!r}); "
                                f"give one or the other, or override the profile's backend with a profile of your own")
     else:
         chosen = load_profile(registry.backend(backend or "cpu").default_profile)
