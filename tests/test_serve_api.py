@@ -147,13 +147,13 @@ def test_errors_are_openai_error_objects(server, client):
     cases = [
         (dict(temperature=-1.0), "temperature"),
         (dict(top_p=0.0), "top_p"),
-        (dict(n=2), "n"),
+        (dict(n=0), "n"),
         (dict(max_tokens=0), "max_tokens"),
         (dict(max_tokens=5000), "max_tokens"),
         (dict(prompt="x " * 2000), "prompt"),
         (dict(prompt=[1, 2, 99999]), "prompt"),
-        (dict(prompt=["a", "b"]), "prompt"),
-        (dict(presence_penalty=0.5), "presence_penalty"),
+        (dict(prompt=["a", ""]), "prompt"),
+        (dict(presence_penalty=2.5), "presence_penalty"),
     ]
     for override, param in cases:
         kwargs = {"model": MODEL, "prompt": "hello", "max_tokens": 4, **override}
