@@ -205,3 +205,18 @@ def test_bad_arguments_get_one_error_line(src, tmp_path, capsys):
         assert err.startswith("error: ") and len(err.splitlines()) == 1 and pattern in err, err
         assert "--model" not in err, err                 # convert has no --model flag
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+
+def test_a_side_file_linking_out_of_the_checkpoint_is_refused_not_copied(tmp_path, capsys):
+    """A tokenizer.json that is a symlink to a file outside the checkpoint (here a stand-in for a secret)
+    must not be copied into the output: convert refuses before doing any work, naming the link."""
+    path, _ = make_checkpoint(tmp_path / "ckpt", tiny_config(), seed=3)
+    secret = tmp_path / "elsewhere" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("do not copy me")
+    (path / "tokenizer.json").unlink()
+    (path / "tokenizer.json").symlink_to(secret)
+    assert main(["convert", str(path), str(tmp_path / "out"), "--to", "bf16"]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer.json: links to" in err and "outside the model directory" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

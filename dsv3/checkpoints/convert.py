@@ -51,7 +51,8 @@ import torch
 from dsv3.core.config import ModelConfig
 from dsv3.core.errors import Dsv3Error
 from dsv3.core.loader import (INDEX_FILE, MODELSLIM_DESCRIPTION, PICKLE_SUFFIXES, Checkpoint, Progress, RawWeight,
-                              check_unused, convert_into, has_mtp, parse_expert_tensor_name, plan_load, read_weight)
+                              check_regular_file, check_unused, convert_into, has_mtp, parse_expert_tensor_name,
+                              plan_load, read_weight)
 from dsv3.core.weights import BLOCK, QuantWeight, dequantize, scale_shape
 
 TARGETS = ("bf16", "fp8-block", "fp8-fnuz", "int8-w8a8")
@@ -324,10 +325,15 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _side_files(src: Path) -> list[Path]:
-    """Tokenizer, generation config, README... everything but weights and what convert rewrites."""
+    """Tokenizer, generation config, README... everything but weights and what convert rewrites. Each is
+    checked as the loader checks a checkpoint's files: a link out of the directory (a tokenizer.json
+    pointing at /etc/passwd, say) is refused, not copied, and so is anything but a regular file."""
     skip = {INDEX_FILE, "config.json", MODELSLIM_DESCRIPTION}
-    return sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith(".") and p.name not in skip
-                  and p.suffix not in (".safetensors",) + PICKLE_SUFFIXES)
+    files = sorted(p for p in src.iterdir() if (p.is_file() or p.is_symlink()) and not p.name.startswith(".")
+                   and p.name not in skip and p.suffix not in (".safetensors",) + PICKLE_SUFFIXES)
+    for f in files:
+        check_regular_file(f, src)
+    return files
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, to: str, *, ue8m0: bool = False, device: str = "cpu",
@@ -354,6 +360,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, *, ue8m0: bool
                               f"remove the file or choose another DST")
     cfg = ModelConfig.from_file(ckpt.path / "config.json")    # a clear error for a broken config.json
     raw_config = json.loads((ckpt.path / "config.json").read_text())
+    side_files = _side_files(ckpt.path)                       # refused now, before any work, if one links out
 
     part = dst.with_name(f".{dst.name}.partial")
     try:
@@ -394,7 +401,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, *, ue8m0: bool
                 desc = {"model_quant_type": "W8A8_DYNAMIC"}
                 desc.update({o.name: "W8A8_DYNAMIC" if j.projection else "FLOAT" for j in jobs for o in j.outputs})
                 _write_json(part / MODELSLIM_DESCRIPTION, desc)
-            for f in _side_files(ckpt.path):
+            for f in side_files:
                 shutil.copy2(f, part / f.name)
             _swap_in(part, dst)
     except OSError as e:   # a full disk, a read-only directory, ...: keep what is finished
