@@ -147,7 +147,7 @@ def test_tool_call_grammar_gives_calls_whose_arguments_validate(tok, compiler, f
     rng = torch.Generator().manual_seed(seed)
     counts = set()
     for _ in range(12):
-        out, ended = walk(compiler, spec, rng)
+        out, ended = walk(compiler, spec, rng, steps=3000)     # parallel: a geometric number of calls
         assert ended, seed
         parser = ToolCallParser(fmt)
         events = parser.feed(tok.backend.decode(out, skip_special_tokens=False)) + parser.finish()
