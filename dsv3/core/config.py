@@ -6,21 +6,23 @@ model cannot run are a ConfigError naming the key.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from dsv3.core.errors import ConfigError, brief
+from dsv3.core.errors import ConfigError, brief, read_document
 
-SUPPORTED_MODEL_TYPES = ("deepseek_v3",)
+SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v32")
+# DeepSeek-V3.2's lightning indexer when its config.json leaves them out (transformers' defaults)
+INDEX_DEFAULTS = {"index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048}
 MAX_CONFIG_BYTES = 16 * 2**20   # a config.json is a few KB
 # Upper bounds far above any released model (DeepSeek-V3: 129280 / 7168 / 61 layers / 256 experts / 163840
 # positions), low enough that a typo fails here, naming the key, instead of in an allocation.
 LIMITS = {"vocab_size": 2**24, "hidden_size": 2**17, "intermediate_size": 2**20, "moe_intermediate_size": 2**20,
           "num_hidden_layers": 1024, "num_attention_heads": 2**12, "kv_lora_rank": 2**14, "q_lora_rank": 2**16,
           "qk_nope_head_dim": 2**12, "qk_rope_head_dim": 2**12, "v_head_dim": 2**12, "n_routed_experts": 2**14,
-          "n_shared_experts": 2**10, "max_position_embeddings": 2**24}
+          "n_shared_experts": 2**10, "max_position_embeddings": 2**24, "index_n_heads": 2**12, "index_head_dim": 2**12,
+          "index_topk": 2**24}
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,10 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     torch_dtype: str = "bfloat16"
     quantization: QuantConfig | None = None
+    # DeepSeek-V3.2 (model_type deepseek_v32): DeepSeek Sparse Attention. 0 = dense attention (V3).
+    index_n_heads: int = 0
+    index_head_dim: int = 0
+    index_topk: int = 0
 
     @property
     def qk_head_dim(self) -> int:
@@ -102,6 +108,16 @@ class ModelConfig:
         return scale
 
     @property
+    def sparse_attention(self) -> bool:
+        """DeepSeek-V3.2: a lightning indexer per layer picks the index_topk tokens each query attends to."""
+        return self.index_topk > 0
+
+    @property
+    def cache_dim(self) -> int:
+        """Values cached per token per layer: the latent and rope key, then (V3.2) the indexer's key."""
+        return self.latent_dim + self.index_head_dim
+
+    @property
     def act_scale_fmt(self) -> str | None:
         """"ue8m0" when the checkpoint's FP8 activation scales are powers of two (V3.1), else None."""
         return self.quantization.scale_fmt if self.quantization is not None else None
@@ -115,20 +131,7 @@ class ModelConfig:
         if not path.is_file():
             raise ConfigError(f"{path}: no config.json; a model directory needs the HF config.json "
                               f"next to its safetensors files")
-        if not path.stat().st_size <= MAX_CONFIG_BYTES:
-            raise ConfigError(f"{path}: {path.stat().st_size} bytes is too large for a config.json "
-                              f"(at most {MAX_CONFIG_BYTES}); is it the right file?")
-        try:
-            raw = json.loads(path.read_bytes().decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); config.json is a "
-                              f"UTF-8 JSON file") from e
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from e
-        except RecursionError as e:
-            raise ConfigError(f"{path}: JSON nested too deeply to be a model config") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a JSON object at the top level")
+        raw = read_document(path, ConfigError, "a model config", max_bytes=MAX_CONFIG_BYTES)
         return cls.from_hf(raw, source=str(path))
 
     @classmethod
@@ -166,6 +169,11 @@ class ModelConfig:
                   ("rope_scaling", "quantization", "eos_token_ids", "torch_dtype", "rope_theta")}
         if raw.get("q_lora_rank") is None:
             values["q_lora_rank"] = None
+        for key, default in INDEX_DEFAULTS.items():   # the indexer exists only in V3.2
+            if model_type == "deepseek_v32":
+                values.setdefault(key, default)
+            else:
+                values.pop(key, None)
         values["torch_dtype"] = raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"
         eos = raw.get("eos_token_id", 1)
         eos = list(eos) if isinstance(eos, list) else ([] if eos is None else [eos])
@@ -265,5 +273,13 @@ class ModelConfig:
         need(self.num_nextn_predict_layers in (0, 1), "num_nextn_predict_layers",
              "dsv3 runs 0 or 1 MTP modules (DeepSeek-V3 ships 1)")
         need(self.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")
+        if self.sparse_attention or self.index_n_heads or self.index_head_dim:
+            for key in INDEX_DEFAULTS:
+                value = getattr(self, key)
+                need(is_int(value) and value > 0, key, "must be a positive integer (DeepSeek-V3.2's indexer)")
+            need(self.index_head_dim >= self.qk_rope_head_dim, "index_head_dim",
+                 f"must be >= qk_rope_head_dim ({self.qk_rope_head_dim}): the indexer rotates its first dims")
+            need(self.q_lora_rank is not None, "q_lora_rank",
+                 "must be set for DeepSeek-V3.2: its indexer reads the query latent")
         need(self.torch_dtype in ("bfloat16", "float16", "float32"), "torch_dtype",
              "allowed: bfloat16, float16, float32")

@@ -38,3 +38,38 @@ def brief(value, limit: int = 80) -> str:
     r.maxstring = r.maxother = r.maxlong = limit
     text = r.repr(value)
     return text if len(text) <= limit + 10 else text[:limit] + "..."
+
+
+def read_document(path, error: type[Dsv3Error], what: str, language: str = "JSON", max_bytes: int | None = None,
+                  hint: str = "", mapping: bool = True):
+    """Read and parse a small UTF-8 JSON or YAML file a user gave us (a config.json, a tokenizer config, a
+    profile), every way it can be wrong an `error` that names the file: too large (when `max_bytes`),
+    not UTF-8, not valid `language`, nested too deeply, or (when `mapping`) not an object at the top.
+    `what` names the document in messages ("a model config"); `hint` ends the syntax error ("; restore
+    ..."). YAML: the safe loader (libyaml's when present, which bounds nesting); an empty file is {}."""
+    from pathlib import Path
+    path = Path(path)
+    size = path.stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        raise error(f"{path}: {size} bytes is too large for {what} (at most {max_bytes}); is it the right file?")
+    try:
+        text = path.read_bytes().decode("utf-8")
+        if language == "YAML":
+            import yaml
+            value = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
+        else:
+            import json
+            value = json.loads(text)
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); {what} is a UTF-8 {language} file") from e
+    except RecursionError as e:
+        raise error(f"{path}: {language} nested too deeply to be {what}") from e
+    except ValueError as e:                  # json.JSONDecodeError is a ValueError
+        raise error(f"{path}: not valid {language} ({brief(str(e), 300)}){hint}") from e
+    except Exception as e:                   # yaml.YAMLError and its kin
+        if type(e).__module__.split(".")[0] != "yaml":
+            raise
+        raise error(f"{path}: not valid {language} ({brief(str(e), 300)}){hint}") from e
+    if mapping and not isinstance(value, dict):
+        raise error(f"{path}: expected a {language} object at the top level, got {type(value).__name__}")
+    return value

@@ -11,9 +11,8 @@ import re
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
-import yaml
 
-from dsv3.core.errors import ProfileError, brief
+from dsv3.core.errors import ProfileError, brief, read_document
 from dsv3.core.ops import ALL_OP_NAMES
 from dsv3.core.weights import WEIGHT_FORMATS
 
@@ -75,7 +74,6 @@ _MAX = {"kv_cache.block_size": 2**12, "kv_cache.max_tokens": 2**31 - 1,   # cach
 _HINT = {"kv_cache.max_tokens": "; set it with --max-cache-tokens (`dsv3-run plan` says how many tokens fit)",
          "speculative.num_draft_tokens": " (--num-draft-tokens); DeepSeek-V3 drafts 1 or 2 well"}
 MAX_PROFILE_BYTES = 2**16   # a profile is a few lines of YAML
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)   # libyaml: fast, and it bounds nesting depth
 
 
 def _build(cls, data, source: str, prefix: str = ""):
@@ -175,18 +173,8 @@ def load_profile(name_or_path: str) -> Profile:
     if not path.is_file():
         raise ProfileError(f"{path}: no such profile file" if not path.exists() else
                            f"{path}: not a regular file; a profile is a YAML file")
-    size = path.stat().st_size
-    if size > MAX_PROFILE_BYTES:
-        raise ProfileError(f"{path}: {size} bytes is too large for a profile (at most {MAX_PROFILE_BYTES}); "
-                           f"is it the right file?")
-    try:
-        data = yaml.load(path.read_bytes().decode("utf-8"), Loader=_YAML_LOADER) or {}
-    except UnicodeDecodeError as e:
-        raise ProfileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-    except yaml.YAMLError as e:
-        raise ProfileError(f"{path}: not valid YAML ({brief(str(e), 300)})") from e
-    except RecursionError as e:
-        raise ProfileError(f"{path}: YAML nested too deeply to be a profile") from e
+    data = read_document(path, ProfileError, "a profile", language="YAML", max_bytes=MAX_PROFILE_BYTES,
+                         mapping=False)        # _build says "profile must be a mapping" in its own words
     return replace(_build(Profile, data, str(path)), source=str(path))
 
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import functools
-import json
 import re
 import time
 from pathlib import Path
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from dsv3.core.errors import CheckpointError, RequestError
+from dsv3.core.errors import CheckpointError, RequestError, read_document
 
+MAX_TOKENIZER_CONFIG_BYTES = 64 * 2**20   # real ones are ~1 MB at most (added tokens); refuse a wrong file early
 RENDER_SECONDS = 5.0
 RENDER_CHARS = 16 * 1024 * 1024
 _MARK = "\ue000{}\ue001"                      # private-use characters: never in a template's own text
@@ -25,16 +25,8 @@ def _token_text(tok) -> str | None:
 def read_tokenizer_config(path: Path) -> dict:
     """tokenizer_config.json, checked: a JSON object whose bos/eos tokens are strings (or {"content": str})
     and whose chat_template is a string; HF's list of named templates gives its "default" one."""
-    try:
-        cfg = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}); restore the checkpoint's tokenizer_config.json") from e
-    except RecursionError as e:
-        raise CheckpointError(f"{path}: JSON nested too deeply to be a tokenizer config") from e
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: expected a JSON object at the top level")
+    cfg = read_document(path, CheckpointError, "a tokenizer config", max_bytes=MAX_TOKENIZER_CONFIG_BYTES,
+                        hint="; restore the checkpoint's tokenizer_config.json")
     for key in ("bos_token", "eos_token"):
         if cfg.get(key) is not None and not isinstance(_token_text(cfg[key]), str):
             raise CheckpointError(f"{path}: {key} must be a string or {{\"content\": string}}, "
