@@ -136,7 +136,7 @@ class LLM:
         kv = self.profile.kv_cache
         self.cache_dtype = self.dtype if kv.dtype == "auto" else getattr(torch, kv.dtype)
         self.cache = LatentCache(self.model.num_cache_layers, -(-kv.max_tokens // kv.block_size), kv.block_size,
-                                 self.config.latent_dim, self.cache_dtype, self.device)
+                                 self.config.cache_dim, self.cache_dtype, self.device)   # V3.2: + indexer keys
         runner = self.registry.pm.hook.dsv3_model_runner(backend=self.spec.name, model=self.model, profile=self.profile)
         spec = self.profile.speculative
         self.engine = Engine(self.model, self.cache, self.tokenizer, self.profile.max_batch_tokens, runner,
@@ -233,7 +233,7 @@ class LLM:
                                f"{self.config.max_position_embeddings} (max_position_embeddings)")
         bs = self.cache.block_size
         blocks_per = [-(-len(t) // bs) for t in token_ids]
-        scratch = LatentCache(self.model.num_cache_layers, sum(blocks_per), bs, self.config.latent_dim,
+        scratch = LatentCache(self.model.num_cache_layers, sum(blocks_per), bs, self.config.cache_dim,
                               self.cache_dtype, self.device)
         chunks, start = [], 0
         for ids, nb in zip(token_ids, blocks_per):

@@ -54,7 +54,7 @@ def quantizable(name: str) -> bool:
     """Is checkpoint tensor `name` one of the projections the official checkpoint stores in FP8?"""
     return name.endswith(".weight") and any(f".{p}." in name or name.endswith(f".{p}.weight") for p in (
         "q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
-        "gate_proj", "up_proj", "down_proj"))
+        "gate_proj", "up_proj", "down_proj", "wq_b", "wk"))   # wq_b, wk: V3.2's indexer (weights_proj stays bf16)
 
 
 def to_checkpoint_format(weights: dict[str, torch.Tensor], fmt: str, dtype: torch.dtype = torch.bfloat16,

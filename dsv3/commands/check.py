@@ -33,7 +33,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from dsv3.plugins.conformance import check_backend, format_row, table_header
-    from dsv3.core.ops import OP_NAMES
+    from dsv3.core.ops import ALL_OP_NAMES as OP_NAMES
     from dsv3.core.profile import select_profile
     from dsv3.plugins.manager import create_registry
 

@@ -33,6 +33,10 @@ class Batch:
     cu_seqlens_k: torch.Tensor         # [Bp + 1] int32 over prefill_gather_slots
     prefill_gather_slots: torch.Tensor  # [Tk] int64: every cached slot of each prefilling sequence
     token_rows: list[list[int]]        # per chunk (input order): its rows in the flat batch
+    # every token's sequence blocks and visible keys (decode rows equal decode_block_table / _context_lens):
+    # DeepSeek-V3.2's sparse attention reads the paged cache for prefill tokens too
+    block_table: torch.Tensor | None = None     # [T, max_blocks] int32
+    context_lens: torch.Tensor | None = None    # [T] int32: position + 1
 
     @property
     def last_rows(self) -> list[int]:
@@ -42,7 +46,7 @@ class Batch:
     def build(cls, chunks: list[Chunk], block_size: int, device) -> "Batch":
         order = sorted(range(len(chunks)), key=lambda i: not chunks[i].decode)
         ids, pos, slots, rows = [], [], [], [None] * len(chunks)
-        dec_tables, dec_lens, cu_q, cu_k, gather = [], [], [0], [0], []
+        dec_tables, dec_lens, cu_q, cu_k, gather, tables = [], [], [0], [0], [], []
         max_blocks = max(len(c.blocks) for c in chunks)
 
         def slot(c: Chunk, p: int) -> int:
@@ -55,8 +59,9 @@ class Batch:
             ids += c.token_ids
             pos += range(c.start, c.start + n)
             slots += [slot(c, p) for p in range(c.start, c.start + n)]
+            padded = c.blocks + [0] * (max_blocks - len(c.blocks))
+            tables += [padded] * n
             if c.decode:
-                padded = c.blocks + [0] * (max_blocks - len(c.blocks))
                 dec_tables += [padded] * n
                 dec_lens += range(c.start + 1, c.start + n + 1)
             else:
@@ -74,4 +79,6 @@ class Batch:
             decode_block_table=t(dec_tables, torch.int32).view(num_decode, max_blocks),
             decode_context_lens=t(dec_lens, torch.int32),
             cu_seqlens_q=t(cu_q, torch.int32), cu_seqlens_k=t(cu_k, torch.int32),
-            prefill_gather_slots=t(gather, torch.int64), token_rows=rows)
+            prefill_gather_slots=t(gather, torch.int64), token_rows=rows,
+            block_table=t(tables, torch.int32).view(len(ids), max_blocks),
+            context_lens=t([p + 1 for p in pos], torch.int32))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dsv3.core.batch import Batch
@@ -85,6 +86,65 @@ def yarn_rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch
     return angles.cos() * attention_factor, angles.sin() * attention_factor
 
 
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias (the V3.2 indexer's k_norm), in float32, returned in x's dtype."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), self.weight.shape, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+
+
+class Indexer(nn.Module):
+    """DeepSeek Sparse Attention's lightning indexer (DeepSeek-V3.2): which cached tokens each query sees.
+
+    Per token, Hi index-head queries q_h = wq_b(q latent) and one key k = LayerNorm(wk(x)), shared by the
+    heads and cached beside the token's latent; both rotated on their first R dims in the half-split RoPE
+    layout (pairs (x_i, x_{i+R/2}); MLA's pairs are interleaved). Query t scores cached token s with
+    sum_h w_{t,h} relu(q_{t,h} . k_s), w = weights_proj(x) / sqrt(Hi * Di), and attends to the index_topk
+    best of the tokens it may see (all of them while they are fewer).
+    """
+
+    def __init__(self, ops: Ops, cfg: ModelConfig, fmt: str, dtype: torch.dtype):
+        super().__init__()
+        self.ops, self.topk = ops, cfg.index_topk
+        self.n_heads, self.head_dim, self.rope_dim = cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim
+        self.wq_b = Linear(ops, cfg.q_lora_rank, self.n_heads * self.head_dim, fmt, dtype)
+        self.wk = Linear(ops, cfg.hidden_size, self.head_dim, fmt, dtype)
+        self.k_norm = LayerNorm(self.head_dim, 1e-6, dtype)
+        self.weights_proj = Linear(ops, cfg.hidden_size, self.n_heads, "dense", dtype)   # never quantised
+        # the half-split layout as the interleaved one the rope op rotates: interleaved slot i holds
+        # half-split dim i // 2 + (i % 2) * R/2, and the inverse permutation puts the result back
+        half = self.rope_dim // 2
+        perm = torch.tensor([i // 2 + (i % 2) * half for i in range(self.rope_dim)])
+        self.register_buffer("to_interleaved", perm, persistent=False)
+        self.register_buffer("from_interleaved", perm.argsort(), persistent=False)
+
+    def rotate(self, x, positions, rope):
+        """x [T, n, Di]: RoPE on the first R dims, half-split pairs."""
+        rotated = self.ops.rope(x[..., self.to_interleaved], positions, *rope)[..., self.from_interleaved]
+        return torch.cat((rotated, x[..., self.rope_dim:]), dim=-1)
+
+    def forward(self, x, q_latent, batch: Batch, cache: torch.Tensor, rope) -> torch.Tensor:
+        """x [T, D] (the attention input), q_latent [T, q_lora_rank] -> chosen cache slots [T, K] (-1: none).
+        Writes this step's indexer keys into the cache first, so a prefill chunk sees its own tokens."""
+        ops, t = self.ops, x.shape[0]
+        q = self.rotate(self.wq_b(q_latent).view(t, self.n_heads, self.head_dim), batch.positions, rope)  # [T, Hi, Di]
+        k = self.rotate(self.k_norm(self.wk(x)).unsqueeze(1), batch.positions, rope).squeeze(1)          # [T, Di]
+        ops.write_index_cache(cache, k, batch.slots)
+        weights = self.weights_proj(x).float() * (self.n_heads * self.head_dim) ** -0.5                # [T, Hi]
+        if batch.num_decode_tokens == t:   # decode-only steps (and captured graphs) carry only the decode tables
+            table, lens = batch.decode_block_table, batch.decode_context_lens
+        else:
+            table, lens = batch.block_table, batch.context_lens
+        scores = ops.index_scores(q, weights, cache, table, lens)                                       # [T, N]
+        return ops.index_topk(scores, table, self.topk)
+
+
 class MLA(nn.Module):
     """Multi-head Latent Attention.
 
@@ -92,6 +152,8 @@ class MLA(nn.Module):
     Only (latent, k_rope) are cached. Prefill expands the cached latents with kv_b into per-head
     k_nope and v (naive). Decode absorbs kv_b: q_nope @ W_UK moves the query into latent space, the
     attention runs over the cache directly, and W_UV maps the result back (absorbed).
+    DeepSeek-V3.2 (DSA) adds an Indexer: every token, prefill or decode, attends absorbed to the
+    index_topk cached tokens it picks (sparse_mla), never to the whole context.
     """
 
     def __init__(self, ops: Ops, cfg: ModelConfig, fmt: str, dtype: torch.dtype, mesh: Mesh = SINGLE):
@@ -119,6 +181,8 @@ class MLA(nn.Module):
         # by prepare_weights() once the weights are loaded, and counted by `dsv3-run plan`.
         self.register_buffer("w_uk", torch.empty(self.n_heads, self.nope, self.kv_rank, dtype=dtype), persistent=False)
         self.register_buffer("w_uv", torch.empty(self.n_heads, self.v_dim, self.kv_rank, dtype=dtype), persistent=False)
+        # DeepSeek-V3.2: the indexer is small and whole on every rank (its heads are not split)
+        self.indexer = Indexer(ops, cfg, fmt, dtype) if cfg.sparse_attention else None
 
     @torch.no_grad()
     def prepare_weights(self):
@@ -128,7 +192,8 @@ class MLA(nn.Module):
 
     def forward(self, x, batch: Batch, cache: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         ops, t = self.ops, x.shape[0]
-        q = self.q_proj(x) if self.cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_latent = None if self.cfg.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x))   # [T, q_lora_rank]
+        q = self.q_proj(x) if q_latent is None else self.q_b_proj(q_latent)
         q = q.view(t, self.n_heads, self.nope + self.rope_dim)
         q_nope, q_rope = q.split([self.nope, self.rope_dim], dim=-1)
         q_rope = ops.rope(q_rope, batch.positions, *rope)                          # [T, H, R]
@@ -136,6 +201,12 @@ class MLA(nn.Module):
         latent = self.kv_a_layernorm(latent)                                        # [T, C]
         k_rope = ops.rope(k_rope.unsqueeze(1), batch.positions, *rope).squeeze(1)   # [T, R], one head shared
         ops.write_latent_cache(cache, latent, k_rope, batch.slots)
+        if self.indexer is not None:   # sparse (V3.2): absorbed attention over the slots the indexer picks
+            slots = self.indexer(x, q_latent, batch, cache, rope)                     # [T, K]
+            q_abs = torch.einsum("thn,hnc->thc", q_nope, self.w_uk)                   # [T, H, C]
+            o_latent = ops.sparse_mla(q_abs, q_rope.contiguous(), cache, slots, self.softmax_scale)
+            out = torch.einsum("thc,hvc->thv", o_latent, self.w_uv)
+            return self.mesh.tp_reduce(self.o_proj(out.reshape(t, -1)))
 
         out = x.new_empty(t, self.n_heads, self.v_dim)
         nd = batch.num_decode_tokens

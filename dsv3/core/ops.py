@@ -75,7 +75,8 @@ class OpSpecs(Protocol):
                            slots: torch.Tensor) -> None:
         """In place: cache [num_blocks, block_size, C + R] viewed as [num_slots, C + R];
         cache[slots[t]] = concat(latent[t], k_rope[t]). latent [T, C] is already normed, k_rope [T, R] rotated.
-        A negative slots[t] writes nothing (the padding rows of a captured batch)."""
+        A negative slots[t] writes nothing (the padding rows of a captured batch). DeepSeek-V3.2's rows are
+        wider (the indexer key follows, see SparseOpSpecs): only their first C + R values are written."""
 
     def mla_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                     cu_seqlens_k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -102,6 +103,41 @@ class OpSpecs(Protocol):
         """sum_j topk_weights[t, j] * down(silu(gate(x_t)) * up(x_t)) over the experts topk_ids[t, j]
         that this rank holds. x [T, D] -> [T, D] in x's dtype. Activation quantisation (x, and the
         down projection's input) follows the expert weights' `act_scale_fmt` as in `linear`."""
+
+
+class SparseOpSpecs(Protocol):
+    """DeepSeek Sparse Attention (DeepSeek-V3.2): the ops only models with a lightning indexer call.
+
+    Such a model's cache rows are wider: [latent C | k_rope R | indexer key Di] per token, in the same
+    blocks under the same block table (write_latent_cache fills the first C + R values, write_index_cache
+    the last Di). Every token, prefill or decode, attends in latent space (absorbed weights) to the cache
+    slots its indexer chose: each query has its own key set, so expanding keys per query (naive prefill)
+    would cost more than reading the selected latents once. Hi = indexer heads, Di = their width,
+    N = block_table.shape[1] * block_size (the positions a block table covers), K = index_topk.
+    Backends that do not provide these fall back to the reference silently: V3 models never call them.
+    """
+
+    def write_index_cache(self, cache: torch.Tensor, index_k: torch.Tensor, slots: torch.Tensor) -> None:
+        """In place: cache [num_blocks, block_size, W] viewed as [num_slots, W]; the last Di values of row
+        slots[t] = index_k[t] ([T, Di], rotated and normed). A negative slot writes nothing."""
+
+    def index_scores(self, q: torch.Tensor, weights: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
+                     context_lens: torch.Tensor) -> torch.Tensor:
+        """The lightning indexer's logits. q [T, Hi, Di], weights [T, Hi] float32 (the per-head weights,
+        scale included), block_table [T, max_blocks] int32, context_lens [T] int32 -> [T, N] float32 with
+        score[t, p] = sum_h weights[t, h] * relu(q[t, h] . k_p) over the indexer key k_p of position p of
+        token t's sequence for p < context_lens[t], and -inf for the positions after."""
+
+    def index_topk(self, scores: torch.Tensor, block_table: torch.Tensor, k: int) -> torch.Tensor:
+        """scores [T, N] float32 (from index_scores) -> [T, min(k, N)] int64 cache slots of each row's k
+        highest finite scores (block_table maps position p to slot table[p // bs] * bs + p % bs), -1 in
+        the columns left over when a row has fewer than k finite scores. Order within a row is free."""
+
+    def sparse_mla(self, q_latent: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+        """Absorbed attention over chosen cache slots. q_latent [T, H, C], q_rope [T, H, R], cache rows
+        [latent C | k_rope R | ...], slots [T, K] int64 (-1: none). score = (q_latent . latent + q_rope .
+        k_rope) * scale over token t's valid slots; returns softmax(score) @ latent, [T, H, C] in q's dtype."""
 
 
 # -- what a captured decode step (a CUDA graph) needs of the op table, and how an op says it -----------
@@ -139,6 +175,9 @@ def handles_weight_format(fn: Callable, weight_format: str) -> bool:
 
 OP_NAMES: tuple[str, ...] = tuple(
     name for name in OpSpecs.__dict__ if not name.startswith("_") and callable(OpSpecs.__dict__[name]))
+SPARSE_OP_NAMES: tuple[str, ...] = tuple(
+    name for name in SparseOpSpecs.__dict__ if not name.startswith("_") and callable(SparseOpSpecs.__dict__[name]))
+ALL_OP_NAMES = OP_NAMES + SPARSE_OP_NAMES
 
 
 @dataclass(frozen=True)
@@ -157,13 +196,18 @@ class Ops:
     moe_gate: Callable
     moe_experts: Callable
     providers: dict  # op name -> "plugin:backend" that supplied it
+    # DeepSeek Sparse Attention (SparseOpSpecs); None in a table built for dense-attention models only
+    write_index_cache: Callable | None = None
+    index_scores: Callable | None = None
+    index_topk: Callable | None = None
+    sparse_mla: Callable | None = None
 
     @classmethod
     def from_mapping(cls, impls: dict[str, Callable], providers: dict[str, str]) -> "Ops":
         missing = [n for n in OP_NAMES if n not in impls]
         if missing:
             raise ValueError(f"op table is missing {missing}")
-        return cls(**{n: impls[n] for n in OP_NAMES}, providers=dict(providers))
+        return cls(**{n: impls[n] for n in ALL_OP_NAMES if n in impls}, providers=dict(providers))
 
 
-assert set(OP_NAMES) == {f.name for f in fields(Ops)} - {"providers"}, "Ops and OpSpecs disagree"
+assert set(ALL_OP_NAMES) == {f.name for f in fields(Ops)} - {"providers"}, "Ops and OpSpecs disagree"

@@ -3,7 +3,8 @@
 weights      exact: the model is built on the meta device with the layout's Mesh, so each rank's
              parameters (its heads, vocab rows, experts, FP8 scales) are counted as loading makes them.
              Rank 0 is the largest (it holds ceil(V/tp) vocab rows; expert counts are equal).
-latent cache exact: (layers + MTP) x (kv_lora_rank + qk_rope_head_dim) x cache dtype bytes per token,
+latent cache exact: (layers + MTP) x (kv_lora_rank + qk_rope_head_dim [+ index_head_dim: V3.2's indexer
+             keys share the latent cache's rows]) x cache dtype bytes per token,
              on every rank: MLA caches one latent per token shared by all heads, so tensor
              parallelism cannot split it.
 activations  an estimate for one step of max_batch_tokens tokens: the residual stream, the largest of
@@ -80,7 +81,7 @@ def parameter_count(cfg: ModelConfig, with_mtp: bool) -> int:
 
 def cache_bytes_per_token(cfg: ModelConfig, with_mtp: bool, cache_dtype: torch.dtype) -> int:
     layers = cfg.num_hidden_layers + int(with_mtp)
-    return layers * cfg.latent_dim * torch.empty(0, dtype=cache_dtype).element_size()
+    return layers * cfg.cache_dim * torch.empty(0, dtype=cache_dtype).element_size()   # V3.2: + the indexer key
 
 
 def activation_bytes(cfg: ModelConfig, mesh: Mesh, dtype: torch.dtype, tokens: int) -> int:

@@ -29,7 +29,7 @@ from typing import Callable, Iterable
 import pluggy
 
 from dsv3.core.errors import PluginError
-from dsv3.core.ops import OP_NAMES, Ops, handles_weight_format
+from dsv3.core.ops import ALL_OP_NAMES, OP_NAMES, Ops, handles_weight_format
 from dsv3.plugins import hookspecs
 from dsv3.plugins.hookspecs import BackendSpec
 
@@ -106,9 +106,9 @@ class Registry:
 def _validated_ops(ops) -> dict[str, Callable]:
     if not isinstance(ops, dict):
         raise TypeError(f"returned {type(ops).__name__}, expected a dict of op name to callable")
-    unknown = sorted(set(ops) - set(OP_NAMES))
+    unknown = sorted(set(ops) - set(ALL_OP_NAMES))
     if unknown:
-        raise ValueError(f"unknown op name(s) {', '.join(map(repr, unknown))}; the ops are: {', '.join(OP_NAMES)}")
+        raise ValueError(f"unknown op name(s) {', '.join(map(repr, unknown))}; the ops are: {', '.join(ALL_OP_NAMES)}")
     not_callable = sorted(op for op, fn in ops.items() if not callable(fn))
     if not_callable:
         raise TypeError(f"op(s) {', '.join(not_callable)} are not callable")
@@ -317,13 +317,14 @@ class OpChoice:
 def plan_ops(reg: Registry, backend: str, pins: dict[str, str] | None = None) -> dict[str, OpChoice]:
     """Per op: the pinned plugin's implementation, else the latest-registered plugin's that provides
     it for `backend`, else the reference one (marked as a fallback)."""
-    from dsv3.backends.reference.ops import OPS as REFERENCE_OPS
+    from dsv3.backends.reference.ops import OPS, SPARSE_OPS
+    REFERENCE_OPS = {**OPS, **SPARSE_OPS}
     spec = reg.backend(backend)
     offers = reg.op_impls(spec.name)
     offered = dict(offers)
     offered.setdefault(REFERENCE_BACKEND, REFERENCE_OPS)  # pinning an op to "cpu" means the reference op
     plan = {}
-    for op in OP_NAMES:
+    for op in ALL_OP_NAMES:
         if op in (pins or {}):
             source = offered.get(pins[op], {})
             if op not in source:
@@ -344,7 +345,8 @@ def resolve_ops(reg: Registry, backend: str, pins: dict[str, str] | None = None,
     reference, or a PluginError listing them all if `strict`. Runs once per model build."""
     spec = reg.backend(backend)
     plan = plan_ops(reg, spec.name, pins)
-    fallbacks = [op for op, c in plan.items() if c.fallback]
+    # the sparse-attention ops (dsv3.core.ops.SparseOpSpecs) fall back silently: only V3.2 models call them
+    fallbacks = [op for op, c in plan.items() if c.fallback and op in OP_NAMES]
     if fallbacks and strict:
         raise PluginError(f"backend {spec.name!r} has no implementation of {', '.join(fallbacks)} and the profile "
                           f"is strict; drop `strict: true` to run the reference ops for them, or pin them "

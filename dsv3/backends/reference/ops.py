@@ -62,7 +62,8 @@ def quantize_act(x, dtype, ue8m0):
 def write_latent_cache(cache, latent, k_rope, slots):
     flat = cache.view(-1, cache.shape[-1])
     keep = slots >= 0                                  # a negative slot (a padding row) writes nothing
-    flat[slots[keep]] = torch.cat((latent, k_rope), dim=-1)[keep].to(cache.dtype)
+    width = latent.shape[-1] + k_rope.shape[-1]       # V3.2's rows go on with the indexer key
+    flat[slots[keep], :width] = torch.cat((latent, k_rope), dim=-1)[keep].to(cache.dtype)
 
 
 @host_syncing          # per-sequence / per-expert Python loops over device values
@@ -129,6 +130,45 @@ def moe_experts(x, topk_weights, topk_ids, experts: ExpertWeights):
 def _expert(w: QuantWeight, e: int) -> QuantWeight:
     return QuantWeight(w.data[e], None if w.scale is None else w.scale[e], w.format, w.act_scale_fmt)
 
+
+# -- DeepSeek Sparse Attention (V3.2): dsv3.core.ops.SparseOpSpecs ---------------------------------------
+
+@host_syncing          # the boolean index of the kept rows is a data-dependent shape
+def write_index_cache(cache, index_k, slots):
+    flat = cache.view(-1, cache.shape[-1])
+    keep = slots >= 0
+    flat[slots[keep], cache.shape[-1] - index_k.shape[-1]:] = index_k[keep].to(cache.dtype)
+
+
+def index_scores(q, weights, cache, block_table, context_lens):
+    t, _, di = q.shape
+    n = block_table.shape[1] * cache.shape[1]
+    keys = cache[block_table.long()].view(t, n, cache.shape[-1])[..., -di:].float()     # [T, N, Di]
+    per_head = torch.relu(torch.einsum("thd,tnd->thn", q.float(), keys))               # [T, Hi, N]
+    scores = torch.einsum("th,thn->tn", weights.float(), per_head)
+    visible = torch.arange(n, device=q.device)[None, :] < context_lens[:, None]
+    return scores.masked_fill(~visible, float("-inf"))
+
+
+def index_topk(scores, block_table, k):
+    k = min(k, scores.shape[-1])
+    block_size = scores.shape[-1] // block_table.shape[1]
+    values, pos = scores.topk(k, dim=-1)                                                 # [T, k]
+    slots = block_table.long().gather(1, pos // block_size) * block_size + pos % block_size
+    return slots.masked_fill(values == float("-inf"), -1)
+
+
+def sparse_mla(q_latent, q_rope, cache, slots, scale):
+    c, r = q_latent.shape[-1], q_rope.shape[-1]
+    rows = cache.view(-1, cache.shape[-1])[slots.clamp_min(0)].float()                 # [T, K, W]
+    latent, k_rope = rows[..., :c], rows[..., c:c + r]
+    scores = (torch.einsum("thc,tkc->thk", q_latent.float(), latent)
+              + torch.einsum("thr,tkr->thk", q_rope.float(), k_rope)) * scale           # [T, H, K]
+    scores = scores.masked_fill((slots < 0)[:, None, :], float("-inf"))
+    return torch.einsum("thk,tkc->thc", scores.softmax(-1), latent).to(q_latent.dtype)
+
+
+SPARSE_OPS = {name: globals()[name] for name in ("write_index_cache", "index_scores", "index_topk", "sparse_mla")}
 
 OPS = {name: globals()[name] for name in (
     "embedding", "rms_norm", "add_rms_norm", "rope", "linear", "silu_mul", "quantize_act",

@@ -1,0 +1,189 @@
+"""DeepSeek-V3.2 (DeepSeek Sparse Attention): our logits against transformers' DeepseekV32ForCausalLM (fp32,
+CPU) on tiny random configs whose prompts are longer than index_topk, so the indexer's selection decides
+what each query sees; cached decode (absorbed sparse MLA over the paged cache) equal to full recompute;
+the MTP layer (with its own indexer) against a hand-built computation through transformers' own layer.
+
+Index heads are 16 wide enough that a cached token's score is almost never exactly 0 (all ReLUs off):
+exact ties at the top-k boundary would let two correct implementations choose differently.
+"""
+import json
+import random
+
+import pytest
+import torch
+
+from dsv3 import LLM
+from dsv3.core.batch import Batch, Chunk
+from dsv3.core.cache import LatentCache
+from dsv3.checkpoints.synthetic import random_weights, to_checkpoint_format, write_checkpoint
+
+from helpers import random_prompts, rel_err, tiny_config
+from dsv3.core.config import ModelConfig
+
+YARN_SHORT = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32,
+              "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+def v32_config(**changes) -> dict:
+    return tiny_config(**{**dict(architectures=["DeepseekV32ForCausalLM"], model_type="deepseek_v32",
+                                 index_n_heads=16, index_head_dim=32, index_topk=8, rope_scaling=YARN_SHORT),
+                          **changes})
+
+
+def v32_checkpoint(path, hf_config, seed, fmt="dense"):
+    weights = random_weights(ModelConfig.from_hf(hf_config), seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    for name in weights:   # an indexer with some spread: LayerNorm bias and head weights well away from 0
+        if name.endswith("k_norm.bias") or name.endswith("weights_proj.weight"):
+            weights[name] = torch.randn(weights[name].shape, generator=g) * 0.5
+    write_checkpoint(path, hf_config, to_checkpoint_format(weights, fmt, torch.float32), fmt=fmt)
+    return path, weights
+
+
+def hf_v32_oracle(hf_config: dict, weights: dict):
+    """transformers' DeepseekV32ForCausalLM (fp32, eager) holding the same weights (MTP layer left out)."""
+    from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
+    config = DeepseekV32Config(**{k: v for k, v in hf_config.items() if k != "architectures"})
+    config._attn_implementation = "eager"
+    model = DeepseekV32ForCausalLM(config).float().eval()
+    n, state = hf_config["num_hidden_layers"], {}
+    for name, t in weights.items():
+        if not name.startswith(f"model.layers.{n}."):
+            state[name] = t
+    for i in range(n):
+        pre = f"model.layers.{i}.mlp.experts"
+        if f"{pre}.0.gate_proj.weight" not in state:
+            continue
+        e = hf_config["n_routed_experts"]
+        gate = torch.stack([state.pop(f"{pre}.{j}.gate_proj.weight") for j in range(e)])
+        up = torch.stack([state.pop(f"{pre}.{j}.up_proj.weight") for j in range(e)])
+        state[f"{pre}.gate_up_proj"] = torch.cat([gate, up], dim=1)
+        state[f"{pre}.down_proj"] = torch.stack([state.pop(f"{pre}.{j}.down_proj.weight") for j in range(e)])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not [m for m in missing if "rotary_emb" not in m] and not unexpected, (missing, unexpected)
+    return model
+
+
+CONFIGS = {
+    "grouped-yarn-topk8": v32_config(),
+    "all-moe-one-group-topk5": v32_config(first_k_dense_replace=0, n_group=1, topk_group=1, index_topk=5,
+                                          rope_scaling=None, index_n_heads=12, index_head_dim=16),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_transformers(tmp_path, name, one_thread):
+    hf_config = CONFIGS[name]
+    seed = random.randrange(2**31)
+    path, weights = v32_checkpoint(tmp_path / "ckpt", hf_config, seed)
+    llm = LLM(path, backend="cpu", dtype="float32", **{"kv_cache.block_size": 8})
+    assert llm.config.sparse_attention and llm.cache.layers[0].shape[-1] == llm.config.cache_dim
+    oracle = hf_v32_oracle(hf_config, weights)
+    prompts = random_prompts(hf_config["vocab_size"], [45, 6, 23], seed)     # ragged; two longer than index_topk
+    ours = llm.logits(prompts)
+    refs = []
+    for i, ids in enumerate(prompts):
+        with torch.no_grad():
+            refs.append(oracle(torch.tensor([ids])).logits[0])
+        err = rel_err(ours[i, : len(ids)], refs[i])
+        assert err < 1e-4, f"{name} seed={seed} prompt {i}: relative error {err:.2e}"
+    # the selection bites: the same weights attending densely (index_topk >= every prompt) give other logits
+    dense_cfg = dict(hf_config, index_topk=64)
+    (path / "config.json").write_text(json.dumps({**json.loads((path / "config.json").read_text()), "index_topk": 64}))
+    dense = LLM(path, backend="cpu", dtype="float32").logits(prompts[:1])[0]
+    assert rel_err(dense, refs[0]) > 1e-3, "index_topk did not change the logits: the test cannot see the selection"
+    assert dense_cfg["index_topk"] > len(prompts[0])
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    path, _ = v32_checkpoint(tmp_path_factory.mktemp("v32") / "ckpt", v32_config(index_topk=6),
+                             seed=random.randrange(2**31))
+    return LLM(path, backend="cpu", dtype="float32", **{"kv_cache.block_size": 4})
+
+
+def _run(llm, cache, chunks):
+    batch = Batch.build(chunks, cache.block_size, "cpu")
+    with torch.inference_mode():
+        hidden = llm.model(batch, cache.layers)
+        return [llm.model.logits(hidden[rows]) for rows in batch.token_rows]
+
+
+def test_cached_decode_equals_full_recompute(llm, one_thread):
+    """Two prompts prefilled, then decoded token by token beside a third sequence's chunked prefill in the
+    same steps: every row's logits equal recomputing its whole sequence (blocks of 4, top-6 selection)."""
+    seqs = random_prompts(llm.config.vocab_size, [11, 3, 24], random.randrange(2**31))
+    cache = LatentCache(llm.model.num_cache_layers, 48, 4, llm.config.cache_dim, torch.float32, "cpu")
+    blocks = [list(range(0, 16))[::-1], list(range(16, 32)), list(range(32, 48))]   # out-of-order blocks too
+    _run(llm, cache, [Chunk(seqs[0], 0, blocks[0]), Chunk(seqs[1], 0, blocks[1])])
+    done = [len(seqs[0]), len(seqs[1]), 0]
+    g = torch.Generator().manual_seed(1)
+    for step in range(5):
+        new = [torch.randint(2, llm.config.vocab_size, (1,), generator=g).item() for _ in range(2)]
+        chunk3 = seqs[2][done[2]: done[2] + 7]
+        chunks = [Chunk([new[0]], done[0], blocks[0], decode=True), Chunk([new[1]], done[1], blocks[1], decode=True)]
+        if chunk3:
+            chunks.append(Chunk(chunk3, done[2], blocks[2]))
+        out = _run(llm, cache, chunks)
+        for i in range(2):
+            seqs[i] = seqs[i] + [new[i]]
+            done[i] += 1
+            full = llm.logits([seqs[i]])[0, -1]
+            assert rel_err(out[i][-1], full) < 1e-4, f"step {step} seq {i}"
+        if chunk3:
+            done[2] += len(chunk3)
+            full = llm.logits([seqs[2][: done[2]]])[0, -len(chunk3):]
+            assert rel_err(out[2], full) < 1e-4, f"chunked prefill step {step}"
+    # and decode-only steps (what a captured graph runs: decode tables only) agree too
+    for i in range(2):
+        tok = torch.randint(2, llm.config.vocab_size, (1,), generator=g).item()
+        out = _run(llm, cache, [Chunk([tok], done[i], blocks[i], decode=True)])
+        seqs[i].append(tok)
+        done[i] += 1
+        assert rel_err(out[0][-1], llm.logits([seqs[i]])[0, -1]) < 1e-4
+
+
+def test_greedy_generation_matches_full_recompute(llm, one_thread):
+    """Through the engine (chunked prefill, decode): each greedy token is the full-recompute argmax."""
+    prompts = random_prompts(llm.config.vocab_size, [17, 9], random.randrange(2**31))
+    outs, _ = llm.generate_ids(prompts, max_new_tokens=5, temperature=0.0, ignore_eos=True)
+    for p, o in zip(prompts, outs):
+        logits = llm.logits([p + o])[0]
+        for j, tok in enumerate(o):
+            row = logits[len(p) - 1 + j]
+            assert tok == int(row.argmax()) or row.max() - row[tok] < 1e-5 * row.abs().max()
+
+
+def test_mtp_layer_with_its_indexer_matches_hand_built_formula(tmp_path, one_thread):
+    hf = v32_config(num_hidden_layers=2, first_k_dense_replace=1, index_topk=5)
+    seed = random.randrange(2**31)
+    path, weights = v32_checkpoint(tmp_path / "c", hf, seed)
+    n = hf["num_hidden_layers"]
+    for name in list(weights):   # the MTP layer's decoder block (indexer included) is a copy of layer 1
+        if name.startswith("model.layers.1."):
+            weights[f"model.layers.{n}." + name[len("model.layers.1."):]] = weights[name].clone()
+    write_checkpoint(path, hf, weights)
+    llm = LLM(path, backend="cpu", dtype="float32")
+    assert llm.model.mtp.self_attn.indexer is not None
+    oracle = hf_v32_oracle(hf, weights)
+    ids = random_prompts(hf["vocab_size"], [21], seed)[0]
+    ours = llm.mtp_logits([ids])[0]
+
+    def w(suffix):
+        return weights[f"model.layers.{n}.{suffix}"]
+
+    def rms(x, weight, eps=1e-6):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    with torch.no_grad():
+        tokens = torch.tensor([ids])
+        h = oracle.model(tokens).last_hidden_state[0]
+        emb = torch.nn.functional.embedding(tokens[0, 1:], w("embed_tokens.weight"))
+        x = torch.cat([rms(emb, w("enorm.weight")), rms(h[:-1], w("hnorm.weight"))], dim=-1) @ w("eh_proj.weight").T
+        positions = torch.arange(len(ids) - 1)[None]
+        rope = oracle.model.rotary_emb(x[None], positions)
+        mask = torch.full((len(ids) - 1, len(ids) - 1), float("-inf")).triu(1)[None, None]
+        y = oracle.model.layers[1](x[None], attention_mask=mask, position_ids=positions, position_embeddings=rope)
+        y = y[0] if isinstance(y, tuple) else y
+        ref = rms(y[0], w("shared_head.norm.weight")) @ w("shared_head.head.weight").T
+    assert rel_err(ours, ref) < 1e-4
