@@ -280,7 +280,7 @@ def test_tool_history_renders_through_the_template(v3):
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 20 C"}]
     req = P.parse(P.ChatRequest, json.dumps({"messages": history, "tools": TOOLS}).encode())
     tok = v3.llm.tokenizer
-    plan = chat_requests.plan(req, tok)
+    plan = chat_requests.plan_request(req, tok)
     text, ids = tok.chat_prompt(plan.messages, plan.tools, plan.template_kwargs)
     assert ("<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n"
             '{"city": "Oslo"}\n```<｜tool▁call▁end｜>') in text
@@ -297,7 +297,7 @@ def test_tools_join_the_systems_prompt(r1):
     messages = [{"role": "system", "content": "Be brief."}] + ASK
     req = P.parse(P.ChatRequest, json.dumps({"messages": messages, "tools": TOOLS}).encode())
     tok = r1.llm.tokenizer
-    plan = chat_requests.plan(req, tok)
+    plan = chat_requests.plan_request(req, tok)
     text, _ = tok.chat_prompt(plan.messages, plan.tools, plan.template_kwargs)
     assert text.startswith("<｜begin▁of▁sentence｜>Be brief.\n\n## Tools\n")
 

@@ -61,6 +61,24 @@ def json_schema(schema) -> GrammarSpec:
     return spec
 
 
+def response_format(value) -> GrammarSpec | None:
+    """The grammar of an OpenAI `response_format`: {"type": "text"} (None), {"type": "json_object"},
+    or {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_object()
+    if kind == "json_schema":
+        schema = value.get("json_schema")
+        if not isinstance(schema, dict) or "schema" not in schema:
+            raise RequestError("response_format of type json_schema needs json_schema.schema (the JSON schema "
+                               "the answer must follow)")
+        return json_schema(schema["schema"])
+    raise RequestError(f"response_format must be {{\"type\": \"text\" | \"json_object\" | \"json_schema\"}}, "
+                       f"got {value!r:.80}")
+
+
 @dataclass(frozen=True)
 class ToolCallShape:
     """How one tool call is written: `begin` + arguments (JSON under `parameters`) + `end`."""

@@ -401,7 +401,7 @@ def create_app(model: ServedModel, worker, options: ServeOptions) -> Starlette:
             check_model(req.model)
             output = grammar = None
             if chat:
-                plan = chat_requests.plan(req, tok)
+                plan = chat_requests.plan_request(req, tok)
                 messages = plan.messages
                 check_prompt_bytes(sum(len((m["content"] or "").encode()) for m in messages)
                                    + len(json.dumps([m.get("tool_calls") for m in messages] + [plan.tools],
@@ -431,6 +431,8 @@ def create_app(model: ServedModel, worker, options: ServeOptions) -> Starlette:
                 return await generate(request, req, prompt_ids, chat, output, grammar,
                                       new_output=lambda: plan.output(tok, prompt_text)[0])
             return await generate(request, req, prompt_ids, chat, prompt_texts=prompt_texts)
+        except chat_requests.ChatRequestError as e:
+            return _error(P.APIError(400, str(e), param=e.param), metrics)
         except P.APIError as e:
             return _error(e, metrics)
         except _ClientGone:

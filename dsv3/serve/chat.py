@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from dsv3.core import grammar
 from dsv3.core.errors import RequestError
 from dsv3.core.tokenizer import TEMPLATE_VARIABLES
-from dsv3.serve import protocol as P
 from dsv3.serve.chat_output import ChatOutput
 from dsv3.serve.reasoning import THINK_END, ReasoningParser, reasoning_mode
 from dsv3.serve.tool_parsers import CALLS_BEGIN, CALLS_END, ToolCallFormat, ToolCallParser, detect_format
@@ -77,68 +76,84 @@ class ChatPlan:
         if spec is not None and mode == "open":
             end = tok.token_id(THINK_END)
             if end is None:
-                raise P.APIError(400, f"this model reasons before it answers, and its tokenizer has no single "
-                                      f"{THINK_END} token to start the constraint after; send the request without "
-                                      f"response_format or tool_choice", param="response_format")
+                raise ChatRequestError(f"this model reasons before it answers, and its tokenizer has no single "
+                                       f"{THINK_END} token to start the constraint after; send the request "
+                                       f"without response_format or tool_choice", "response_format")
             spec = spec.after(end)
         tools = ToolCallParser(self.tool_format) if self.tool_format is not None else None
         return ChatOutput(ReasoningParser(mode) if mode else None, tools), spec
 
 
-def plan(req: P.ChatRequest, tok) -> ChatPlan:
-    """Check a chat request's tools, tool_choice and response_format against each other and the
-    template; APIError 400 naming the field when they do not fit."""
-    messages = [m.as_template_input() for m in req.messages]
-    kwargs = req.chat_template_kwargs
-    if kwargs is not None:
-        reserved = sorted(set(kwargs) & TEMPLATE_VARIABLES)
+class ChatRequestError(RequestError):
+    """A chat request whose tools, tool_choice or response_format do not fit; `param` names the field."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def plan(tok, messages: list[dict], tools: list[dict] | None = None, tool_choice: str | dict | None = None,
+         parallel_tool_calls: bool = True, response_format: dict | None = None,
+         template_kwargs: dict | None = None) -> ChatPlan:
+    """Check a chat's tools (OpenAI function tools), tool_choice ("auto", "none", "required" or
+    {"type": "function", "function": {"name": ...}}) and response_format against each other and the
+    template; ChatRequestError naming the field when they do not fit. `messages` are the template's
+    (role, content, tool_calls, ...)."""
+    if template_kwargs is not None:
+        reserved = sorted(set(template_kwargs) & TEMPLATE_VARIABLES)
         if reserved:
-            raise P.APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}: the server sets them",
-                             param="chat_template_kwargs")
-    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-    choice = req.tool_choice if req.tool_choice is not None else ("auto" if tools else "none")
+            raise ChatRequestError(f"chat_template_kwargs may not set {', '.join(reserved)}: the server sets them",
+                                   "chat_template_kwargs")
+    tools = tools or None
+    choice = tool_choice if tool_choice is not None else ("auto" if tools else "none")
+    named = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if not (choice in ("auto", "none", "required") or isinstance(named, str)):
+        raise ChatRequestError(f"tool_choice must be \"auto\", \"none\", \"required\" or {{\"type\": \"function\", "
+                               f"\"function\": {{\"name\": ...}}}}, got {choice!r:.80}", "tool_choice")
     if choice != "none" and not tools:
-        raise P.APIError(400, "tool_choice needs tools: give the functions the model may call in `tools`",
-                         param="tool_choice")
-    fmt = None
-    spec = None
+        raise ChatRequestError("tool_choice needs tools: give the functions the model may call in `tools`",
+                               "tool_choice")
+    fmt = spec = None
     if tools and choice != "none":
         fmt = tool_format(tok)
         if fmt is None:
-            raise P.APIError(400, "this checkpoint's chat template writes no tool calls in a format this server "
-                                  "reads (DeepSeek V3/R1's or V3.1's); send the request without tools",
-                             param="tools")
+            raise ChatRequestError("this checkpoint's chat template writes no tool calls in a format this server "
+                                   "reads (DeepSeek V3/R1's or V3.1's); send the request without tools", "tools")
         names = [t["function"]["name"] for t in tools]
-        if len(set(names)) != len(names):
-            raise P.APIError(400, f"tools: two functions share a name ({sorted(n for n in set(names) if names.count(n) > 1)[0]!r})",
-                             param="tools")
-        if isinstance(choice, P.NamedToolChoice):
-            if choice.function.name not in names:
-                raise P.APIError(400, f"tool_choice names the function {choice.function.name!r}, which is not in "
-                                      f"tools ({', '.join(names)})", param="tool_choice")
-            chosen, parallel = [tools[names.index(choice.function.name)]], False
+        twice = sorted(n for n in set(names) if names.count(n) > 1)
+        if twice:
+            raise ChatRequestError(f"tools: two functions share a name ({twice[0]!r})", "tools")
+        if named is not None:
+            if named not in names:
+                raise ChatRequestError(f"tool_choice names the function {named!r}, which is not in tools "
+                                       f"({', '.join(names)})", "tool_choice")
+            chosen, parallel = [tools[names.index(named)]], False
         else:
-            chosen, parallel = tools, req.parallel_tool_calls
+            chosen, parallel = tools, parallel_tool_calls
         if choice != "auto":
             try:
                 spec = fmt.grammar(chosen, parallel)
             except RequestError as e:
-                raise P.APIError(400, f"tools: a function's parameters: {e}", param="tools") from None
+                raise ChatRequestError(f"tools: a function's parameters: {e}", "tools") from None
         if "tools" not in tok.template_variables:
             messages = with_tools_described(messages, tools_system_prompt(fmt, tools))
-    rf = req.response_format
-    if rf is not None and rf.type != "text":
-        if spec is not None:
-            raise P.APIError(400, "response_format and a required or named tool_choice both constrain the answer; "
-                                  "give one of them", param="response_format")
+    if response_format is not None:
         try:
-            if rf.type == "json_object":
-                spec = grammar.json_object()
-            elif rf.json_schema is None or rf.json_schema.schema_ is None:
-                raise P.APIError(400, "response_format of type json_schema needs json_schema.schema (the JSON "
-                                      "schema the answer must follow)", param="response_format")
-            else:
-                spec = grammar.json_schema(rf.json_schema.schema_)
+            answer = grammar.response_format(response_format)
         except RequestError as e:
-            raise P.APIError(400, f"response_format.json_schema.schema: {e}", param="response_format") from None
-    return ChatPlan(messages, tools if choice != "none" else None, kwargs, fmt, spec)
+            raise ChatRequestError(f"response_format: {e}", "response_format") from None
+        if answer is not None and spec is not None:
+            raise ChatRequestError("response_format and a required or named tool_choice both constrain the answer; "
+                                   "give one of them", "response_format")
+        spec = spec or answer
+    return ChatPlan(messages, tools if choice != "none" else None, template_kwargs, fmt, spec)
+
+
+def plan_request(req, tok) -> ChatPlan:
+    """plan() for a validated ChatRequest (dsv3.serve.protocol)."""
+    named = req.tool_choice
+    return plan(tok, [m.as_template_input() for m in req.messages],
+                [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
+                named.model_dump() if hasattr(named, "model_dump") else named, req.parallel_tool_calls,
+                req.response_format.model_dump(by_alias=True, exclude_none=True) if req.response_format else None,
+                req.chat_template_kwargs)
