@@ -32,7 +32,7 @@ import zmq
 
 from dsv3.core.errors import Dsv3Error
 from dsv3.core.sampling import SamplingParams
-from dsv3.serve.worker import Accepted, Delta, EngineWorker, Failed, Handle
+from dsv3.serve.worker import Accepted, Delta, EngineWorker, Failed, Handle, busy_for
 
 log = logging.getLogger("dsv3.serve")
 _encode = msgspec.msgpack.Encoder().encode
@@ -144,8 +144,7 @@ class EngineProcess:
         return not (self._stopping or self._dead) and self._proc.is_alive()
 
     def busy_for(self) -> float:
-        started = self._step_started.value
-        return 0.0 if started == 0.0 else time.time() - started
+        return busy_for(self._step_started)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Handle:
         return self.submit_choices(prompt_ids, [params])[0]
@@ -256,22 +255,6 @@ class EngineProcess:
 
 
 # -- the engine process -----------------------------------------------------------------------------
-class _RemoteWorker(EngineWorker):
-    """The engine loop of the engine process: the in-thread worker, whose step-in-progress clock is
-    shared with the HTTP process (wall time, for /health) and whose handles deliver over zmq."""
-
-    def __init__(self, engine, step_started):
-        super().__init__(engine)
-        self._shared_step = step_started
-
-    def _step(self) -> None:
-        self._shared_step.value = time.time()
-        try:
-            super()._step()
-        finally:
-            self._shared_step.value = 0.0
-
-
 def _engine_main(build, build_args, warm_up, cmd_addr, evt_addr, step_started, parent_pid) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):      # the HTTP process leads the shutdown
         signal.signal(sig, signal.SIG_IGN)
@@ -299,7 +282,7 @@ def _engine_main(build, build_args, warm_up, cmd_addr, evt_addr, step_started, p
         time.sleep(0.2)
         os._exit(2)
 
-    worker = _RemoteWorker(engine, step_started)
+    worker = EngineWorker(engine, step_clock=step_started)   # its step clock is shared with /health
 
     def deliver(pairs) -> None:              # one message per engine step
         for h, ev in pairs:

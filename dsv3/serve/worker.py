@@ -93,15 +93,27 @@ def _deliver_to_loops(pairs: list) -> None:
             pass
 
 
+class StepClock:
+    """When the engine step now running began (time.time(); 0.0 between steps), for /health. The engine
+    process passes a multiprocessing Value instead: same `.value`, shared with the HTTP process."""
+    value: float = 0.0
+
+
+def busy_for(clock) -> float:
+    """Seconds the step on `clock` (a StepClock or a shared Value) has been running; 0 between steps."""
+    started = clock.value
+    return 0.0 if started == 0.0 else time.time() - started
+
+
 class EngineWorker:
-    def __init__(self, engine: Engine, metrics: Metrics | None = None, mesh=None):
+    def __init__(self, engine: Engine, metrics: Metrics | None = None, mesh=None, step_clock=None):
         self.engine = engine
         self.metrics = metrics or Metrics()
         self.mesh = mesh if mesh is not None and mesh.world > 1 else None
         # Alone, a step that raises is retried per sequence and only the guilty request fails. Ranks of
         # a parallel engine must run identical steps, so there a failed step stops serving instead.
         engine.isolate_failures = self.mesh is None
-        self.step_started: float | None = None      # monotonic time the step in progress began
+        self.step_clock = step_clock if step_clock is not None else StepClock()
         self._replay: list[tuple] = []               # commands applied since the last broadcast
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._active: dict[int, Handle] = {}          # sequence id -> handle
@@ -118,8 +130,7 @@ class EngineWorker:
 
     def busy_for(self) -> float:
         """Seconds the engine has spent in the step now running (0 when between steps)."""
-        started = self.step_started
-        return 0.0 if started is None else time.monotonic() - started
+        return busy_for(self.step_clock)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Handle:
         return self.submit_choices(prompt_ids, [params])[0]
@@ -241,13 +252,13 @@ class EngineWorker:
                 self.metrics.requests.labels("aborted").inc()
 
     def _step(self) -> None:
-        self.step_started = time.monotonic()
+        self.step_clock.value = time.time()
         try:
             # Alone, a failing sequence comes back as an output with .error (Engine.isolate_failures);
             # what still raises is a bug outside any one sequence, which _run handles.
             outputs = self.engine.step()
         finally:
-            self.step_started = None
+            self.step_clock.value = 0.0
         now = time.monotonic()
         new_tokens, sends = 0, []             # [(handle, event)], handed over once per step
         for out in outputs:
