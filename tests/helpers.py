@@ -103,3 +103,11 @@ def assert_greedy_matches_reference(reference, prompts: list[list[int]], outputs
             total += 1
             assert tok == best or row[best] - row[tok] <= 0.05 * (row.max() - row.min()), (p, i, tok, best)
     assert exact / total >= 0.8
+
+
+def fp8_checkpoint(tmp_path_factory, name: str, seed: int, **kw):
+    """A tiny FP8-block checkpoint in bf16 without a tokenizer, under a fresh temp dir: the fixture of
+    the hostile-file and load-robustness tests."""
+    path, _ = make_checkpoint(tmp_path_factory.mktemp(name) / "ckpt", tiny_config(), seed=seed, fmt="fp8-block",
+                              dtype=torch.bfloat16, tokenizer=False, **kw)
+    return path

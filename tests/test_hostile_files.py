@@ -15,7 +15,7 @@ from dsv3.checkpoints.convert import convert_checkpoint
 from dsv3.core.errors import CheckpointError
 from dsv3.core.loader import Checkpoint
 
-from helpers import make_checkpoint, tiny_config
+from helpers import fp8_checkpoint, make_checkpoint, tiny_config
 
 ST = "model.safetensors"
 SENTINEL_NAME = "pwned"
@@ -23,16 +23,12 @@ SENTINEL_NAME = "pwned"
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
-    path, _ = make_checkpoint(tmp_path_factory.mktemp("good") / "ckpt", tiny_config(), seed=11, fmt="fp8-block",
-                              dtype=torch.bfloat16, tokenizer=False)
-    return path
+    return fp8_checkpoint(tmp_path_factory, "good", seed=11)
 
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
-    path, _ = make_checkpoint(tmp_path_factory.mktemp("sharded") / "ckpt", tiny_config(), seed=12, fmt="fp8-block",
-                              num_shards=3, dtype=torch.bfloat16, tokenizer=False)
-    return path
+    return fp8_checkpoint(tmp_path_factory, "sharded", seed=12, num_shards=3)
 
 
 def _copy(src, tmp_path, name="bad"):

@@ -1,5 +1,6 @@
 """`dsv3-run convert` when things go wrong: a second converter, a changed shard, a kill at any point,
 a full disk, bad arguments. Each test names the failure it guards against (issue #25, item 13-14)."""
+import contextlib
 import errno
 import json
 import os
@@ -29,6 +30,23 @@ def clean(src, tmp_path_factory):
     out = tmp_path_factory.mktemp("clean") / "bf16"
     convert_checkpoint(src, out, "bf16", max_shard_bytes=SHARD, progress=False, log=lambda m: None)
     return out
+
+
+@contextlib.contextmanager
+def _killed_at_the_rename_of(part, monkeypatch):
+    """Within the block, renaming the partial directory `part` into place is a Ctrl-C."""
+    real_replace = os.replace
+
+    def killed(a, b, *args, **kwargs):
+        if os.fspath(a) == os.fspath(part):
+            raise KeyboardInterrupt
+        return real_replace(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", killed)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(os, "replace", real_replace)
 
 
 def _convert(src, dst, to="bf16", logs=None, **kw):
@@ -100,17 +118,8 @@ def test_resume_converts_again_a_shard_whose_bytes_changed(src, clean, tmp_path,
 def test_overwrite_killed_between_its_renames_is_repaired_by_the_next_run(src, clean, tmp_path, monkeypatch):
     dst, part = tmp_path / "out", tmp_path / ".out.partial"
     _convert(src, dst, "fp8-fnuz")
-    real_replace = os.replace
-
-    def killed_before_the_second_rename(a, b, *args, **kwargs):
-        if os.fspath(a) == os.fspath(part):
-            raise KeyboardInterrupt
-        return real_replace(a, b, *args, **kwargs)
-
-    monkeypatch.setattr(os, "replace", killed_before_the_second_rename)
-    with pytest.raises(KeyboardInterrupt):
-        _convert(src, dst, overwrite=True)
-    monkeypatch.setattr(os, "replace", real_replace)
+    with _killed_at_the_rename_of(part, monkeypatch), pytest.raises(KeyboardInterrupt):
+        _convert(src, dst, overwrite=True)        # killed between moving the old DST aside and the new one in
     assert not dst.exists() and len(list(tmp_path.glob(".out.old-*"))) == 1
     logs = []
     report = _convert(src, dst, overwrite=True, logs=logs)
@@ -139,17 +148,8 @@ def test_overwrite_killed_between_its_renames_is_repaired_by_the_next_run(src, c
 
 def test_a_kill_after_the_last_shard_resumes_instead_of_starting_over(src, clean, tmp_path, monkeypatch):
     dst, part = tmp_path / "out", tmp_path / ".out.partial"
-    real_replace = os.replace
-
-    def killed_at_the_final_rename(a, b, *args, **kwargs):
-        if os.fspath(a) == os.fspath(part):
-            raise KeyboardInterrupt
-        return real_replace(a, b, *args, **kwargs)
-
-    monkeypatch.setattr(os, "replace", killed_at_the_final_rename)
-    with pytest.raises(KeyboardInterrupt):
-        first = _convert(src, dst)
-    monkeypatch.setattr(os, "replace", real_replace)
+    with _killed_at_the_rename_of(part, monkeypatch), pytest.raises(KeyboardInterrupt):
+        _convert(src, dst)
     logs = []
     report = _convert(src, dst, logs=logs)
     assert not any("different conversion" in m or "starting over" in m for m in logs), logs

@@ -25,7 +25,7 @@ from dsv3.core.tokenizer import Tokenizer
 from dsv3.parallel import memory
 from dsv3.plugins.manager import create_registry
 
-from helpers import make_checkpoint, tiny_config
+from helpers import fp8_checkpoint, make_checkpoint, tiny_config
 
 ST = "model.safetensors"
 V3_CONFIG = "/work/shared/reference/deepseek-v3/config.json"
@@ -39,9 +39,7 @@ def dense(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fp8(tmp_path_factory):
-    path, _ = make_checkpoint(tmp_path_factory.mktemp("fp8") / "ckpt", tiny_config(), seed=22, fmt="fp8-block",
-                              dtype=torch.bfloat16, tokenizer=False)
-    return path
+    return fp8_checkpoint(tmp_path_factory, "fp8", seed=22)
 
 
 @pytest.fixture(scope="module")
