@@ -4,6 +4,8 @@
     llm = LLM("path/to/DeepSeek-V3", backend="cpu", dtype="float32")
     llm.generate("Hello", max_new_tokens=32)             # a Completion: a str, with .finish_reason
     llm.generate(["Hello", "def fib(n):"])               # a list of them, in order
+    llm.generate("A person:", json_schema={...})          # structured output: JSON valid under the schema
+    llm.chat([{"role": "user", "content": "Weather in Oslo?"}], tools=[...])   # a ChatReply (a message dict)
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from dsv3.core import grammar
 from dsv3.core.batch import Batch, Chunk
 from dsv3.core.cache import LatentCache
 from dsv3.core.config import ModelConfig
@@ -77,6 +80,16 @@ class Completion(str):
         self.finish_reason, self.token_ids = finish_reason, list(token_ids or [])
         self.logprobs, self.prompt_logprobs = logprobs, prompt_logprobs
         return self
+
+
+class ChatReply(dict):
+    """One assistant message as OpenAI writes it: `content`, `tool_calls` (id, type, function name and
+    arguments JSON) when the model called tools, `reasoning_content` for reasoning models (R1, V3.1
+    thinking); with `finish_reason` ("stop", "length", "tool_calls") and the output's `token_ids`."""
+
+    def __init__(self, message: dict, finish_reason: str | None, token_ids: list[int]):
+        super().__init__(message)
+        self.finish_reason, self.token_ids = finish_reason, list(token_ids)
 
 
 class LLM:
@@ -168,7 +181,8 @@ class LLM:
         `n` > 1: n choices per prompt (a list of n Completions each; the prompt is computed once).
         More sampling keywords (SamplingParams): presence_penalty, frequency_penalty,
         repetition_penalty, logit_bias ({token id: bias}), min_tokens, stop_token_ids, logprobs,
-        prompt_logprobs, ignore_eos."""
+        prompt_logprobs, ignore_eos. Structured output: `json_schema` (a JSON schema: the output is
+        JSON valid under it) or `response_format` (OpenAI's: {"type": "json_object"}, ...)."""
         if isinstance(prompts, str):
             return self.generate([prompts], max_new_tokens, temperature, top_p, top_k, seed, stop, on_output,
                                  n, **params)[0]
@@ -187,7 +201,15 @@ class LLM:
 
     def sampling_params(self, **params) -> SamplingParams:
         """SamplingParams from keywords, with the checkpoint's defaults where a sampling value is None
-        (or absent); logit_bias may be a {token id: bias} dict, stop / stop_token_ids lists."""
+        (or absent); logit_bias may be a {token id: bias} dict, stop / stop_token_ids lists;
+        `json_schema` (a schema) or `response_format` (OpenAI's) become the grammar."""
+        schema, answer_format = params.pop("json_schema", None), params.pop("response_format", None)
+        if schema is not None and answer_format is not None:
+            raise RequestError("give json_schema or response_format, not both")
+        if schema is not None:
+            params["grammar"] = grammar.json_schema(schema)
+        elif answer_format is not None:
+            params["grammar"] = grammar.response_format(answer_format)
         for key, fallback in (("temperature", 0.0), ("top_p", 1.0), ("top_k", 0), ("repetition_penalty", 1.0)):
             if params.get(key) is None:
                 params[key] = self.generation_defaults.get(key, fallback)
@@ -220,6 +242,38 @@ class LLM:
         return [s.output_ids for s in seqs], [
             Completion(s.text, s.finish_reason, s.output_ids, s.logprobs if s.params.logprobs is not None else None,
                        s.prompt_logprobs if s.params.prompt_logprobs is not None else None) for s in seqs]
+
+    def chat(self, messages: list[dict], tools: list[dict] | None = None, tool_choice: str | dict | None = None,
+             parallel_tool_calls: bool = True, template_kwargs: dict | None = None, max_new_tokens: int = 256,
+             n: int = 1, **params) -> ChatReply | list[ChatReply]:
+        """One assistant turn after `messages` (OpenAI chat messages, tool calls and tool results
+        included), rendered through the checkpoint's chat template; a ChatReply (n > 1: a list).
+        `tools` are OpenAI function tools; `tool_choice` "auto" (the default with tools), "none",
+        "required" or {"type": "function", "function": {"name": ...}} (the last two constrain the
+        answer to calls whose arguments follow the functions' schemas); `template_kwargs` are more
+        template variables (V3.1: {"thinking": True}). Other keywords as for generate(),
+        json_schema / response_format included."""
+        from dsv3.serve.chat import plan     # the server's own reading of tools and answers (no HTTP stack)
+        tok = self._tokenizer()
+        schema, answer_format = params.pop("json_schema", None), params.pop("response_format", None)
+        if schema is not None:
+            if answer_format is not None:
+                raise RequestError("give json_schema or response_format, not both")
+            answer_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+        chat = plan(tok, [dict(m) for m in messages], tools, tool_choice, parallel_tool_calls, answer_format,
+                    template_kwargs)
+        text, ids = tok.chat_prompt(chat.messages, chat.tools, chat.template_kwargs)
+        outputs = [chat.output(tok, text) for _ in range(n)]     # (reader, grammar): a reader per choice
+        _, done = self.generate_ids([ids], n=n, max_new_tokens=max_new_tokens, grammar=outputs[0][1], **params)
+        replies = []
+        for (output, _), completion in zip(outputs, done):
+            output.feed(completion)
+            output.finish()
+            message = output.message()
+            finish = completion.finish_reason
+            replies.append(ChatReply(message, "tool_calls" if message.get("tool_calls") and finish == "stop"
+                                     else finish, completion.token_ids))
+        return replies[0] if n == 1 else replies
 
     # -- scoring ------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -1,8 +1,10 @@
 """The default command: complete prompts, a file of prompts, or chat interactively."""
 from __future__ import annotations
 
+import functools
 import json
 import sys
+from pathlib import Path
 
 from dsv3.commands.options import add_runtime_args, build_llm
 from dsv3.core.errors import Dsv3Error, RequestError
@@ -46,6 +48,8 @@ def configure(p):
     g.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
                    help="add BIAS ([-100, 100]) to token ID's logit (repeatable)")
     g.add_argument("--min-tokens", type=int, default=0, help="no EOS or stop token id before this many tokens")
+    g.add_argument("--json-schema", metavar="FILE", help="structured output: each completion is JSON valid under "
+                   "the JSON schema in FILE (with --prompt and --input-file)")
     g.add_argument("--verbose", action="store_true", help="print speed and speculative-decoding metrics (stderr)")
     p.set_defaults(func=run)
 
@@ -56,7 +60,26 @@ def _params(args) -> dict:
                 top_k=args.top_k, seed=args.seed, stop=args.stop, n=args.n, logprobs=args.logprobs,
                 presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                 repetition_penalty=args.repetition_penalty, logit_bias=_logit_bias(args.logit_bias),
-                min_tokens=args.min_tokens, stop_token_ids=args.stop_token_ids)
+                min_tokens=args.min_tokens, stop_token_ids=args.stop_token_ids,
+                json_schema=_json_schema(args.json_schema) if args.json_schema else None)
+
+
+@functools.lru_cache(maxsize=2)
+def _json_schema(path: str) -> dict:
+    """The schema in `path`, checked as the engine will compile it (before the model loads)."""
+    from dsv3.core import grammar
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RequestError(f"--json-schema {path}: cannot read it ({e})") from None
+    try:
+        schema = json.loads(text)
+        grammar.json_schema(schema)
+    except json.JSONDecodeError as e:
+        raise RequestError(f"--json-schema {path}: not valid JSON ({e})") from None
+    except RequestError as e:
+        raise RequestError(f"--json-schema {path}: {e}") from None
+    return schema
 
 
 def _logit_bias(items: list[str]) -> dict[int, float]:
@@ -77,7 +100,7 @@ def _check_params(args) -> None:
     from dsv3.core.sampling import SamplingParams
     if args.n < 1:
         raise RequestError(f"--n {args.n}: must be >= 1")
-    given = {k: v for k, v in _params(args).items() if v is not None and k != "n"}
+    given = {k: v for k, v in _params(args).items() if v is not None and k not in ("n", "json_schema")}
     given.update(stop=tuple(args.stop), stop_token_ids=tuple(args.stop_token_ids),
                  logit_bias=tuple(given["logit_bias"].items()))
     try:
@@ -113,8 +136,8 @@ def run(args) -> int:
     _check_params(args)
     if args.output_format and not args.input_file:
         raise Dsv3Error("--output-format applies to --input-file")
-    if args.interactive and (args.n != 1 or args.logprobs is not None):
-        raise Dsv3Error("--n and --logprobs apply to --prompt and --input-file, not --interactive")
+    if args.interactive and (args.n != 1 or args.logprobs is not None or args.json_schema):
+        raise Dsv3Error("--n, --logprobs and --json-schema apply to --prompt and --input-file, not --interactive")
     prompts = _read_prompts(args.input_file) if args.input_file else None
     llm = build_llm(args)
     if args.interactive:

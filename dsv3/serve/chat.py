@@ -84,6 +84,21 @@ class ChatPlan:
         return ChatOutput(ReasoningParser(mode) if mode else None, tools), spec
 
 
+def _as_template_reads(message: dict) -> dict:
+    """A message as DeepSeek's templates read it: an assistant turn's tool calls with their arguments
+    as JSON text, and its content None when empty (V3's template writes the calls only then; clients
+    send "" as often as null)."""
+    if not message.get("tool_calls"):
+        return message
+    calls = []
+    for c in message["tool_calls"]:
+        f = c.get("function") or {}
+        arguments = f.get("arguments", "{}")
+        calls.append(dict(c, type=c.get("type", "function"), function=dict(
+            f, arguments=arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False))))
+    return dict(message, content=message.get("content") or None, tool_calls=calls)
+
+
 class ChatRequestError(RequestError):
     """A chat request whose tools, tool_choice or response_format do not fit; `param` names the field."""
 
@@ -99,6 +114,7 @@ def plan(tok, messages: list[dict], tools: list[dict] | None = None, tool_choice
     {"type": "function", "function": {"name": ...}}) and response_format against each other and the
     template; ChatRequestError naming the field when they do not fit. `messages` are the template's
     (role, content, tool_calls, ...)."""
+    messages = [_as_template_reads(m) for m in messages]
     if template_kwargs is not None:
         reserved = sorted(set(template_kwargs) & TEMPLATE_VARIABLES)
         if reserved:

@@ -147,8 +147,6 @@ class ChatMessage(_Strict):
             p.text for p in self.content)
         out = {"role": "system" if self.role == "developer" else self.role, "content": text}
         if self.tool_calls:
-            # DeepSeek's V3 template writes the calls only when content is null; clients send "" too
-            out["content"] = text or None
             out["tool_calls"] = [{"id": c.id, "type": "function",
                                   "function": {"name": c.function.name, "arguments": c.function.arguments}}
                                  for c in self.tool_calls]
