@@ -15,7 +15,7 @@ from dsv3.checkpoints.convert import convert_checkpoint
 from dsv3.core.errors import CheckpointError
 from dsv3.core.loader import Checkpoint
 
-from helpers import fp8_checkpoint, make_checkpoint, tiny_config
+from helpers import fp8_checkpoint
 
 ST = "model.safetensors"
 SENTINEL_NAME = "pwned"
