@@ -250,3 +250,9 @@ def test_engine_without_a_tokenizer_refuses_a_grammar(ckpt):
     llm.engine.tokenizer = None
     with pytest.raises(RequestError, match="needs the checkpoint's tokenizer"):
         llm.engine.add([2, 3], SamplingParams(grammar=G.json_object()))
+
+
+def test_min_tokens_and_a_grammar_are_refused_together():
+    """A complete grammar allows only EOS, which min_tokens masks: the row would have no token left."""
+    with pytest.raises(RequestError, match="min_tokens .*cannot be combined with structured output"):
+        SamplingParams(min_tokens=3, grammar=G.json_object())

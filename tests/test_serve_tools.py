@@ -183,6 +183,8 @@ def test_a_schema_that_cannot_be_enforced_is_a_400_naming_the_problem(v3, schema
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "foo"}}}],
       "tool_choice": "required"}, 'Unsupported type "foo"', "tools"),
     ({"chat_template_kwargs": {"messages": []}}, "may not set messages", "chat_template_kwargs"),
+    ({"response_format": {"type": "json_object"}, "min_tokens": 4}, "cannot be combined with structured output",
+     "min_tokens"),
 ])
 def test_requests_that_do_not_fit_are_400s(v3, request_fields, problem, param):
     with pytest.raises(openai.BadRequestError) as e:

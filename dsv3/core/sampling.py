@@ -63,6 +63,10 @@ class SamplingParams:
                       t >= 0 and math.isfinite(b) and -100 <= b <= 100 for t, b in self.logit_bias), "logit_bias",
                    f"maps at most {MAX_LOGIT_BIAS} token ids (>= 0) to biases in [-100, 100]"),
                   (0 <= self.min_tokens <= self.max_new_tokens, "min_tokens", "must be in [0, max_new_tokens]"),
+                  # a complete grammar allows only EOS, which min_tokens would mask: no token would be left
+                  (self.grammar is None or self.min_tokens == 0, "min_tokens",
+                   "cannot be combined with structured output (response_format, a required or named tool_choice): "
+                   "the grammar decides where the answer ends"),
                   (len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS and all(t >= 0 for t in self.stop_token_ids),
                    "stop_token_ids", f"give at most {MAX_STOP_TOKEN_IDS} token ids (>= 0)"),
                   (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",

@@ -287,7 +287,10 @@ def create_app(model: ServedModel, worker, options: ServeOptions) -> Starlette:
             base = dataclasses.replace(sampling(req, len(ids), max_tokens), logprobs=logprobs,
                                        prompt_logprobs=logprobs if echo else None)
             if grammar is not None:
-                base = dataclasses.replace(base, grammar=grammar)
+                try:
+                    base = dataclasses.replace(base, grammar=grammar)
+                except RequestError as e:           # a sampling field the grammar rules out (min_tokens)
+                    raise P.APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
             params.append([dataclasses.replace(base, seed=choice_seed(base.seed, j)) for j in range(n)])
         handles = await submit_all(prompts, params)
         rid = P.new_id("chatcmpl" if chat else "cmpl")
