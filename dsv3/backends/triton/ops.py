@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsv3.backends.triton import elementwise, gate, mla, moe, norm
+from dsv3.backends.triton import dsa, elementwise, gate, mla, moe, norm
 from dsv3.backends.triton.gemm import fp8_gemm
 from dsv3.backends.triton.quant import act_quant
 from dsv3.backends.triton.tuning import QUANT_IN_GEMM_MAX_M, Target, gemm_config
@@ -72,4 +72,9 @@ def make_ops(target: Target, fp8_linear=None) -> dict:
         "mla_decode": lambda ql, qr, cache, bt, lens, scale: mla.mla_decode(target, ql, qr, cache, bt, lens, scale),
         "moe_gate": lambda x, weight, bias, spec: gate.moe_gate(x, weight, bias, spec, num_sms=target.num_sms),
         "moe_experts": moe_experts,
+        # DeepSeek Sparse Attention (V3.2): dsv3.backends.triton.dsa
+        "write_index_cache": dsa.write_index_cache,
+        "index_scores": dsa.index_scores,
+        "index_topk": dsa.index_topk,
+        "sparse_mla": dsa.sparse_mla,
     }

@@ -18,7 +18,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from dsv3.backends.triton import elementwise, gate, gemm, mla, moe, norm, quant, tuning
+from dsv3.backends.triton import dsa, elementwise, gate, gemm, mla, moe, norm, quant, tuning
 from dsv3.core.quant import FP8_MAX
 
 I32, F32 = "i32", "fp32"
@@ -126,6 +126,23 @@ def kernel_specs(t: tuning.Target):
                 {"GATED": gated, "UE8M0": False, "FP8_MAX": fmax, "BLOCK_M": mcfg.block_m,
                  "BLOCK_N": mcfg.block_n_up if gated else mcfg.block_n_down, "BLOCK_K": 128},
                 mcfg.num_warps, mcfg.num_stages, mcfg.extra)
+    for cache in ("bf16", f8):   # DeepSeek-V3.2 (DSA) at its shapes: 64 index heads of 128, rows 576 + 128
+        add(f"write_index_cache[{cache}]", dsa.write_index_cache_kernel,
+            "cache_ptr k_ptr slot_ptr stride_slot stride_k OFFSET D BLOCK_D",
+            {"cache_ptr": "*" + cache, "k_ptr": "*bf16", "slot_ptr": "*i64"}, {"D": 128, "BLOCK_D": 128}, num_warps=1)
+        add(f"index_scores[{cache}]", dsa.index_scores_kernel,
+            "q_ptr w_ptr cache_ptr bt_ptr lens_ptr out_ptr HI N KOFF stride_qt stride_qh stride_wt stride_cb stride_cs "
+            "stride_bt stride_ot DI BLOCK_H BLOCK_D PAGE BLOCK_N",
+            {"q_ptr": "*bf16", "w_ptr": "*fp32", "cache_ptr": "*" + cache, "bt_ptr": "*i32", "lens_ptr": "*i32",
+             "out_ptr": "*fp32"}, {"DI": 128, "BLOCK_H": 64, "BLOCK_D": 128, "PAGE": 64, "BLOCK_N": 64})
+        add(f"sparse_mla[{cache}]", dsa.sparse_mla_kernel,
+            "ql_ptr qr_ptr cache_ptr slots_ptr o_ptr H K scale stride_qlt stride_qlh stride_qrt stride_qrh stride_cs "
+            "stride_st stride_ot stride_oh C R BLOCK_C BLOCK_R BLOCK_H BLOCK_N",
+            {"ql_ptr": "*bf16", "qr_ptr": "*bf16", "cache_ptr": "*" + cache, "slots_ptr": "*i64", "o_ptr": "*bf16",
+             "scale": F32}, {"C": 512, "R": 64, "BLOCK_C": 512, "BLOCK_R": 64, "BLOCK_H": 16, "BLOCK_N": 32})
+    add("index_topk", dsa.index_topk_kernel, "s_ptr bt_ptr out_ptr N K stride_s stride_bt stride_o NEG_INF_KEY PAGE BLOCK",
+        {"s_ptr": "*fp32", "bt_ptr": "*i32", "out_ptr": "*i64"},
+        {"NEG_INF_KEY": dsa.NEG_INF_KEY, "PAGE": 64, "BLOCK": 1024})
     add("moe_sum", moe.moe_sum_kernel, "rows_ptr ids_ptr out_ptr D first_expert num_local stride_r stride_o TOP_K BLOCK",
         {"rows_ptr": "*bf16", "ids_ptr": "*i64", "out_ptr": "*bf16"}, {"TOP_K": 8, "BLOCK": 1024})
     return specs

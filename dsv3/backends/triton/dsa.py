@@ -1,0 +1,198 @@
+"""DeepSeek Sparse Attention (DeepSeek-V3.2) kernels: the ops of dsv3.core.ops.SparseOpSpecs.
+
+The cache rows are [latent C | k_rope R | indexer key Di] (one row per token, paged like the latent cache).
+
+- index_scores: one program per (token, run of BLOCK_N positions of its block table): the token's Hi
+  index-head queries [Hi, Di] against BLOCK_N indexer keys gathered through the block table, one tensor-core
+  product, ReLU, then the weighted sum over heads. Positions past the token's context get -inf. A decode
+  token reads each of its keys once; prefill tokens of one sequence re-read the same keys (from L2).
+- index_topk: one program per row. The k-th largest score is found by bisection on the scores' order-
+  preserving integer keys (32 counting passes over the row), then one pass writes the slots of the scores
+  above it and as many ties as are needed, in position order. No sort, no host sync, any row length.
+- sparse_mla: one program per (token, BLOCK_H heads): absorbed attention over the token's chosen slots,
+  reading only those cache rows (latent and rope key), online softmax in fp32, -1 slots skipped.
+- write_index_cache: the indexer key into the last Di values of each token's row (slot -1: nothing).
+
+Inputs may be bf16 or fp32 (the cache also fp8 e4m3, widened on load); products accumulate in fp32.
+"""
+import torch
+import triton
+import triton.language as tl
+
+NEG_INF_KEY = -2139095041      # the order key of float32 -inf (bits 0xFF800000 with the magnitude bits flipped)
+
+
+@triton.jit
+def write_index_cache_kernel(cache_ptr, k_ptr, slot_ptr, stride_slot, stride_k, OFFSET,
+                             D: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    m = d < tl.where(slot >= 0, D, 0)
+    k = tl.load(k_ptr + t * stride_k + d, mask=m)
+    tl.store(cache_ptr + tl.maximum(slot, 0) * stride_slot + OFFSET + d, k.to(cache_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["stride_bt", "N"])
+def index_scores_kernel(q_ptr, w_ptr, cache_ptr, bt_ptr, lens_ptr, out_ptr, HI, N, KOFF,
+                        stride_qt, stride_qh, stride_wt, stride_cb, stride_cs, stride_bt, stride_ot,
+                        DI: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    t, nb = tl.program_id(0), tl.program_id(1)
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    q = tl.load(q_ptr + t * stride_qt + h[:, None] * stride_qh + d[None, :],
+                mask=(h[:, None] < HI) & (d[None, :] < DI), other=0.0)                         # [BH, BD]
+    w = tl.load(w_ptr + t * stride_wt + h, mask=h < HI, other=0.0).to(tl.float32)            # [BH]
+    ctx = tl.load(lens_ptr + t)
+    p = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    visible = p < ctx
+    block = tl.load(bt_ptr + t * stride_bt + p // PAGE, mask=visible, other=0).to(tl.int64)
+    row = block * stride_cb + (p % PAGE) * stride_cs
+    k = tl.load(cache_ptr + row[:, None] + KOFF + d[None, :], mask=visible[:, None] & (d[None, :] < DI),
+                other=0.0).to(q.dtype)                                                       # [BN, BD]
+    s = tl.maximum(tl.dot(q, tl.trans(k)), 0.0)                                              # [BH, BN] relu
+    score = tl.sum(w[:, None] * s, axis=0)                                                   # [BN]
+    score = tl.where(visible, score, float("-inf"))
+    tl.store(out_ptr + t * stride_ot + p, score, mask=p < N)
+
+
+@triton.jit(do_not_specialize=["stride_bt", "N"])
+def index_topk_kernel(s_ptr, bt_ptr, out_ptr, N, K, stride_s, stride_bt, stride_o,
+                      NEG_INF_KEY: tl.constexpr, PAGE: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    row = s_ptr + t * stride_s
+    lo = tl.full((), -2147483648, tl.int64)   # invariant: at least K finite keys >= lo (or lo is the minimum)
+    hi = tl.full((), 2147483647, tl.int64)
+    for _ in range(32):
+        mid = (lo + hi + 1) >> 1
+        count = tl.zeros((), tl.int32)
+        for n0 in range(0, N, BLOCK):
+            offs = n0 + tl.arange(0, BLOCK)
+            bits = tl.load(row + offs, mask=offs < N, other=float("-inf")).to(tl.int32, bitcast=True)
+            key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)    # float order as int32 order
+            count += tl.sum(((key >= mid) & (key > NEG_INF_KEY)).to(tl.int32), axis=0)
+        take = count >= K
+        lo = tl.where(take, mid, lo)
+        hi = tl.where(take, hi, mid - 1)
+    above = tl.zeros((), tl.int32)
+    for n0 in range(0, N, BLOCK):
+        offs = n0 + tl.arange(0, BLOCK)
+        bits = tl.load(row + offs, mask=offs < N, other=float("-inf")).to(tl.int32, bitcast=True)
+        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+        above += tl.sum(((key > lo) & (key > NEG_INF_KEY)).to(tl.int32), axis=0)
+    ties = K - above                          # how many keys equal to lo complete the top K
+    seen_above = tl.zeros((), tl.int32)
+    seen_tie = tl.zeros((), tl.int32)
+    for n0 in range(0, N, BLOCK):
+        offs = n0 + tl.arange(0, BLOCK)
+        bits = tl.load(row + offs, mask=offs < N, other=float("-inf")).to(tl.int32, bitcast=True)
+        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+        gt = (key > lo) & (key > NEG_INF_KEY)
+        eq = (key == lo) & (key > NEG_INF_KEY)
+        gt_i, eq_i = gt.to(tl.int32), eq.to(tl.int32)
+        tie_rank = seen_tie + tl.cumsum(eq_i, axis=0) - 1
+        col = tl.where(gt, seen_above + tl.cumsum(gt_i, axis=0) - 1, above + tie_rank)
+        chosen = gt | (eq & (tie_rank < ties))
+        block = tl.load(bt_ptr + t * stride_bt + offs // PAGE, mask=chosen, other=0).to(tl.int64)
+        tl.store(out_ptr + t * stride_o + col, block * PAGE + offs % PAGE, mask=chosen & (col < K))
+        seen_above += tl.sum(gt_i, axis=0)
+        seen_tie += tl.sum(eq_i, axis=0)
+
+
+@triton.jit
+def sparse_mla_kernel(ql_ptr, qr_ptr, cache_ptr, slots_ptr, o_ptr, H, K, scale,
+                      stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_cs, stride_st, stride_ot, stride_oh,
+                      C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+    t, hb = tl.program_id(0), tl.program_id(1)
+    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    hm = heads < H
+    c = tl.arange(0, BLOCK_C)
+    r = tl.arange(0, BLOCK_R)
+    ql = tl.load(ql_ptr + t * stride_qlt + heads[:, None] * stride_qlh + c[None, :],
+                 mask=hm[:, None] & (c[None, :] < C), other=0.0)                              # [BH, BC]
+    qr = tl.load(qr_ptr + t * stride_qrt + heads[:, None] * stride_qrh + r[None, :],
+                 mask=hm[:, None] & (r[None, :] < R), other=0.0)                              # [BH, BR]
+    m_i = tl.full((BLOCK_H,), -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
+    for n0 in range(0, K, BLOCK_N):
+        j = n0 + tl.arange(0, BLOCK_N)
+        slot = tl.load(slots_ptr + t * stride_st + j, mask=j < K, other=-1)
+        valid = slot >= 0
+        base = tl.maximum(slot, 0).to(tl.int64) * stride_cs
+        lat = tl.load(cache_ptr + base[:, None] + c[None, :], mask=valid[:, None] & (c[None, :] < C),
+                      other=0.0).to(ql.dtype)                                                 # [BN, BC]
+        rp = tl.load(cache_ptr + base[:, None] + C + r[None, :], mask=valid[:, None] & (r[None, :] < R),
+                     other=0.0).to(qr.dtype)                                                  # [BN, BR]
+        s = (tl.dot(ql, tl.trans(lat)) + tl.dot(qr, tl.trans(rp))) * scale                    # [BH, BN]
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(lat.dtype), lat)
+        m_i = m_new
+    out = acc / tl.maximum(l_i, 1e-30)[:, None]
+    tl.store(o_ptr + t * stride_ot + heads[:, None] * stride_oh + c[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=hm[:, None] & (c[None, :] < C))
+
+
+def _pow2(n: int, least: int = 16) -> int:
+    return max(least, triton.next_power_of_2(n))
+
+
+def write_index_cache(cache, index_k, slots):
+    t, di = index_k.shape
+    if index_k.stride(-1) != 1:
+        index_k = index_k.contiguous()
+    if t:
+        write_index_cache_kernel[(t,)](cache, index_k, slots, cache.stride(1), index_k.stride(0),
+                                       cache.shape[-1] - di, D=di, BLOCK_D=triton.next_power_of_2(di), num_warps=1)
+
+
+def index_scores(q, weights, cache, block_table, context_lens, block_n: int = 64):
+    t, hi, di = q.shape
+    page = cache.shape[1]
+    n = block_table.shape[1] * page
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    weights = weights.float().contiguous()
+    out = torch.empty((t, n), dtype=torch.float32, device=q.device)
+    if t and n:
+        index_scores_kernel[(t, triton.cdiv(n, block_n))](
+            q, weights, cache, block_table, context_lens, out, hi, n, cache.shape[-1] - di,
+            q.stride(0), q.stride(1), weights.stride(0), cache.stride(0), cache.stride(1), block_table.stride(0),
+            out.stride(0), DI=di, BLOCK_H=_pow2(hi), BLOCK_D=_pow2(di), PAGE=page, BLOCK_N=block_n, num_warps=4)
+    return out
+
+
+def index_topk(scores, block_table, k, block: int = 1024):
+    t, n = scores.shape
+    k = min(k, n)
+    out = torch.full((t, k), -1, dtype=torch.int64, device=scores.device)
+    if t and k:
+        scores = scores.contiguous()
+        index_topk_kernel[(t,)](scores, block_table, out, n, k, scores.stride(0), block_table.stride(0), out.stride(0),
+                                NEG_INF_KEY=NEG_INF_KEY, PAGE=n // block_table.shape[1],
+                                BLOCK=min(block, triton.next_power_of_2(n)), num_warps=4)
+    return out
+
+
+def sparse_mla(q_latent, q_rope, cache, slots, scale, block_h: int = 16, block_n: int = 32):
+    t, h, c = q_latent.shape
+    r = q_rope.shape[-1]
+    if q_latent.stride(-1) != 1:
+        q_latent = q_latent.contiguous()
+    if q_rope.stride(-1) != 1:
+        q_rope = q_rope.contiguous()
+    slots = slots.contiguous()
+    out = torch.empty_like(q_latent)
+    if t:
+        sparse_mla_kernel[(t, triton.cdiv(h, block_h))](
+            q_latent, q_rope, cache, slots, out, h, slots.shape[1], scale,
+            q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1), cache.stride(1),
+            slots.stride(0), out.stride(0), out.stride(1), C=c, R=r, BLOCK_C=_pow2(c), BLOCK_R=_pow2(r),
+            BLOCK_H=block_h, BLOCK_N=block_n, num_warps=4)
+    return out
