@@ -346,9 +346,13 @@ class Engine:
         power of two n from 16 to max_batch_tokens (shape-specialising compilers key on size ranges
         and on divisibility). The requests are fixed, so every rank of a parallel engine runs the same
         steps in lockstep. Leaves no sequence, cache block, prefix-cache entry or statistic behind.
+        Also builds structured output's grammar compiler, which reads the whole vocabulary (about a
+        second at DeepSeek's 129k tokens), so the first request with a schema does not stall the batch.
         Returns the number of engine steps run."""
         if self.has_work():
             raise RuntimeError("warm_up needs an idle engine")
+        if self.tokenizer is not None:
+            compiler_for(self.tokenizer, self.model.cfg.vocab_size, tuple(self.model.cfg.eos_token_ids))
         saved = self.prefix_caching, self.max_waiting
         self.prefix_caching, self.max_waiting = False, None
         vocab = self.model.cfg.vocab_size
