@@ -14,11 +14,13 @@ class ChatOutput:
 
     def feed(self, text: str) -> dict:
         """The delta for this piece of output text: any of reasoning_content, content, tool_calls."""
-        return self._delta(*self.reasoning.feed(text) if self.reasoning else ("", text), final=False)
+        reasoning, answer = self.reasoning.feed(text) if self.reasoning else ("", text)
+        return self._delta(reasoning, answer, final=False)
 
     def finish(self) -> dict:
         """The delta of what was held back when the output ends."""
-        return self._delta(*self.reasoning.finish() if self.reasoning else ("", ""), final=True)
+        reasoning, answer = self.reasoning.finish() if self.reasoning else ("", "")
+        return self._delta(reasoning, answer, final=True)
 
     def _delta(self, reasoning: str, answer: str, final: bool) -> dict:
         if self.tools is None:

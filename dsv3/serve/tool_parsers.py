@@ -194,13 +194,14 @@ class ToolCallParser:
                 return False                        # a marker may still be arriving
             return self._broken(events)
         if self.state == "header":
-            name = self._header(p)
-            if name is None:
+            header = self._header(p)
+            if header is None:
                 return False
-            if name is False:
+            if header is False:
                 return self._broken(events)
-            header = p[: self._header_length]
-            self.pending = p[self._header_length:]
+            name, length = header
+            header = p[:length]
+            self.pending = p[length:]
             call = ToolCall(new_call_id(), name, raw=self.unsettled + header)
             self.calls.append(call)
             self.unsettled = ""
@@ -228,10 +229,8 @@ class ToolCallParser:
             events.append(ArgumentsPiece(index, piece))
         return i >= 0
 
-    _header_length = 0
-
-    def _header(self, p: str):
-        """The call's name once its header is complete (setting _header_length); None while it may
+    def _header(self, p: str) -> tuple[str, int] | bool | None:
+        """(the call's name, the header's length) once the header is complete; None while it may
         still complete; False when it cannot be a call header."""
         end = FENCE_OPEN if self.fmt.fenced else SEP
         i = p.find(end)
@@ -250,8 +249,7 @@ class ToolCallParser:
             return None
         if not name.strip():
             return False
-        self._header_length = i + len(end)
-        return name.strip()
+        return name.strip(), i + len(end)
 
     def _consume(self, n: int, p: str) -> None:
         self.unsettled += p[:n]
