@@ -120,3 +120,30 @@ def test_triton_op_table_runs_a_v32_model(dsa, tmp_path):
     llm.model.set_ops(Ops.from_mapping({**{n: getattr(llm.ops, n) for n in llm.ops.providers}, **sparse}, {}))
     got = llm.logits(prompts)
     assert rel_err(got, want) < 1e-4
+
+
+def test_conformance_cases_for_the_sparse_ops(dsa):
+    """`dsv3-run check`'s cases for the DSA ops: the reference passes them (twice: small and V3.2 shapes),
+    the Triton kernels pass the small ones, and plausible mistakes fail."""
+    from dsv3.plugins.conformance import CheckSetting, check_ops, format_table
+    setting = CheckSetting(torch.device("cpu"), torch.float32, ("dense",), block_size=16)
+    results = check_ops(ref.SPARSE_OPS, setting, real_shapes=True)
+    assert {r.op for r in results} == set(ref.SPARSE_OPS) and all(r.passed for r in results), format_table(results)
+    kernels = {n: getattr(dsa, n) for n in ref.SPARSE_OPS}
+    results = check_ops(kernels, setting, real_shapes=False)
+    assert all(r.passed for r in results), format_table(results)
+
+    def no_relu(q, weights, cache, block_table, context_lens):
+        keys = cache[block_table.long()].flatten(1, 2)[..., -q.shape[-1]:].float()
+        s = torch.einsum("th,thn->tn", weights, torch.einsum("thd,tnd->thn", q.float(), keys))
+        return s.masked_fill(torch.arange(s.shape[1])[None] >= context_lens[:, None], float("-inf"))
+
+    def off_by_one_topk(scores, block_table, k):
+        return ref.index_topk(scores, block_table, k + 1)[:, 1:]
+
+    def ignores_minus_one(q_latent, q_rope, cache, slots, scale):
+        return ref.sparse_mla(q_latent, q_rope, cache, slots.clamp_min(0), scale)
+
+    wrong = check_ops({"index_scores": no_relu, "index_topk": off_by_one_topk, "sparse_mla": ignores_minus_one},
+                      setting, real_shapes=False)
+    assert {r.op for r in wrong if not r.passed} == {"index_scores", "index_topk", "sparse_mla"}, format_table(wrong)

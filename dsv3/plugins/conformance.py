@@ -28,7 +28,7 @@ import torch
 
 from dsv3.backends.reference import ops as reference
 from dsv3.core.errors import Dsv3Error
-from dsv3.core.ops import ExpertWeights, GateSpec
+from dsv3.core.ops import SPARSE_OP_NAMES, ExpertWeights, GateSpec
 from dsv3.core.quant import fp8_fn_to_fnuz, quantize_fp8_block, quantize_int8_channel
 from dsv3.core.weights import BLOCK, QuantWeight
 
@@ -36,6 +36,7 @@ from dsv3.core.weights import BLOCK, QuantWeight
 V3 = dict(hidden=7168, q_lora_rank=1536, kv_lora_rank=512, heads=128, qk_nope=128, qk_rope=64, v_head=128,
           experts=256, top_k=8, n_group=8, topk_group=4, routed_scaling=2.5, moe_inter=2048, inter=18432,
           vocab=129280, max_positions=163840, eps=1e-6)
+V32_INDEXER = dict(index_heads=64, index_dim=128, index_topk=2048)   # DeepSeek-V3.2's lightning indexer
 
 FP8_UNIT_ROUNDOFF = 2.0 ** -4    # e4m3: 3 mantissa bits, round to nearest -> |relative error| <= 2^-4
 FP8_ULP = 2.0 ** -3              # one e4m3 step, relative to the top of its binade
@@ -292,7 +293,7 @@ def small_dims() -> dict:
     """Odd sizes: partial 128-blocks (200 = 128 + 72), 3 heads, grouped routing over 16 experts."""
     return dict(hidden=200, q_lora_rank=72, kv_lora_rank=40, heads=3, qk_nope=16, qk_rope=8, v_head=12,
                 experts=16, top_k=3, n_group=4, topk_group=2, routed_scaling=2.5, moe_inter=48, inter=136,
-                vocab=300, max_positions=256, eps=1e-6)
+                vocab=300, max_positions=256, eps=1e-6, index_heads=5, index_dim=24, index_topk=6)
 
 
 def cases(ops: set[str], setting: CheckSetting, seed: int, real_shapes: bool = True) -> Iterator[Case]:
@@ -393,6 +394,8 @@ def _cases_for(ops, setting: CheckSetting, inp: Inputs, d: dict, formats, real: 
                    (inp.randn(n, h, c, dtype=dt), inp.randn(n, h, r, dtype=dt), cache, table,
                     torch.tensor(context, dtype=torch.int32, device=dev), (d["qk_nope"] + r) ** -0.5),
                    tol("mla_decode"), compare_tensors)
+    if set(SPARSE_OP_NAMES) & set(ops):
+        yield from _sparse_cases(ops, setting, inp, {**V32_INDEXER, **d}, real)
     if "moe_gate" in ops:
         spec = GateSpec(d["top_k"], d["n_group"], d["topk_group"], True, d["routed_scaling"])
         tg = 128 if real else 16
@@ -416,6 +419,64 @@ def _cases_for(ops, setting: CheckSetting, inp: Inputs, d: dict, formats, real: 
                        f"I={d['moe_inter']} {fmt}{' ue8m0 acts' if acts else ''}",
                        (inp.randn(t, d["hidden"], dtype=dt), weights, ids, experts),
                        tolerance("moe_experts", dt, fmt, act_scale_fmt=acts), compare_tensors)
+
+
+def _sparse_cases(ops, setting: CheckSetting, inp: Inputs, d: dict, real: bool) -> Iterator[Case]:
+    """DeepSeek Sparse Attention (V3.2): cache rows [latent | k_rope | indexer key], shuffled blocks, contexts
+    shorter and longer than index_topk, -1 slots."""
+    dt, dev, block_size = setting.dtype, setting.device, setting.block_size
+    cache_dtype = setting.cache_dtype or dt
+    c, r, hi, di, k = d["kv_lora_rank"], d["qk_rope"], d["index_heads"], d["index_dim"], d["index_topk"]
+    width = c + r + di
+    context = [1, k - 1, k + 1, 3 * block_size + 5, 3000] if real else [1, k - 1, k + 3, 2 * block_size + 2]
+    cache, table = _paged(inp, context, block_size, width, cache_dtype)
+    lens = torch.tensor(context, dtype=torch.int32, device=dev)
+    n = len(context)
+    if "write_index_cache" in ops:
+        slots = inp.randperm(cache.shape[0] * block_size)[: 4 * n]
+        slots[inp.randperm(slots.numel())[:2]] = -1
+        yield Case("write_index_cache", f"cache[{cache.shape[0]},{block_size},{width}] {slots.numel()} slots, some -1",
+                   (cache.clone(), inp.randn(slots.numel(), di, dtype=dt), slots),
+                   tolerance("write_latent_cache", dt, cache_dtype=setting.cache_dtype), compare_tensors, in_place=True)
+    if "index_scores" in ops:
+        yield Case("index_scores", f"q[{n},{hi},{di}] cache[{cache.shape[0]},{block_size},{width}] ctx{context}",
+                   (inp.randn(n, hi, di, dtype=dt), inp.randn(n, hi) * hi ** -0.5, cache, table, lens),
+                   tolerance("index_scores", dt), compare_scores)
+    if "index_topk" in ops:
+        positions = table.shape[1] * block_size
+        scores = inp.randn(n, positions)
+        scores = scores.masked_fill(torch.arange(positions, device=dev)[None, :] >= lens[:, None], float("-inf"))
+        yield Case("index_topk", f"scores[{n},{positions}] k={k} ctx{context}", (scores, table, k), 0.0, compare_topk)
+    if "sparse_mla" in ops:
+        h = d["heads"]
+        slots = torch.stack([inp.randperm(cache.shape[0] * block_size)[:k] for _ in range(n)])
+        slots[0, 1:] = -1                                   # a first token sees only itself
+        slots[-1, k // 2:] = -1
+        yield Case("sparse_mla", f"q[{n},{h},{c}+{r}] slots[{n},{k}] cache[{cache.shape[0]},{block_size},{width}]",
+                   (inp.randn(n, h, c, dtype=dt), inp.randn(n, h, r, dtype=dt), cache, slots, (d["qk_nope"] + r) ** -0.5),
+                   tolerance("sparse_mla", dt), compare_tensors)
+
+
+def compare_scores(out, ref, args) -> tuple[float, str, str]:
+    """The -inf positions (past each context) must be exactly those of the reference; finite ones close."""
+    problem = _shape_problem(out, ref)
+    if problem:
+        return float("inf"), problem, ""
+    if not torch.equal(torch.isneginf(out), torch.isneginf(ref)):
+        return float("inf"), "-inf where the reference has a score (or a score past a context)", ""
+    finite = torch.isfinite(ref)
+    return relative_error(out[finite].float(), ref[finite].float()), "", ""
+
+
+def compare_topk(out, ref, args) -> tuple[float, str, str]:
+    """Each row must hold the reference's slots (in any order) and its -1 padding."""
+    problem = _shape_problem(out, ref)
+    if problem:
+        return float("inf"), problem, ""
+    rows = (out.long().sort(-1).values != ref.long().sort(-1).values).any(-1).nonzero().flatten().tolist()
+    if rows:
+        return 1.0, f"row {rows[0]}: slots {sorted(out[rows[0]].tolist())}, reference {sorted(ref[rows[0]].tolist())}", ""
+    return 0.0, "", ""
 
 
 # -- running ----------------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ def dsv3_register_backends():
 @hookimpl
 def dsv3_backend_ops(backend):
     if backend == "cpu":
-        from dsv3.backends.reference.ops import OPS
-        return OPS
+        from dsv3.backends.reference.ops import OPS, SPARSE_OPS
+        return {**OPS, **SPARSE_OPS}
     return None
 
 
