@@ -187,3 +187,53 @@ def test_mtp_layer_with_its_indexer_matches_hand_built_formula(tmp_path, one_thr
         y = y[0] if isinstance(y, tuple) else y
         ref = rms(y[0], w("shared_head.norm.weight")) @ w("shared_head.head.weight").T
     assert rel_err(ours, ref) < 1e-4
+
+
+OFFICIAL_V32 = __import__("pathlib").Path(__file__).parent / "data" / "deepseek-v3.2-config.json"
+
+
+def test_official_v32_layout_and_plan(capsys):
+    """DeepSeek-V3.2's config (V3's with the indexer fields): the meta-device model expects V3's 91,991
+    tensors plus 7 indexer tensors in each of the 62 layers (MTP included), FP8 wq_b / wk with block
+    scales, bf16 weights_proj and k_norm; plan counts the indexer key in the cache."""
+    from dsv3.backends.reference.ops import OPS
+    from dsv3.commands.main import main
+    from dsv3.core.loader import expected_tensors
+    from dsv3.core.model import DeepseekV3
+    from dsv3.core.ops import Ops
+    cfg = ModelConfig.from_file(OFFICIAL_V32)
+    assert (cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk, cfg.cache_dim) == (64, 128, 2048, 704)
+    with torch.device("meta"):
+        model = DeepseekV3(cfg, Ops.from_mapping(OPS, {}), "fp8-block", torch.bfloat16)
+    names = expected_tensors(model)
+    assert len(names) == 91991 + 62 * 7
+    fp8, bf16, f32 = torch.float8_e4m3fn, torch.bfloat16, torch.float32
+    for layer in (0, 61):
+        pre = f"model.layers.{layer}.self_attn.indexer."
+        assert {n[len(pre):]: (s, d) for n, (s, d) in names.items() if n.startswith(pre)} == {
+            "wq_b.weight": ([8192, 1536], fp8), "wq_b.weight_scale_inv": ([64, 12], f32),
+            "wk.weight": ([128, 7168], fp8), "wk.weight_scale_inv": ([1, 56], f32),
+            "k_norm.weight": ([128], bf16), "k_norm.bias": ([128], bf16), "weights_proj.weight": ([64, 7168], bf16)}
+    assert main(["plan", "--config", str(OFFICIAL_V32), "--profile", "cuda-fp8", "--gpu-memory", "141GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "87,296 bytes per token" in out and "(576 + 128 indexer)" in out     # 62 x 704 x 2 (V3: 71,424)
+    assert "needs 8 GPUs (tp 8, ep 8)" in out
+
+
+def test_fp8_v32_checkpoint_loads_indexer_weights_as_stored(tmp_path, one_thread):
+    """An FP8 V3.2 checkpoint (wq_b, wk in FP8 with block scales; weights_proj and k_norm unquantised): the
+    cpu backend keeping FP8 multiplies the dequantised weights exactly, so it equals the same checkpoint
+    dequantised at load; weights_proj is never quantised."""
+    hf = v32_config(num_hidden_layers=2, num_nextn_predict_layers=0)
+    path, _ = v32_checkpoint(tmp_path / "fp8", hf, seed=random.randrange(2**31), fmt="fp8-block")
+    from safetensors import safe_open
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        stored = {n: f.get_slice(n).get_dtype() for n in f.keys() if ".indexer." in n and "layers.0." in n}
+    assert stored["model.layers.0.self_attn.indexer.wq_b.weight"] == "F8_E4M3"
+    assert "model.layers.0.self_attn.indexer.wk.weight_scale_inv" in stored
+    assert stored["model.layers.0.self_attn.indexer.weights_proj.weight"] != "F8_E4M3"
+    kept = LLM(path, backend="cpu", dtype="float32", weight_format="fp8-block")
+    indexer = kept.model.model.layers[0].self_attn.indexer
+    assert indexer.wq_b.format == "fp8-block" and indexer.weights_proj.format == "dense"
+    prompts = random_prompts(hf["vocab_size"], [20, 9], 0)
+    assert rel_err(kept.logits(prompts), LLM(path, backend="cpu", dtype="float32").logits(prompts)) < 1e-5

@@ -112,7 +112,7 @@ def run(args) -> int:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
     per_token = rows[0].cache_per_token
     print(f"\nlatent cache: {per_token:,} bytes per token on every rank ({cfg.num_hidden_layers + int(with_mtp)} "
-          f"layers x {cfg.latent_dim}{f' + {cfg.index_head_dim} indexer' if cfg.sparse_attention else ''} values x "
+          f"layers x {f'({cfg.latent_dim} + {cfg.index_head_dim} indexer)' if cfg.sparse_attention else cfg.latent_dim} values x "
           f"{torch.empty(0, dtype=cache_dtype).element_size()} bytes); MLA caches "
           f"one latent per token for all heads, so tensor parallelism does not split it")
     print("activations: an estimate for one step (dsv3.parallel.memory says what it counts); reserve: context, "
