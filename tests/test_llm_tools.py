@@ -83,6 +83,8 @@ def test_chat_json_schema_and_choices(v31):
         v31.chat(ASK, tool_choice="required")
     with pytest.raises(RequestError, match="give one of them"):
         v31.chat(ASK, tools=TOOLS, tool_choice="required", json_schema=SCHEMA)
+    with pytest.raises(RequestError, match=r"tools\[0\]: expected"):
+        v31.chat(ASK, tools=[{"name": "get_weather"}])
 
 
 def test_chat_reasoning_field_only_for_thinking(v31):

@@ -121,6 +121,12 @@ def plan(tok, messages: list[dict], tools: list[dict] | None = None, tool_choice
             raise ChatRequestError(f"chat_template_kwargs may not set {', '.join(reserved)}: the server sets them",
                                    "chat_template_kwargs")
     tools = tools or None
+    for i, t in enumerate(tools or []):
+        f = t.get("function") if isinstance(t, dict) else None
+        if not (t.get("type") == "function" and isinstance(f, dict) and isinstance(f.get("name"), str)
+                and isinstance(f.get("parameters", {}), (dict, type(None)))):
+            raise ChatRequestError(f"tools[{i}]: expected {{\"type\": \"function\", \"function\": {{\"name\": ..., "
+                                   f"\"parameters\": {{JSON schema}}}}}}, got {t!r:.80}", "tools")
     choice = tool_choice if tool_choice is not None else ("auto" if tools else "none")
     named = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
     if not (choice in ("auto", "none", "required") or isinstance(named, str)):
