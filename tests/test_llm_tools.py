@@ -10,6 +10,8 @@ jsonschema = pytest.importorskip("jsonschema", reason="needs the test extra: pip
 from dsv3 import LLM  # noqa: E402
 from dsv3.commands.main import main  # noqa: E402
 from dsv3.core.errors import RequestError  # noqa: E402
+from dsv3.serve.chat import plan  # noqa: E402
+from dsv3.serve.tool_parsers import V3, V3_1  # noqa: E402
 
 from helpers import make_chat_checkpoint  # noqa: E402
 
@@ -68,8 +70,11 @@ def test_chat_forced_tool_call(request, family):
     history = ASK + [{"role": "assistant", "content": "", "tool_calls": [
         {"id": call["id"], "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
         {"role": "tool", "tool_call_id": call["id"], "content": "sunny"}]
-    again = llm.chat(history, tools=TOOLS, max_new_tokens=4)
-    assert again.finish_reason in ("stop", "length", "tool_calls")
+    chat = plan(llm.tokenizer, history, TOOLS)
+    text, ids = llm.tokenizer.chat_prompt(chat.messages, chat.tools)
+    fmt = {"v3": V3, "v31": V3_1}[family]
+    assert fmt.call_begin("get_weather") + '{"city": "Oslo"}' + fmt.call_end in text
+    assert "sunny" in text
 
 
 def test_chat_json_schema_and_choices(v31):
