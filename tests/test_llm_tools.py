@@ -117,3 +117,13 @@ def test_cli_json_schema(v3, tmp_path, capsys):
     bad.write_text('{"type": "foo"}')
     assert main(["--model", str(v3.path), "--prompt", "x", "--json-schema", str(bad)]) == 2
     assert 'Unsupported type "foo"' in capsys.readouterr().err
+
+
+def test_tools_need_markers_that_decoding_keeps(tmp_path):
+    """A tokenizer that flags the tool-call markers special drops them when decoding: tools are refused,
+    not silently answered as content."""
+    from helpers import make_checkpoint
+    path, _ = make_checkpoint(tmp_path / "special")        # the default fixture: every marker special
+    llm = LLM(path, backend="cpu")
+    with pytest.raises(RequestError, match="flags the tool-call markers special"):
+        llm.chat(ASK, tools=TOOLS)

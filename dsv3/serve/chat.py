@@ -19,7 +19,8 @@ from dsv3.core.errors import RequestError
 from dsv3.core.tokenizer import TEMPLATE_VARIABLES
 from dsv3.serve.chat_output import ChatOutput
 from dsv3.serve.reasoning import THINK_END, ReasoningParser, reasoning_mode
-from dsv3.serve.tool_parsers import CALLS_BEGIN, CALLS_END, ToolCallFormat, ToolCallParser, detect_format
+from dsv3.serve.tool_parsers import (CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP, ToolCallFormat, ToolCallParser,
+                                     detect_format)
 
 
 @functools.lru_cache(maxsize=8)
@@ -141,6 +142,11 @@ def plan(tok, messages: list[dict], tools: list[dict] | None = None, tool_choice
         if fmt is None:
             raise ChatRequestError("this checkpoint's chat template writes no tool calls in a format this server "
                                    "reads (DeepSeek V3/R1's or V3.1's); send the request without tools", "tools")
+        hidden = [m for m in (CALLS_BEGIN, CALL_BEGIN, SEP, CALL_END, CALLS_END) if m in tok.special_texts]
+        if hidden:
+            raise ChatRequestError(f"this checkpoint's tokenizer.json flags the tool-call markers special ({hidden[0]} "
+                                   f"...), so decoding drops them and calls cannot be read back (DeepSeek's own "
+                                   f"tokenizers do not); send the request without tools", "tools")
         names = [t["function"]["name"] for t in tools]
         twice = sorted(n for n in set(names) if names.count(n) > 1)
         if twice:
