@@ -158,3 +158,24 @@ def test_a_cut_off_call_is_content_in_the_whole_answer():
     out.finish()
     assert out.message() == {"role": "assistant", "content": text}
     assert out.called                                           # streamed, the call had started
+
+
+@pytest.mark.parametrize("fmt", [V3, V3_1])
+def test_random_marker_soup_never_raises_and_streams_like_the_whole(fmt):
+    """Outputs built from pieces of the format (markers, names, fences, JSON, text), cut at random:
+    parsing never raises, and the streamed parse equals the whole one."""
+    import random
+    seed = random.randrange(2**31)
+    rng = random.Random(seed)
+    pieces = [CALLS_BEGIN, CALLS_END, CALL_BEGIN, "<｜tool▁call▁end｜>", SEP, "function", "get_weather", "\n",
+              "```json", "```", '{"a": 1}', "text ", "<｜tool▁", "｜>", " "]
+    for _ in range(300):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(1, 14)))
+        whole = parse(fmt, [text])[:2]
+        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randrange(0, 6)))) if len(text) > 1 else []
+        chunks = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+        assert parse(fmt, chunks)[:2] == whole, (seed, text, chunks)
+        content, calls = whole
+        assert all(name for name, _ in calls), (seed, text)
+        if not calls:                                   # nothing was called: all of it is content, unchanged
+            assert content == text, (seed, text)
