@@ -1,7 +1,8 @@
 """Kimi-K2-style configs (DeepSeek-V3's architecture, other sizes): one expert group, 64 heads, one dense
 layer, routed_scaling_factor 2.827, many experts. Logits against transformers' DeepseekV3ForCausalLM at
 a tiny scale, and `dsv3-run plan` on Kimi-K2's full config (tests/data/kimi-k2-config.json, written from
-the published numbers: 61 layers, 7168 hidden, 64 heads, 384 routed experts + 1 shared, 8 per token)."""
+the published numbers: 61 layers, 7168 hidden, 64 heads, 384 routed experts + 1 shared, 8 per token; its
+model_type is Moonshot's own `kimi_k2`, as the released config.json says)."""
 import json
 import random
 import re
@@ -32,7 +33,8 @@ def kimi_tiny(**changes):
                                  rope_theta=50000.0), **changes})
 
 
-@pytest.mark.parametrize("changes", [{}, {"n_routed_experts": 96, "norm_topk_prob": False, "q_lora_rank": None}],
+@pytest.mark.parametrize("changes", [{}, {"n_routed_experts": 96, "norm_topk_prob": False, "q_lora_rank": None,
+                                         "model_type": "kimi_k2"}],
                          ids=["kimi-48-experts", "kimi-96-experts-unnormalised-q_proj"])
 def test_kimi_like_logits_match_transformers(tmp_path, changes, one_thread):
     hf_config = kimi_tiny(**changes)

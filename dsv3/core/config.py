@@ -12,7 +12,8 @@ from pathlib import Path
 
 from dsv3.core.errors import ConfigError, brief, read_document
 
-SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v32")
+# kimi_k2: Moonshot's Kimi-K2 names its own model_type for DeepSeek-V3's architecture (DeepseekV3ForCausalLM)
+SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v32", "kimi_k2")
 # DeepSeek-V3.2's lightning indexer when its config.json leaves them out (transformers' defaults)
 INDEX_DEFAULTS = {"index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048}
 MAX_CONFIG_BYTES = 16 * 2**20   # a config.json is a few KB
