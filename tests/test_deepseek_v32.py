@@ -237,3 +237,17 @@ def test_fp8_v32_checkpoint_loads_indexer_weights_as_stored(tmp_path, one_thread
     assert indexer.wq_b.format == "fp8-block" and indexer.weights_proj.format == "dense"
     prompts = random_prompts(hf["vocab_size"], [20, 9], 0)
     assert rel_err(kept.logits(prompts), LLM(path, backend="cpu", dtype="float32").logits(prompts)) < 1e-5
+
+
+def test_mtp_speculative_decoding_is_greedy_exact(tmp_path, one_thread):
+    """V3.2 with MTP drafts (k = 2): verify chunks are multi-token decode rows over the sparse cache, and
+    rejected drafts roll back; greedy output equals plain decoding."""
+    hf = v32_config(num_hidden_layers=2, index_topk=6)
+    path, _ = v32_checkpoint(tmp_path / "c", hf, seed=random.randrange(2**31))
+    prompts = random_prompts(hf["vocab_size"], [13, 8, 21], random.randrange(2**31))
+    plain = LLM(path, backend="cpu", dtype="float32", **{"kv_cache.block_size": 4})
+    spec = LLM(path, backend="cpu", dtype="float32", **{"kv_cache.block_size": 4, "speculative.method": "mtp",
+                                                        "speculative.num_draft_tokens": 2})
+    want, _ = plain.generate_ids(prompts, max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    got, _ = spec.generate_ids(prompts, max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    assert got == want
