@@ -38,7 +38,7 @@ def quantised_ref(x, w):
     return xr @ dequantize(w, torch.float64).T
 
 
-@pytest.mark.parametrize("m", [1, 7, 16, 64, 300, 512])
+@pytest.mark.parametrize("m", [1, 7, 16, 24, 32, 64, 300, 512])   # 24, 32: a verify chunk of 8 x (k + 1) rows
 @pytest.mark.parametrize("n,k", [(576, 7168), (1536, 7168), (7168, 2048)])
 def test_linear(ops, m, n, k):
     w = quantize_fp8_block(torch.randn(n, k, device=DEV) * 0.05)
@@ -163,3 +163,110 @@ def test_tiny_model_generation_matches_reference(tmp_path):
     assert gpu.engine.runner.forward.replays > 0
     cpu = LLM(path, backend="cpu", dtype="float32")
     assert_greedy_matches_reference(cpu, prompts, outs)
+
+
+def _replayed(fn, *args):
+    """fn(*args) captured in a CUDA graph (after a warm-up on a side stream) and replayed once."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(*args)
+    graph.replay()
+    torch.cuda.synchronize()
+    return out
+
+
+@pytest.mark.parametrize("m", [16, 24, 32, 48, 64])
+def test_linear_and_moe_inside_a_graph_at_verify_sizes(ops, m):
+    """Issue 18: a speculative verify step of 8 sequences x (k + 1) tokens is the first decode step with
+    more than 16 rows (graph bucket 32: cuBLAS from 32 rows on, the Triton GEMM's 64-row tiles below, two
+    router token tiles, 256 routed experts' alignment over 256 routed rows). Each op replayed in a graph
+    equals its eager result and the reference; row-local ops give each row what it gets alone in a
+    batch of 16."""
+    for n, k in [(576, 7168), (1536, 7168), (24576, 1536), (7168, 2048)]:
+        w = quantize_fp8_block(torch.randn(n, k, device=DEV) * 0.05)
+        x = torch.randn(m, k, device=DEV, dtype=BF)
+        eager = ops["linear"](x, w)
+        assert rel(eager, quantised_ref(x, w)) < 5e-3, (n, k)
+        assert rel(_replayed(ops["linear"], x, w), eager) < 1e-3, (n, k)
+        assert rel(torch.cat([ops["linear"](x[:16], w), ops["linear"](x[16:], w)]), eager) < 5e-3, (n, k)
+    spec = GateSpec(8, 8, 4, True, 2.5)
+    x = torch.randn(m, 7168, device=DEV, dtype=BF)
+    gw, gb = torch.randn(256, 7168, device=DEV, dtype=BF) * 0.02, torch.randn(256, device=DEV) * 0.01
+    wts, ids = ops["moe_gate"](x, gw, gb, spec)
+    g_wts, g_ids = _replayed(ops["moe_gate"], x, gw, gb, spec)
+    assert torch.equal(g_ids, ids) and torch.equal(g_wts, wts)
+    rw, rids = ref.moe_gate(x, gw, gb, spec)
+    assert ((ids.sort(-1).values != rids.sort(-1).values).any(-1)).sum() <= max(1, 0.05 * m)
+
+    def stack(n, k, e=256):      # all 256 routed experts (the alignment's histogram has 512 bins), narrow I
+        qs = [quantize_fp8_block(torch.randn(n, k, device=DEV) * 0.05) for _ in range(e)]
+        return QuantWeight(torch.stack([q.data for q in qs]), torch.stack([q.scale for q in qs]), "fp8-block")
+    ex = ExpertWeights(stack(256, 7168), stack(256, 7168), stack(7168, 256), 0)
+    out = ops["moe_experts"](x, wts, ids, ex)
+    assert rel(out, ref.moe_experts(x, wts, ids, ex)) < 6e-2
+    assert rel(_replayed(ops["moe_experts"], x, wts, ids, ex), out) < 1e-3
+    halves = torch.cat([ops["moe_experts"](x[:16], wts[:16], ids[:16], ex),
+                        ops["moe_experts"](x[16:], wts[16:], ids[16:], ex)])
+    assert rel(halves, out) < 1e-3
+
+
+@pytest.fixture(scope="module")
+def wide_model():
+    """Full-width DeepSeek-V3 with 2 layers (1 dense, 1 MoE) + MTP and random FP8 weights (~30 GB)."""
+    from dsv3.commands.bench import build_model
+    from dsv3.plugins.manager import create_registry
+    model, cfg, _, _ = build_model(create_registry(), "cuda", 2, mtp=True)
+    yield model, cfg
+    del model
+    torch.cuda.empty_cache()
+
+
+def test_speculative_greedy_with_oracle_drafts_at_every_batch_and_k(wide_model, monkeypatch):
+    """Issue 18: with CUDA graphs for verify and draft, greedy MTP speculation whose drafts are always
+    right (the plain greedy continuation) must give plain greedy's output and k + 1 tokens per verify
+    step, at batch 1..16 and k 1..3 (verify chunks of 2..64 tokens: graph buckets 2..64)."""
+    from dsv3.backends.nvidia.graphs import CudaGraphRunner
+    from dsv3.core.cache import LatentCache
+    from dsv3.core.engine import Engine
+    from dsv3.core.sampling import SamplingParams
+    from dsv3.core.speculative import MTPDrafter
+    model, cfg = wide_model
+    new, ks, bs = 7, (1, 2, 3), 64
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(2, cfg.vocab_size, (int(torch.randint(20, 90, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(16)]
+    max_context = 90 + new + 16
+    cache = LatentCache(model.num_cache_layers, 16 * -(-max_context // bs), bs, cfg.latent_dim, BF, DEV)
+    runner = CudaGraphRunner(model, bs, max_context)
+
+    def generate(engine, batch, n):
+        seqs = [engine.add(p, SamplingParams(max_new_tokens=n, ignore_eos=True)) for p in batch]
+        engine.run_to_completion()
+        return [s.output_ids for s in seqs]
+
+    failures = []
+    for b in range(1, 17):
+        batch = prompts[:b]
+        # k tokens past the compared length, so that the last verify step's drafts are right as well
+        want = generate(Engine(model, cache, None, 8192, runner, prefix_caching=False), batch, new + max(ks))
+        truth = {tuple(p): w for p, w in zip(batch, want)}
+
+        def propose(work, rows, logits, j):
+            return torch.tensor([truth[tuple(s.token_ids[: s.prompt_len])][len(s.output_ids) + j] for s, *_ in work],
+                                device=logits.device), None
+        monkeypatch.setattr(MTPDrafter, "_propose", staticmethod(propose))
+        for k in ks:
+            spec = Engine(model, cache, None, 8192, runner, num_draft_tokens=k, prefix_caching=False)
+            got = generate(spec, batch, new)
+            per_step = spec.stats.spec.mean_accepted_length
+            if got != [w[:new] for w in want] or per_step != k + 1:
+                failures.append(f"batch {b} k {k}: {per_step:.2f} tokens per verify step, "
+                                f"output {'==' if got == [w[:new] for w in want] else '!='} plain")
+        monkeypatch.undo()
+    assert runner.replays > 0 and 32 in runner.graphs, "verify chunks of 17..32 tokens should replay bucket 32"
+    assert not failures, "\n".join(failures)

@@ -75,3 +75,97 @@ def test_conformance_catches_a_cache_write_that_wraps_negative_slots():
 
     results = check_ops({"write_latent_cache": python_indexing}, CheckSetting(torch.device("cpu")), real_shapes=False)
     assert results and not any(r.passed for r in results)
+
+
+# -- the runner's host logic, with capture emulated on the CPU ------------------------------------------
+
+def emulate_capture(monkeypatch):
+    """CudaGraphRunner without a GPU: a capture runs the forward on its static buffers (as the real
+    warm-up does) and a replay runs it again on them, so what the runner does on the host (buckets,
+    padding rows, stale rows of the static buffers, which batches replay) runs exactly as on the GPU."""
+    import contextlib
+
+    import torch
+
+    from dsv3.backends.nvidia import graphs
+
+    class Stub:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def wait_stream(self, *args):
+            pass
+
+    for name, value in (("Stream", Stub), ("stream", lambda s: contextlib.nullcontext()), ("current_stream", Stub),
+                        ("CUDAGraph", Stub), ("graph", lambda g, pool=None: contextlib.nullcontext()),
+                        ("graph_pool_handle", lambda: None)):
+        monkeypatch.setattr(torch.cuda, name, value)
+    capture = graphs._GraphSet._capture
+
+    def emulated(self, bucket, caches, extra):
+        capture(self, bucket, caches, extra)
+        _, static, static_extra, out = self.graphs[bucket]
+
+        class Replay:
+            @staticmethod
+            def replay():
+                out.copy_(self.fn(static, caches, static_extra))
+        self.graphs[bucket] = (Replay(), static, static_extra, out)
+    monkeypatch.setattr(graphs._GraphSet, "_capture", emulated)
+
+
+def test_speculative_verify_and_draft_through_graph_buckets_on_the_cpu(tmp_path, monkeypatch):
+    """Issue 18's host side: greedy MTP speculation with oracle drafts through the graph runner (verify
+    chunks of 2..64 tokens: buckets 2..64 with padding rows, the drafter's graphs too) gives plain
+    greedy's output and k + 1 tokens per verify step at every batch 1..16 and k 1..3."""
+    import torch
+
+    from dsv3.backends.nvidia.graphs import CudaGraphRunner
+    from dsv3.backends.reference.ops import OPS
+    from dsv3.checkpoints.synthetic import TINY_CONFIG, random_checkpoint
+    from dsv3.core.cache import LatentCache
+    from dsv3.core.config import ModelConfig
+    from dsv3.core.engine import Engine
+    from dsv3.core.loader import Checkpoint, load_weights
+    from dsv3.core.model import DeepseekV3
+    from dsv3.core.ops import Ops
+    from dsv3.core.sampling import SamplingParams
+    from dsv3.core.speculative import MTPDrafter
+    emulate_capture(monkeypatch)
+    path = random_checkpoint(tmp_path / "tiny", seed=5)
+    cfg = ModelConfig.from_hf(TINY_CONFIG)
+    model = DeepseekV3(cfg, Ops.from_mapping(OPS, {n: "cpu" for n in OPS}), "dense", torch.float32)
+    load_weights(model, Checkpoint(path))
+    bs, new, ks = 8, 4, (1, 2, 3)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(2, cfg.vocab_size, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(16)]
+    max_context = 30 + new + 8
+    cache = LatentCache(model.num_cache_layers, 16 * -(-max_context // bs), bs, cfg.latent_dim, torch.float32, "cpu")
+    runner = CudaGraphRunner(model, bs, max_context)
+
+    def generate(engine, batch, n):
+        seqs = [engine.add(p, SamplingParams(max_new_tokens=n, ignore_eos=True)) for p in batch]
+        engine.run_to_completion()
+        return [s.output_ids for s in seqs]
+
+    failures = []
+    with torch.inference_mode():
+        for b in range(1, 17):
+            batch = prompts[:b]
+            want = generate(Engine(model, cache, None, 2048, runner, prefix_caching=False), batch, new + max(ks))
+            truth = {tuple(p): w for p, w in zip(batch, want)}
+
+            def propose(work, rows, logits, j):
+                return torch.tensor([truth[tuple(s.token_ids[: s.prompt_len])][len(s.output_ids) + j]
+                                     for s, *_ in work]), None
+            for k in ks:
+                with monkeypatch.context() as m:
+                    m.setattr(MTPDrafter, "_propose", staticmethod(propose))
+                    spec = Engine(model, cache, None, 2048, runner, num_draft_tokens=k, prefix_caching=False)
+                    got = generate(spec, batch, new)
+                per_step = spec.stats.spec.mean_accepted_length
+                if got != [w[:new] for w in want] or per_step != k + 1:
+                    failures.append(f"batch {b} k {k}: {per_step:.2f} tokens per verify step")
+    assert {32, 64} <= set(runner.graphs) and 32 in runner.draft.graphs
+    assert not failures, "\n".join(failures)

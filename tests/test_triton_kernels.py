@@ -209,6 +209,33 @@ def test_mla_decode(k, cache_dtype, num_sms, bs):
     torch.testing.assert_close(out, ref.mla_decode(ql, qr, cache, table, lens, 0.3), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("num_seqs,draft", [(4, 3), (8, 1), (8, 2), (8, 3), (16, 3)])
+def test_mla_decode_verify_chunks_in_a_graph_bucket(k, num_seqs, draft):
+    """Issue 18: a speculative verify step is a decode batch of several tokens per sequence ([last,
+    d_1..d_k], causal inside the chunk: token j sees its sequence's cache up to its own position),
+    padded to the CUDA-graph bucket as graphs.py pads it (context 1, a stale block-table row)."""
+    from dsv3.core.batch import Batch, Chunk
+    h, c, r, bs = 4, 32, 8, 16
+    cache = torch.randn(num_seqs * 6, bs, c + r)
+    free = torch.randperm(num_seqs * 6).tolist()
+    chunks = []
+    for _ in range(num_seqs):
+        start = int(torch.randint(1, 70, ()))
+        chunks.append(Chunk([0] * (draft + 1), start, [free.pop() for _ in range(-(-(start + draft + 1) // bs))],
+                            decode=True))
+    batch = Batch.build(chunks, bs, "cpu")
+    t = batch.num_decode_tokens
+    bucket = 1 << (t - 1).bit_length()
+    table = torch.randint(0, cache.shape[0], (bucket, 8), dtype=torch.int32)      # stale rows and columns
+    table[:t, : batch.decode_block_table.shape[1]] = batch.decode_block_table
+    lens = torch.ones(bucket, dtype=torch.int32)
+    lens[:t] = batch.decode_context_lens
+    ql, qr = torch.randn(bucket, h, c), torch.randn(bucket, h, r)
+    out = k.mla.mla_decode(target(k), ql, qr, cache, table, lens, 0.3)[:t]
+    want = ref.mla_decode(ql[:t], qr[:t], cache, batch.decode_block_table, batch.decode_context_lens, 0.3)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+
+
 def test_mla_prefill_varlen_causal(k):
     h, dn, dr, dv = 2, 16, 8, 16
     lq, lk = [3, 20, 1], [3, 29, 6]                 # second and third: a chunk after a cached prefix
