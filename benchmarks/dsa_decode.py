@@ -71,7 +71,7 @@ def attention_table(ops, ceil, contexts, batches) -> Table:
             for name, t, nbytes, what in (
                     ("index_scores", t_scores, key_bytes, f"{key_bytes / 1e6:.1f} MB indexer keys (+{score_bytes / 1e6:.1f} "
                                                           f"MB scores written, not in the floor)"),
-                    ("index_topk (ours)", t_topk, 0, f"reads the {score_bytes / 1e6:.1f} MB scores 34 times"),
+                    ("index_topk (ours)", t_topk, 0, f"radix select: reads the {score_bytes / 1e6:.1f} MB scores 5 times"),
                     ("torch.topk (baseline)", t_torch_topk, 0, "library radix select on the same scores"),
                     ("sparse_mla", t_attn, row_bytes, f"{row_bytes / 1e6:.1f} MB chosen rows")):
                 tab.add(L, b, name, f"{t * 1e6:.1f}", f"{nbytes / ceil.read * 1e6:.1f}" if nbytes else "-",

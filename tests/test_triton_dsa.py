@@ -45,7 +45,7 @@ def test_index_scores_and_topk(dsa, hi, di, page):
     finite = torch.isfinite(want)
     torch.testing.assert_close(scores[finite], want[finite], rtol=1e-5, atol=1e-5)
     for k in (1, 6, 16):
-        got, exp = dsa.index_topk(want, table, k, block=16), ref.index_topk(want, table, k)
+        got, exp = dsa.index_topk(want, table, k, chunk=32, block=16), ref.index_topk(want, table, k)
         assert got.shape == exp.shape == (t, min(k, want.shape[1]))
         assert torch.equal(got.sort(-1).values, exp.sort(-1).values), (k, got, exp)
         # rows with fewer visible tokens than k: every visible slot, then -1
@@ -58,7 +58,7 @@ def test_index_topk_ties_and_negative_scores(dsa):
     table = torch.arange(6, dtype=torch.int32).flip(0).repeat(3, 1)           # 6 blocks of 8: 48 positions
     scores = torch.tensor([[-3.0, 0.0, 0.0, 0.0, 2.5, -0.5] * 8, [float("-inf")] * 40 + [-1.0] * 8,
                            torch.randn(48).tolist()])
-    got = dsa.index_topk(scores, table, 10, block=16)
+    got = dsa.index_topk(scores, table, 10, chunk=16, block=8)
     exp = ref.index_topk(scores, table, 10)
     for i in range(3):
         def values(slots):

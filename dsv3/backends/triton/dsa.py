@@ -6,9 +6,10 @@ The cache rows are [latent C | k_rope R | indexer key Di] (one row per token, pa
   index-head queries [Hi, Di] against BLOCK_N indexer keys gathered through the block table, one tensor-core
   product, ReLU, then the weighted sum over heads. Positions past the token's context get -inf. A decode
   token reads each of its keys once; prefill tokens of one sequence re-read the same keys (from L2).
-- index_topk: one program per row. The k-th largest score is found by bisection on the scores' order-
-  preserving integer keys (32 counting passes over the row), then one pass writes the slots of the scores
-  above it and as many ties as are needed, in position order. No sort, no host sync, any row length.
+- index_topk: a radix select, many programs per row: four 8-bit rounds (histogram the next digit of the keys
+  matching the prefix so far, then pick the digit holding the k-th largest), then one pass writes the slots
+  above the k-th key and as many ties as needed, through atomic counters (order within a row is free). Five
+  reads of the scores, no sort, no host sync, nine launches.
 - sparse_mla: one program per (token, BLOCK_H heads): absorbed attention over the token's chosen slots,
   reading only those cache rows (latent and rope key), online softmax in fp32, -1 slots skipped.
 - write_index_cache: the indexer key into the last Di values of each token's row (slot -1: nothing).
@@ -19,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-NEG_INF_KEY = -2139095041      # the order key of float32 -inf (bits 0xFF800000 with the magnitude bits flipped)
+NEG_INF_UKEY = 8388607   # the order key of float32 -inf: bits 0xFF800000, magnitude bits flipped, plus 2^31
 
 
 @triton.jit
@@ -57,47 +58,62 @@ def index_scores_kernel(q_ptr, w_ptr, cache_ptr, bt_ptr, lens_ptr, out_ptr, HI, 
     tl.store(out_ptr + t * stride_ot + p, score, mask=p < N)
 
 
-@triton.jit(do_not_specialize=["stride_bt", "N"])
-def index_topk_kernel(s_ptr, bt_ptr, out_ptr, N, K, stride_s, stride_bt, stride_o,
-                      NEG_INF_KEY: tl.constexpr, PAGE: tl.constexpr, BLOCK: tl.constexpr):
+# Top-k as a radix select over the scores' order-preserving keys (ukey: float32 order as uint32, held in int64):
+# four rounds of one 8-bit digit each, most significant first. A round's programs (many per row) histogram the
+# digit of the keys that match the prefix chosen so far; one program per row then picks the digit where the
+# k-th largest lies and how many keys equal to the prefix are still needed. A last pass writes the chosen slots.
+@triton.jit(do_not_specialize=["N"])
+def topk_hist_kernel(s_ptr, hist_ptr, state_ptr, N, stride_s, NEG_INF_UKEY: tl.constexpr, ROUND: tl.constexpr,
+                     CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    t, p = tl.program_id(0), tl.program_id(1)
+    prefix = tl.load(state_ptr + t * 3)
+    acc = tl.zeros((512,), dtype=tl.int32)
+    for n0 in range(p * CHUNK, p * CHUNK + CHUNK, BLOCK):
+        offs = n0 + tl.arange(0, BLOCK)
+        bits = tl.load(s_ptr + t * stride_s + offs, mask=offs < N, other=float("-inf")).to(tl.int32, bitcast=True)
+        ukey = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) + 2147483648
+        match = (offs < N) & (ukey > NEG_INF_UKEY) & ((ukey >> (32 - 8 * ROUND)) == prefix)
+        digit = ((ukey >> (24 - 8 * ROUND)) & 255).to(tl.int32)
+        acc += tl.histogram(tl.where(match, digit, 300), 512)       # 300: outside the 256 digits, ignored
+    tl.atomic_add(hist_ptr + t * 512 + tl.arange(0, 512), acc)
+
+
+@triton.jit
+def topk_choose_kernel(hist_ptr, state_ptr):
     t = tl.program_id(0)
-    row = s_ptr + t * stride_s
-    lo = tl.full((), -2147483648, tl.int64)   # invariant: at least K finite keys >= lo (or lo is the minimum)
-    hi = tl.full((), 2147483647, tl.int64)
-    for _ in range(32):
-        mid = (lo + hi + 1) >> 1
-        count = tl.zeros((), tl.int32)
-        for n0 in range(0, N, BLOCK):
-            offs = n0 + tl.arange(0, BLOCK)
-            bits = tl.load(row + offs, mask=offs < N, other=float("-inf")).to(tl.int32, bitcast=True)
-            key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)    # float order as int32 order
-            count += tl.sum(((key >= mid) & (key > NEG_INF_KEY)).to(tl.int32), axis=0)
-        take = count >= K
-        lo = tl.where(take, mid, lo)
-        hi = tl.where(take, hi, mid - 1)
-    above = tl.zeros((), tl.int32)
-    for n0 in range(0, N, BLOCK):
+    d = tl.arange(0, 256)
+    h = tl.load(hist_ptr + t * 512 + d)
+    prefix, need, short = tl.load(state_ptr + t * 3), tl.load(state_ptr + t * 3 + 1), tl.load(state_ptr + t * 3 + 2)
+    at_or_above = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h                 # keys with digit >= d
+    digit = tl.max(tl.where(at_or_above >= need, d, -1), axis=0)              # where the need-th largest lies
+    above = tl.sum(tl.where(d == digit, at_or_above - h, 0), axis=0)          # keys with a larger digit
+    short = short | (digit < 0).to(tl.int64)   # fewer matching keys than needed (round 0: fewer finite than k)
+    tl.store(state_ptr + t * 3, tl.where(short > 0, prefix, prefix * 256 + digit))
+    tl.store(state_ptr + t * 3 + 1, tl.where(short > 0, need, need - above))
+    tl.store(state_ptr + t * 3 + 2, short)
+    tl.store(hist_ptr + t * 512 + tl.arange(0, 512), tl.zeros((512,), dtype=tl.int32))   # blank for the next round
+
+
+@triton.jit(do_not_specialize=["stride_bt", "N"])
+def topk_gather_kernel(s_ptr, bt_ptr, out_ptr, state_ptr, count_ptr, N, K, stride_s, stride_bt, stride_o,
+                       NEG_INF_UKEY: tl.constexpr, PAGE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    t, p = tl.program_id(0), tl.program_id(1)
+    short = tl.load(state_ptr + t * 3 + 2) > 0
+    tau = tl.where(short, NEG_INF_UKEY, tl.load(state_ptr + t * 3))     # the k-th largest key (short: every finite)
+    ties = tl.where(short, 0, tl.load(state_ptr + t * 3 + 1)).to(tl.int32)   # keys equal to tau still to take
+    for n0 in range(p * CHUNK, p * CHUNK + CHUNK, BLOCK):
         offs = n0 + tl.arange(0, BLOCK)
-        bits = tl.load(row + offs, mask=offs < N, other=float("-inf")).to(tl.int32, bitcast=True)
-        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-        above += tl.sum(((key > lo) & (key > NEG_INF_KEY)).to(tl.int32), axis=0)
-    ties = K - above                          # how many keys equal to lo complete the top K
-    seen_above = tl.zeros((), tl.int32)
-    seen_tie = tl.zeros((), tl.int32)
-    for n0 in range(0, N, BLOCK):
-        offs = n0 + tl.arange(0, BLOCK)
-        bits = tl.load(row + offs, mask=offs < N, other=float("-inf")).to(tl.int32, bitcast=True)
-        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-        gt = (key > lo) & (key > NEG_INF_KEY)
-        eq = (key == lo) & (key > NEG_INF_KEY)
-        gt_i, eq_i = gt.to(tl.int32), eq.to(tl.int32)
-        tie_rank = seen_tie + tl.cumsum(eq_i, axis=0) - 1
-        col = tl.where(gt, seen_above + tl.cumsum(gt_i, axis=0) - 1, above + tie_rank)
-        chosen = gt | (eq & (tie_rank < ties))
+        bits = tl.load(s_ptr + t * stride_s + offs, mask=offs < N, other=float("-inf")).to(tl.int32, bitcast=True)
+        ukey = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) + 2147483648
+        valid = (offs < N) & (ukey > NEG_INF_UKEY)
+        gt, eq = (valid & (ukey > tau)).to(tl.int32), (valid & (ukey == tau) & ~short).to(tl.int32)
+        base_gt = tl.atomic_add(count_ptr + t * 2, tl.sum(gt, axis=0))
+        base_eq = tl.atomic_add(count_ptr + t * 2 + 1, tl.sum(eq, axis=0))
+        rank = base_eq + tl.cumsum(eq, axis=0) - 1
+        col = tl.where(gt > 0, base_gt + tl.cumsum(gt, axis=0) - 1, K - ties + rank)
+        chosen = (gt > 0) | ((eq > 0) & (rank < ties))
         block = tl.load(bt_ptr + t * stride_bt + offs // PAGE, mask=chosen, other=0).to(tl.int64)
         tl.store(out_ptr + t * stride_o + col, block * PAGE + offs % PAGE, mask=chosen & (col < K))
-        seen_above += tl.sum(gt_i, axis=0)
-        seen_tie += tl.sum(eq_i, axis=0)
 
 
 @triton.jit
@@ -168,15 +184,27 @@ def index_scores(q, weights, cache, block_table, context_lens, block_n: int = 64
     return out
 
 
-def index_topk(scores, block_table, k, block: int = 1024):
+def index_topk(scores, block_table, k, chunk: int = 4096, block: int = 1024):
     t, n = scores.shape
     k = min(k, n)
     out = torch.full((t, k), -1, dtype=torch.int64, device=scores.device)
-    if t and k:
-        scores = scores.contiguous()
-        index_topk_kernel[(t,)](scores, block_table, out, n, k, scores.stride(0), block_table.stride(0), out.stride(0),
-                                NEG_INF_KEY=NEG_INF_KEY, PAGE=n // block_table.shape[1],
-                                BLOCK=min(block, triton.next_power_of_2(n)), num_warps=4)
+    if not (t and k):
+        return out
+    scores = scores.contiguous()
+    block = min(block, triton.next_power_of_2(n))
+    chunk = max(block, min(chunk, triton.next_power_of_2(n)))
+    programs = (t, triton.cdiv(n, chunk))
+    state = torch.zeros((t, 3), dtype=torch.int64, device=scores.device)    # prefix, keys still needed, short
+    state[:, 1] = k
+    hist = torch.zeros((t, 512), dtype=torch.int32, device=scores.device)
+    for r in range(4):
+        topk_hist_kernel[programs](scores, hist, state, n, scores.stride(0), NEG_INF_UKEY=NEG_INF_UKEY, ROUND=r,
+                                   CHUNK=chunk, BLOCK=block, num_warps=4)
+        topk_choose_kernel[(t,)](hist, state, num_warps=4)
+    counts = torch.zeros((t, 2), dtype=torch.int32, device=scores.device)
+    topk_gather_kernel[programs](scores, block_table, out, state, counts, n, k, scores.stride(0), block_table.stride(0),
+                                 out.stride(0), NEG_INF_UKEY=NEG_INF_UKEY, PAGE=n // block_table.shape[1], CHUNK=chunk,
+                                 BLOCK=block, num_warps=4)
     return out
 
 

@@ -140,9 +140,15 @@ def kernel_specs(t: tuning.Target):
             "stride_st stride_ot stride_oh C R BLOCK_C BLOCK_R BLOCK_H BLOCK_N",
             {"ql_ptr": "*bf16", "qr_ptr": "*bf16", "cache_ptr": "*" + cache, "slots_ptr": "*i64", "o_ptr": "*bf16",
              "scale": F32}, {"C": 512, "R": 64, "BLOCK_C": 512, "BLOCK_R": 64, "BLOCK_H": 16, "BLOCK_N": 32})
-    add("index_topk", dsa.index_topk_kernel, "s_ptr bt_ptr out_ptr N K stride_s stride_bt stride_o NEG_INF_KEY PAGE BLOCK",
-        {"s_ptr": "*fp32", "bt_ptr": "*i32", "out_ptr": "*i64"},
-        {"NEG_INF_KEY": dsa.NEG_INF_KEY, "PAGE": 64, "BLOCK": 1024})
+    for r in (0, 3):
+        add(f"topk_hist[round {r}]", dsa.topk_hist_kernel, "s_ptr hist_ptr state_ptr N stride_s NEG_INF_UKEY ROUND CHUNK BLOCK",
+            {"s_ptr": "*fp32", "hist_ptr": "*i32", "state_ptr": "*i64"},
+            {"NEG_INF_UKEY": dsa.NEG_INF_UKEY, "ROUND": r, "CHUNK": 4096, "BLOCK": 1024})
+    add("topk_choose", dsa.topk_choose_kernel, "hist_ptr state_ptr", {"hist_ptr": "*i32", "state_ptr": "*i64"}, {})
+    add("topk_gather", dsa.topk_gather_kernel, "s_ptr bt_ptr out_ptr state_ptr count_ptr N K stride_s stride_bt stride_o "
+        "NEG_INF_UKEY PAGE CHUNK BLOCK", {"s_ptr": "*fp32", "bt_ptr": "*i32", "out_ptr": "*i64", "state_ptr": "*i64",
+                                          "count_ptr": "*i32"},
+        {"NEG_INF_UKEY": dsa.NEG_INF_UKEY, "PAGE": 64, "CHUNK": 4096, "BLOCK": 1024})
     add("moe_sum", moe.moe_sum_kernel, "rows_ptr ids_ptr out_ptr D first_expert num_local stride_r stride_o TOP_K BLOCK",
         {"rows_ptr": "*bf16", "ids_ptr": "*i64", "out_ptr": "*bf16"}, {"TOP_K": 8, "BLOCK": 1024})
     return specs
