@@ -36,7 +36,7 @@ def _probe(spec) -> str | None:
 
 def run(args) -> int:
     from dsv3.core.errors import Dsv3Error
-    from dsv3.core.ops import OP_NAMES
+    from dsv3.core.ops import ALL_OP_NAMES
     from dsv3.plugins.manager import create_registry, plan_ops
 
     registry = create_registry(plugins=args.plugins, modules=args.plugin_modules)
@@ -66,7 +66,7 @@ def run(args) -> int:
         print("\nnot available on this machine:")
         print("\n".join(absent))
 
-    op_rows = [["op", *names]] + [[op, *(coverage[n][op] if n in coverage else "?" for n in names)] for op in OP_NAMES]
+    op_rows = [["op", *names]] + [[op, *(coverage[n][op] if n in coverage else "?" for n in names)] for op in ALL_OP_NAMES]
     print("\nops (native: the backend's own plugin; fallback: the reference implementation runs it; "
           "another name: that plugin overrides it):")
     print(_table(op_rows))
