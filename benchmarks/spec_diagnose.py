@@ -96,14 +96,15 @@ def engine_section(model, cfg, cache, args) -> None:
                 runner = CudaGraphRunner(model, BS, max_context) if graphs else None
                 forward = runner if draft_graphs or runner is None else (lambda b, c, r=runner: r(b, c))
                 for b in args.batches:
-                    want = generate(Engine(model, cache, None, 8192, forward, prefix_caching=False), prompts[b],
-                                    args.new_tokens + max(args.k))
+                    plain = Engine(model, cache, max_batch_tokens=8192, runner=forward, prefix_caching=False)
+                    want = generate(plain, prompts[b], args.new_tokens + max(args.k))
                     reference = {tuple(p): w for p, w in zip(prompts[b], want)}
                     for k in args.k:
                         saved = MTPDrafter.__dict__["_propose"]
                         MTPDrafter._propose = oracle(reference)
                         try:
-                            spec = Engine(model, cache, None, 8192, forward, num_draft_tokens=k, prefix_caching=False)
+                            spec = Engine(model, cache, max_batch_tokens=8192, runner=forward, num_draft_tokens=k,
+                                          prefix_caching=False)
                             got = generate(spec, prompts[b], args.new_tokens)
                         finally:
                             MTPDrafter._propose = saved
