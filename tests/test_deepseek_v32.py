@@ -251,3 +251,17 @@ def test_mtp_speculative_decoding_is_greedy_exact(tmp_path, one_thread):
     want, _ = plain.generate_ids(prompts, max_new_tokens=8, temperature=0.0, ignore_eos=True)
     got, _ = spec.generate_ids(prompts, max_new_tokens=8, temperature=0.0, ignore_eos=True)
     assert got == want
+
+
+def test_tensor_and_expert_parallel_match_one_process(tmp_path):
+    """2 gloo processes at tp 2 x ep 2: the indexer is whole on every rank (its heads are not split), MLA's
+    heads and the experts are; logits, MTP logits and greedy tokens equal one process's."""
+    from test_parallel import ALL_TO_ALL, _check, _single, _spawn
+    hf = v32_config(num_attention_heads=6, num_key_value_heads=6, n_routed_experts=6, n_group=3, topk_group=2,
+                    num_experts_per_tok=2, vocab_size=509, index_topk=7)
+    seed = random.randrange(2**31)
+    path, _ = v32_checkpoint(tmp_path / "ckpt", hf, seed)
+    prompts = random_prompts(509, [30, 5, 12], seed)
+    cases = {"v32-tp2-ep2": (str(path), 2, 2, ALL_TO_ALL)}
+    ranks, _ = _spawn(2, tmp_path, (cases, prompts, seed))
+    _check(ranks, cases, {str(path): _single(path, prompts, seed)})

@@ -27,7 +27,8 @@ def power_of_two(s: torch.Tensor) -> bool:
 
 
 def v31_checkpoint(path, seed):
-    cfg = dict(TINY_CONFIG, hidden_size=192, moe_intermediate_size=160, intermediate_size=256)   # partial blocks
+    cfg = dict(TINY_CONFIG, hidden_size=192, moe_intermediate_size=160, intermediate_size=256,   # partial blocks
+               num_hidden_layers=2)                                                              # 1 dense + 1 MoE
     weights = random_weights(ModelConfig.from_hf(cfg), seed)
     write_checkpoint(path, cfg, to_checkpoint_format(weights, "fp8-block", torch.float32, ue8m0=True), fmt="fp8-block",
                      ue8m0=True)
