@@ -83,12 +83,18 @@ class ModelRunner:
             apply_bitmask(part, [s.grammar for s in sampled])                    # structured output's rows
             sampler = SamplingBatch([s.params for s in sampled], [s.seed for s in sampled],
                                     [len(s.token_ids) for s in sampled], self.device)
-            chosen = sampler.sample(part)                                        # [Bp]
-            picks.append(chosen)
             lp_rows = [j for j, s in enumerate(sampled) if s.params.logprobs is not None]
-            if lp_rows:
+            if lp_rows:          # logprobs: the chosen token's, and the top lp_width, of what was sampled from
                 lp_width = max(sampled[j].params.logprobs for j in lp_rows)
-                floats += self._logprobs([sampled[j] for j in lp_rows], part, chosen, lp_rows, lp_width)
+                index = torch.tensor(lp_rows, dtype=torch.int64, device=self.device)
+                chosen, lp = sampler.sample_with_log_probs(part, index)            # [Bp], [W, V]
+                floats.append(lp.gather(1, chosen[index][:, None])[:, 0])
+                if lp_width:
+                    top = lp.topk(lp_width, dim=-1)
+                    floats += [top.values.flatten(), top.indices.flatten().float()]
+            else:
+                chosen = sampler.sample(part)                                    # [Bp]
+            picks.append(chosen)
         if verifying:
             seqs = [plan[i][0] for i in verifying]
             k = len(seqs[0].drafts)
@@ -148,20 +154,9 @@ class ModelRunner:
         return StepResult(plan, batch, hidden, tokens, accepted, logprobs, prompt_logprobs, forks)
 
     @staticmethod
-    def _logprobs(seqs, logits, chosen, rows: list[int], width: int) -> list[torch.Tensor]:
-        """[the chosen tokens' logprobs, top-`width` logprobs, their ids] of `rows` (flat, device)."""
-        index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
-        lp = SamplingBatch([s.params for s in seqs], [s.seed for s in seqs], [len(s.token_ids) for s in seqs],
-                           logits.device).log_probs(logits[index])                       # [W, V]
-        out = [lp.gather(1, chosen[index][:, None])[:, 0]]
-        if width:
-            top = lp.topk(width, dim=-1)
-            out += [top.values.flatten(), top.indices.flatten().float()]
-        return out
-
-    @staticmethod
     def _entries(host: list, off: int, rows: list[int], wanted: list[int], width: int):
-        """Read back what _logprobs packed: ({row: LogprobEntry}, offset after it)."""
+        """Read back [chosen logprobs, top values, top ids] of `rows` from the copy: ({row: LogprobEntry},
+        the offset after them)."""
         n = len(rows)
         chosen = host[off: off + n]
         values = host[off + n: off + n + n * width]

@@ -212,16 +212,20 @@ class SamplingBatch:
             return best
         return torch.where(self.greedy, best, self.choose(self.probs(logits), stream=0))
 
-    def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [R, V] -> [R, V] float32 log-probabilities of the distribution each row samples from
-        (vLLM's "processed" logprobs): after temperature, top-k and top-p (-inf where filtered out);
-        for a greedy row, the log-softmax of its logits (temperature 1, no filter)."""
-        logits = logits.float()
-        plain = logits.log_softmax(-1)
+    def sample_with_log_probs(self, logits: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sample(logits), and for the rows `rows` [W] the log-probabilities [W, V] float32 of the
+        distribution each samples from (vLLM's "processed" logprobs), from the same filtering: after
+        temperature, top-k and top-p (-inf where filtered out); a greedy row's are the log-softmax of
+        its logits (temperature 1, no filter)."""
+        best = logits.argmax(-1)
+        plain = logits[rows].float().log_softmax(-1)
         if self.greedy_only:
-            return plain
-        sampled = self.probs(logits).log() if self.filtered else (logits / self.temperature[:, None]).log_softmax(-1)
-        return torch.where(self.greedy[:, None], plain, sampled)
+            return best, plain
+        probs = self.probs(logits)
+        tokens = torch.where(self.greedy, best, self.choose(probs, stream=0))
+        sampled = (probs[rows].log() if self.filtered
+                   else (logits[rows].float() / self.temperature[rows, None]).log_softmax(-1))
+        return tokens, torch.where(self.greedy[rows, None], plain, sampled)
 
 
 class LogitsProcessing:
