@@ -256,3 +256,28 @@ def test_min_tokens_and_a_grammar_are_refused_together():
     """A complete grammar allows only EOS, which min_tokens masks: the row would have no token left."""
     with pytest.raises(RequestError, match="min_tokens .*cannot be combined with structured output"):
         SamplingParams(min_tokens=3, grammar=G.json_object())
+
+
+def test_a_new_grammar_compiles_off_the_engine_thread(ckpt, monkeypatch, one_thread):
+    """Engine.add parses the spec and returns while it compiles; the row waits for it at its first
+    constrained token, and is valid."""
+    import threading
+    import time
+    llm = LLM(ckpt, backend="cpu")
+    gate, original = threading.Event(), G.GrammarCompiler._compile
+
+    def held(self, parsed):
+        assert gate.wait(30)
+        return original(self, parsed)
+    monkeypatch.setattr(G.GrammarCompiler, "_compile", held)
+    schema = dict(SCHEMA, title=f"fresh {random.random()}")          # a spec no earlier test compiled
+    began = time.monotonic()
+    seq = llm.engine.add(llm.tokenizer.encode("hello"), SamplingParams(grammar=G.json_schema(schema),
+                                                                       max_new_tokens=MAX_STEPS, temperature=1.0))
+    assert time.monotonic() - began < 5                               # not held by the compile
+    with pytest.raises(RequestError, match='Unsupported type "foo"'):  # parsing is still at add()
+        llm.engine.add([2, 3], SamplingParams(grammar=G.GrammarSpec("json_schema", '{"type": "foo"}')))
+    threading.Timer(0.3, gate.set).start()
+    llm.engine.run_to_completion()
+    assert seq.finish_reason == "stop"
+    jsonschema.validate(json.loads(seq.text), SCHEMA)

@@ -1,8 +1,9 @@
 """Structured output: grammars compiled by xgrammar, matched per sequence, applied as token bitmasks.
 
 A request's constraint travels as a GrammarSpec (plain strings, so it crosses to the engine process
-inside SamplingParams). The engine compiles it against the model's tokenizer (one xgrammar compiler
-per tokenizer, compiled grammars cached per spec) and gives the sequence a SequenceGrammar. Each step
+inside SamplingParams). The engine parses it when the request arrives and compiles it against the
+model's tokenizer on a thread of its own (one xgrammar compiler per tokenizer, compiled grammars kept
+per spec), while the prompt is prefilled; the sequence holds a SequenceGrammar. Each step
 the runner asks apply_bitmask() to mask the logits rows of the sequences being constrained: their
 bitmasks are filled on the host, copied to the logits' device once, and applied to the whole batch
 there. A step with no constrained row allocates nothing.
@@ -18,7 +19,8 @@ from __future__ import annotations
 import functools
 import json
 import re
-import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -146,22 +148,29 @@ def _xgrammar_message(e: Exception) -> str:
 
 
 class SequenceGrammar:
-    """One sequence's grammar state: xgrammar's matcher, idle until `after_token` has been generated."""
+    """One sequence's grammar state: xgrammar's matcher, idle until `after_token` has been generated.
+    The grammar may still be compiling: the matcher is made on first use, waiting for the compile."""
 
-    def __init__(self, compiled, after_token: int | None):
-        import xgrammar as xgr
-        self._matcher = xgr.GrammarMatcher(compiled)
+    def __init__(self, compiled: Future, after_token: int | None):
+        self._compiled, self._matcher = compiled, None
         self.waiting_for = after_token
+
+    @property
+    def matcher(self):
+        if self._matcher is None:
+            import xgrammar as xgr
+            self._matcher = xgr.GrammarMatcher(self._compiled.result())
+        return self._matcher
 
     @property
     def constraining(self) -> bool:
         """Does the next token's choice go through the grammar?"""
-        return self.waiting_for is None and not self._matcher.is_terminated()
+        return self.waiting_for is None and not self.matcher.is_terminated()
 
     @property
     def terminated(self) -> bool:
         """The grammar is complete and its stop token (EOS) was accepted."""
-        return self._matcher.is_terminated()
+        return self.waiting_for is None and self.matcher.is_terminated()
 
     def accept(self, token: int) -> bool:
         """Advance by a generated token; False when the grammar does not allow it."""
@@ -169,14 +178,21 @@ class SequenceGrammar:
             if token == self.waiting_for:
                 self.waiting_for = None
             return True
-        return self._matcher.accept_token(token)
+        return self.matcher.accept_token(token)
 
     def fill_row(self, bitmask: torch.Tensor, row: int) -> None:
-        self._matcher.fill_next_token_bitmask(bitmask, row)
+        self.matcher.fill_next_token_bitmask(bitmask, row)
+
+
+MAX_COMPILED_GRAMMARS = 64        # per compiler, least recently used dropped first (each holds token-mask caches)
 
 
 class GrammarCompiler:
-    """xgrammar's compiler for one tokenizer and vocabulary; compiled grammars are cached per spec."""
+    """xgrammar's compiler for one tokenizer and vocabulary. A spec is parsed when a sequence asks for
+    it (a RequestError then if xgrammar refuses it) and compiled against the vocabulary on a thread of
+    the compiler's own (xgrammar releases the GIL), so a new schema does not stall the engine's steps:
+    tens of ms for a small schema at 129k tokens, more for large ones. Compiled grammars are kept per
+    spec (MAX_COMPILED_GRAMMARS)."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]):
         import xgrammar as xgr
@@ -185,23 +201,26 @@ class GrammarCompiler:
         # vocab_size is the model's (the logits' width): ids past the tokenizer's are never allowed
         info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids))
         self.vocab_size = vocab_size
-        self._compiler = xgr.GrammarCompiler(info, max_threads=2)
-        self._lock = threading.Lock()
-        self._compiled: dict[tuple[str, str], object] = {}
-
-    def compile(self, spec: GrammarSpec):
-        key = (spec.kind, spec.definition)
-        with self._lock:
-            compiled = self._compiled.get(key)
-        if compiled is not None:
-            return compiled
-        compiled = self._compiler.compile_grammar(_grammar(spec))
-        with self._lock:
-            self._compiled[key] = compiled
-        return compiled
+        self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)   # cached here, bounded
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsv3-grammar")
+        self._compiled: OrderedDict[tuple[str, str], Future] = OrderedDict()
 
     def matcher(self, spec: GrammarSpec) -> SequenceGrammar:
-        return SequenceGrammar(self.compile(spec), spec.after_token)
+        key = (spec.kind, spec.definition)
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            compiled = self._pool.submit(self._compile, _grammar(spec))
+            self._compiled[key] = compiled
+            while len(self._compiled) > MAX_COMPILED_GRAMMARS:
+                self._compiled.popitem(last=False)
+        self._compiled.move_to_end(key)
+        return SequenceGrammar(compiled, spec.after_token)
+
+    def _compile(self, parsed):
+        try:
+            return self._compiler.compile_grammar(parsed)
+        except RuntimeError as e:
+            raise RequestError(f"the grammar cannot be compiled: {_xgrammar_message(e)}") from None
 
 
 @functools.lru_cache(maxsize=8)
