@@ -524,9 +524,9 @@ def e2e_tables(registry, backend, ceil: Ceilings, depth, contexts, batches, pref
                      "per op class (GEMM: FP8 linears, lm_head, absorbed MLA products)",
                      ["run", "kernel ms/step", *CLASS_NAMES, "largest kernels per step"])
     bs = 64
-    pre = [tuple(int(v) for v in p.split("x")) for p in prefills]
-    nseq = max(max(batches), *(s for s, _ in pre))
-    per_seq = -(-(max(max(contexts), *(n for _, n in pre)) + bs) // bs)
+    pre = [tuple(int(v) for v in p.split("x")) for p in prefills if p]   # "" (--prefill "") skips the prefill rows
+    nseq = max([*batches, *(s for s, _ in pre)])
+    per_seq = -(-(max([*contexts, *(n for _, n in pre)]) + bs) // bs)
     cache = LatentCache(depth, nseq * per_seq, bs, cfg.latent_dim, torch.bfloat16, "cuda")
     for layer in cache.layers:
         layer.normal_()
