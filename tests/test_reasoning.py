@@ -92,3 +92,8 @@ def test_reasoning_then_tool_calls(toks, fmt):
     out.feed("</think>just this")
     out.finish()
     assert out.message() == {"role": "assistant", "content": "just this", "reasoning_content": None}
+    # reasoning cut off by max_tokens: no answer yet, null content
+    out = ChatOutput(ReasoningParser("open"), None)
+    out.feed("still thinking")
+    out.finish()
+    assert out.message() == {"role": "assistant", "content": None, "reasoning_content": "still thinking"}

@@ -63,9 +63,11 @@ class ChatOutput:
             content, calls = collect(self.tools, self.events)
         else:
             content, calls = "".join(e.text for e in self.events), []
-        msg: dict = {"role": "assistant", "content": content if content or not calls else None}
+        reasoning = "".join(self.reasoning_text) if self.reasoning is not None else ""
+        # an answer that is all tool calls or all reasoning (cut off before `</think>`) has null content
+        msg: dict = {"role": "assistant", "content": content if content or not (calls or reasoning) else None}
         if self.reasoning is not None:
-            msg["reasoning_content"] = "".join(self.reasoning_text) or None
+            msg["reasoning_content"] = reasoning or None
         if calls:
             msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
                                  for c in calls]
