@@ -46,7 +46,7 @@ class Batch:
     def build(cls, chunks: list[Chunk], block_size: int, device) -> "Batch":
         order = sorted(range(len(chunks)), key=lambda i: not chunks[i].decode)
         ids, pos, slots, rows = [], [], [], [None] * len(chunks)
-        dec_tables, dec_lens, cu_q, cu_k, gather, tables = [], [], [0], [0], [], []
+        dec_tables, dec_lens, cu_q, cu_k, gather, tables, counts = [], [], [0], [0], [], [], []
         max_blocks = max(len(c.blocks) for c in chunks)
 
         def slot(c: Chunk, p: int) -> int:
@@ -60,7 +60,8 @@ class Batch:
             pos += range(c.start, c.start + n)
             slots += [slot(c, p) for p in range(c.start, c.start + n)]
             padded = c.blocks + [0] * (max_blocks - len(c.blocks))
-            tables += [padded] * n
+            tables.append(padded)      # one row per chunk, repeated per token on the device below
+            counts.append(n)
             if c.decode:
                 dec_tables += [padded] * n
                 dec_lens += range(c.start + 1, c.start + n + 1)
@@ -73,12 +74,13 @@ class Batch:
         def t(x, dtype):
             return torch.tensor(x, dtype=dtype, device=device)
 
+        positions = t(pos, torch.int64)
         return cls(
-            input_ids=t(ids, torch.int64), positions=t(pos, torch.int64), slots=t(slots, torch.int64),
+            input_ids=t(ids, torch.int64), positions=positions, slots=t(slots, torch.int64),
             num_decode_tokens=num_decode,
             decode_block_table=t(dec_tables, torch.int32).view(num_decode, max_blocks),
             decode_context_lens=t(dec_lens, torch.int32),
             cu_seqlens_q=t(cu_q, torch.int32), cu_seqlens_k=t(cu_k, torch.int32),
             prefill_gather_slots=t(gather, torch.int64), token_rows=rows,
-            block_table=t(tables, torch.int32).view(len(ids), max_blocks),
-            context_lens=t([p + 1 for p in pos], torch.int32))
+            block_table=t(tables, torch.int32).repeat_interleave(t(counts, torch.int64), dim=0, output_size=len(ids)),
+            context_lens=(positions + 1).to(torch.int32))
