@@ -195,7 +195,9 @@ OFFICIAL_V32 = __import__("pathlib").Path(__file__).parent / "data" / "deepseek-
 def test_official_v32_layout_and_plan(capsys):
     """DeepSeek-V3.2's config (V3's with the indexer fields): the meta-device model expects V3's 91,991
     tensors plus 7 indexer tensors in each of the 62 layers (MTP included), FP8 wq_b / wk with block
-    scales, bf16 weights_proj and k_norm; plan counts the indexer key in the cache."""
+    scales, bf16 weights_proj and k_norm (no V3.2 tensor inventory is at hand: names and shapes follow
+    transformers' DeepseekV32 and DeepSeek's release notes; the loader accepts k_norm in any float dtype and
+    converts BF16 wq_b / wk if a checkpoint stores them so); plan counts the indexer key in the cache."""
     from dsv3.backends.reference.ops import OPS
     from dsv3.commands.main import main
     from dsv3.core.loader import expected_tensors
