@@ -86,6 +86,9 @@ def yarn_rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch
     return angles.cos() * attention_factor, angles.sin() * attention_factor
 
 
+SCORE_ROWS = 1024   # V3.2: queries scored at once (1024 x 128k positions x 4 bytes = 512 MiB)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with weight and bias (the V3.2 indexer's k_norm), in float32, returned in x's dtype."""
 
@@ -141,8 +144,12 @@ class Indexer(nn.Module):
             table, lens = batch.decode_block_table, batch.decode_context_lens
         else:
             table, lens = batch.block_table, batch.context_lens
-        scores = ops.index_scores(q, weights, cache, table, lens)                                       # [T, N]
-        return ops.index_topk(scores, table, self.topk)
+        # [rows, N] float32 scores per run of SCORE_ROWS queries: a long prefill chunk against a long context
+        # (8192 x 128k) would otherwise hold 4 GiB of scores at once
+        picked = [ops.index_topk(ops.index_scores(q[r:r + SCORE_ROWS], weights[r:r + SCORE_ROWS], cache,
+                                                  table[r:r + SCORE_ROWS], lens[r:r + SCORE_ROWS]),
+                                 table[r:r + SCORE_ROWS], self.topk) for r in range(0, t, SCORE_ROWS)]
+        return picked[0] if len(picked) == 1 else torch.cat(picked)                                      # [T, K]
 
 
 class MLA(nn.Module):
