@@ -293,7 +293,9 @@ class Engine:
                 break
             if s.grammar is not None and not s.grammar.accept(token):
                 # the runner masked every token the grammar refuses, so this is a bug, this sequence's own
-                return self._fail(s, RuntimeError(f"the grammar refused token {token}, which its bitmask allowed"))
+                ended = " after it had ended" if s.grammar.terminated else ""
+                return self._fail(s, RuntimeError(f"the grammar refused token {token}{ended}, which its bitmask "
+                                                  f"allowed"))
             s.token_ids.append(token)
             if logprobs is not None:
                 s.logprobs.append(logprobs[k])
