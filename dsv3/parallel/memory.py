@@ -92,6 +92,13 @@ def activation_bytes(cfg: ModelConfig, mesh: Mesh, dtype: torch.dtype, tokens: i
                          + 2 * heads * cfg.qk_head_dim                    # q, expanded k
                          + heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)  # kv_b output
                          + 2 * heads * cfg.v_head_dim)                    # v, attention output
+    if cfg.sparse_attention:   # V3.2: absorbed queries and outputs in latent space, the indexer, chosen slots
+        from dsv3.core.model import SCORE_ROWS
+        attention = (t * a * ((cfg.q_lora_rank or 0) + cfg.latent_dim + heads * (cfg.qk_head_dim + 2 * cfg.kv_lora_rank
+                                                                                 + 2 * cfg.v_head_dim)
+                              + cfg.index_n_heads * cfg.index_head_dim)
+                     + t * cfg.index_topk * 8                            # chosen slots, int64
+                     + min(t, SCORE_ROWS) * cfg.max_position_embeddings * 4)   # one run of scores, longest context
     routes = math.ceil(t * cfg.num_experts_per_tok / mesh.ep)               # (token, expert) pairs held here
     inter = cfg.moe_intermediate_size // mesh.moe_tp
     moe = (routes * (3 * inter + d) * a                      # gathered x, gate, up, silu*up per route
