@@ -201,6 +201,7 @@ def _versions() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--before", metavar="DIR", help="also measure the dsv3 checkout in DIR (the tree before)")
+    ap.add_argument("--after", metavar="DIR", help="measure the dsv3 checkout in DIR instead of this one")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--modes", default="engine,http")
@@ -211,7 +212,7 @@ def main() -> None:
         serve_measurements()
         return
     names, modes = args.variants.split(","), args.modes.split(",")
-    trees = {"after": Worker(None)}
+    trees = {"after": Worker(args.after)}
     if args.before:
         trees["before"] = Worker(args.before)
     # (tree, mode, variant, 0 wall / 1 CPU) -> samples; (mode, variant, 0 / 1) -> after/before of each pair

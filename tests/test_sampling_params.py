@@ -99,6 +99,19 @@ def test_n_choices_see_one_another_in_the_block_tables(llm):
     assert eng.cache.allocator.num_used == 0
 
 
+def test_a_choice_that_finds_no_free_block_waits_and_still_matches(ckpt):
+    """Three blocks: the leader holds two, one follower forks into the third, the other finds none and
+    waits, then recomputes its prompt past the prefix cache: the same tokens as a solo run of its seed."""
+    small = LLM(ckpt, backend="cpu", **{"kv_cache.block_size": 16, "kv_cache.max_tokens": 48})
+    p = random_prompts(512, [20], random.randrange(2**31))[0]
+    outs, _ = small.generate_ids([p], max_new_tokens=8, temperature=1.0, seed=9, n=3, ignore_eos=True)
+    assert small.engine.stats.prefill_tokens > 20                     # the third choice computed its own
+    for j in range(3):
+        alone, _ = small.generate_ids([p], max_new_tokens=8, temperature=1.0, seed=choice_seed(9, j), ignore_eos=True)
+        assert alone[0] == outs[j]
+    assert small.cache.allocator.num_used == 0
+
+
 def _rows(*seqs):
     return [SimpleNamespace(params=p, token_ids=ids, prompt_len=n) for p, ids, n in seqs]
 

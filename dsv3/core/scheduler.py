@@ -27,7 +27,7 @@ from dsv3.core.sampling import SamplingParams
 _ids = itertools.count()
 
 
-@dataclass
+@dataclass(eq=False)       # a sequence is itself: `in` / remove() on the queues compare identities, not fields
 class Sequence:
     token_ids: list[int]
     prompt_len: int
