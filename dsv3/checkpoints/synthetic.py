@@ -28,6 +28,9 @@ TINY_CONFIG = {  # every DeepSeek-V3 feature at toy size: q/kv low rank, grouped
     "bos_token_id": 0, "eos_token_id": 1, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
     "hidden_act": "silu", "attention_bias": False,
 }
+# DeepSeek-V3.2 at toy size: the same plus a lightning indexer whose top-16 bites on prompts past 16 tokens
+TINY_V32_CONFIG = {**TINY_CONFIG, "architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32",
+                   "index_n_heads": 16, "index_head_dim": 32, "index_topk": 16}
 
 
 def random_weights(cfg: ModelConfig, seed: int, std: float = 0.02) -> dict[str, torch.Tensor]:

@@ -543,11 +543,12 @@ class GenerationResult:
 
 
 def check_generation(registry, profile, device: str | None = None, max_new_tokens: int = 12,
-                     seed: int = 0, debug: bool = False) -> GenerationResult:
+                     seed: int = 0, debug: bool = False, hf_config: dict | None = None) -> GenerationResult:
     """Greedy generation on a tiny random DeepSeek-V3 (every feature: MLA, grouped MoE, dense layer,
-    YaRN) through `profile`'s backend, against the reference backend in float32 with the same
-    weights. At the first token where they differ, the reference's logits must show a near-tie
-    (margin within the tolerance of the backend's precision); after it, sequences diverge legitimately."""
+    YaRN; or the model of `hf_config`, e.g. synthetic.TINY_V32_CONFIG) through `profile`'s backend, against
+    the reference backend in float32 with the same weights. At the first token where they differ, the
+    reference's logits must show a near-tie (margin within the tolerance of the backend's precision);
+    after it, sequences diverge legitimately."""
     from dsv3.llm import LLM
     from dsv3.core.profile import load_profile
     from dsv3.checkpoints.synthetic import TINY_CONFIG, random_checkpoint
@@ -555,11 +556,11 @@ def check_generation(registry, profile, device: str | None = None, max_new_token
 
     overrides = {"device": device} if device else {}
     gen = torch.Generator().manual_seed(seed)
-    vocab = TINY_CONFIG["vocab_size"]
+    vocab = (hf_config or TINY_CONFIG)["vocab_size"]
     prompts = [torch.randint(2, vocab, (n,), generator=gen).tolist() for n in (3, 17, 70)]
     quiet = lambda msg: None  # noqa: E731 - fallbacks were reported by the op checks already
     with tempfile.TemporaryDirectory(prefix="dsv3-check-") as tmp:
-        random_checkpoint(tmp, seed=seed)
+        random_checkpoint(tmp, hf_config, seed=seed)
         params = dict(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
         warn, registry.warn = registry.warn, quiet
         try:
@@ -645,6 +646,12 @@ def check_backend(registry, profile, device: str | None = None, seed: int | None
                          [op for op, c in plan.items() if c.fallback], results)
     if generation:
         report.generation = check_generation(registry, profile, device, seed=seed % 1000, debug=debug)
+        if set(SPARSE_OP_NAMES) & set(provided):   # the backend runs V3.2's sparse attention: generate with it too
+            from dsv3.checkpoints.synthetic import TINY_V32_CONFIG
+            v3, v32 = report.generation, check_generation(registry, profile, device, seed=seed % 1000, debug=debug,
+                                                          hf_config=TINY_V32_CONFIG)
+            report.generation = GenerationResult(v3.tokens + v32.tokens, v3.identical + v32.identical,
+                                                 v3.passed and v32.passed, f"V3: {v3.detail}; V3.2: {v32.detail}")
     return report
 
 
