@@ -159,21 +159,29 @@ def main(argv=None) -> int:
     print(f"dsa_decode on {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     ceil = measure_ceilings()
     print(ceil.line(), flush=True)
+    tables = []
+
+    def save():   # after every table, so a run cut short by a timeout keeps what it measured
+        text = "\n".join(t.markdown() for t in tables)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(f"dsa_decode on {torch.cuda.get_device_name()}\n{ceil.line()}\n\n{text}")
+        return text
+
     t0 = time.perf_counter()
-    tables = [attention_table(ops, ceil, contexts, [int(b) for b in args.batches.split(",")])]
+    tables.append(attention_table(ops, ceil, contexts, [int(b) for b in args.batches.split(",")]))
+    save()
     print(f"  attention table in {time.perf_counter() - t0:.0f} s", flush=True)
     if args.e2e_batches:
         tab = Table(f"Decode steps end to end at depth {args.depth} (shared storage, random FP8 weights, bf16 cache, "
                     f"CUDA graphs); floor = weights touched + cache read / {ceil.read / 1e12:.2f} TB/s",
                     ["model", "context", "batch", "ms", "floor ms", "x floor", "GB read", "notes"])
-        for hf, label in ((DEEPSEEK_V3, "V3 (dense MLA)"), (DEEPSEEK_V32, "V3.2 (DSA)")):
-            e2e_rows(tab, registry, ceil, hf, label, args.depth, contexts, [int(b) for b in args.e2e_batches.split(",")])
         tables.append(tab)
-    text = "\n".join(t.markdown() for t in tables)
-    print("\n" + text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(ceil.line() + "\n\n" + text)
+        for hf, label in ((DEEPSEEK_V32, "V3.2 (DSA)"), (DEEPSEEK_V3, "V3 (dense MLA)")):
+            e2e_rows(tab, registry, ceil, hf, label, args.depth, contexts, [int(b) for b in args.e2e_batches.split(",")])
+            save()
+            print(f"  {label} end to end done at {time.perf_counter() - t0:.0f} s", flush=True)
+    print("\n" + save())
     return 0
 
 
