@@ -274,3 +274,28 @@ def test_n_choices_under_mtp(tmp_path):
     again, _ = plain.generate_ids([p], max_new_tokens=10, temperature=0.9, seed=4, n=3, ignore_eos=True)
     assert again == want
     assert spec.cache.allocator.num_used == 0
+
+
+def test_cli_flags_reach_the_engine(ckpt, tmp_path, capsys):
+    """--n, --logprobs, penalties, --logit-bias, --stop-token-id in a JSONL run equal LLM.generate_ids; bad
+    values fail before the model loads, naming the flag."""
+    from dsv3.commands.main import main
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "hello world", "id": 1}\n{"prompt": "def add(a, b):", "id": 2}\n')
+    args = ["--model", str(ckpt), "--input-file", str(f), "--max-new-tokens", "5", "--temperature", "0.9", "--seed",
+            "4", "--n", "2", "--logprobs", "2", "--frequency-penalty", "0.5", "--logit-bias", "7=-100",
+            "--stop-token-id", "9", "--max-cache-tokens", "4096"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["id"], r["choice"]) for r in rows] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    llm = LLM(ckpt, backend="cpu")
+    ids = [llm.tokenizer.encode(p) for p in ("hello world", "def add(a, b):")]
+    _, texts = llm.generate_ids(ids, max_new_tokens=5, temperature=0.9, seed=4, n=2, logprobs=2,
+                                frequency_penalty=0.5, logit_bias={7: -100}, stop_token_ids=[9])
+    assert [r["completion"] for r in rows] == [str(t) for t in texts]
+    assert [[e["logprob"] for e in r["logprobs"]] for r in rows] == [[e[0] for e in t.logprobs] for t in texts]
+    assert all(len(e["top_logprobs"]) <= 2 for r in rows for e in r["logprobs"])
+    for bad, flag in ((["--presence-penalty", "3"], "--presence-penalty"), (["--logit-bias", "7"], "--logit-bias"),
+                      (["--n", "0"], "--n"), (["--logprobs", "21"], "--logprobs")):
+        assert main(["--model", str(tmp_path / "absent"), "--prompt", "x", *bad]) != 0
+        assert flag in capsys.readouterr().err
