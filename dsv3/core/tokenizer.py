@@ -93,8 +93,15 @@ class Tokenizer:
 
     @functools.cached_property
     def special_texts(self) -> tuple[str, ...]:
-        """The text forms of the control tokens (`<｜User｜>`, `<｜tool▁calls▁begin｜>`, ...)."""
+        """The added tokens flagged special (decoding with skip_special_tokens drops them)."""
         return tuple(t.content for t in self._tok.get_added_tokens_decoder().values() if t.special)
+
+    @functools.cached_property
+    def control_texts(self) -> tuple[str, ...]:
+        """The text forms of the control tokens (`<｜User｜>`, `<｜tool▁calls▁begin｜>`, `<think>`, ...): every
+        added token, special or not. DeepSeek's released tokenizer.json flags only BOS/EOS/pad special, so
+        the role and tool-call markers are added tokens that encoding would match in any text."""
+        return tuple(t.content for t in self._tok.get_added_tokens_decoder().values())
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                     max_seconds: float | None = None, max_chars: int | None = None,
@@ -151,7 +158,7 @@ class Tokenizer:
         `<｜Assistant｜>`) is encoded as plain text, so it cannot forge a turn, as the peers do."""
         rendered = self.render_chat(messages, tools=tools, template_kwargs=template_kwargs)
         contents = [m.get("content") for m in messages]
-        if not any(isinstance(c, str) and any(t in c for t in self.special_texts) for c in contents):
+        if not any(isinstance(c, str) and any(t in c for t in self.control_texts) for c in contents):
             return rendered, self.encode(rendered, add_bos=False)
         # Render again with each content replaced by a marker; the template's text between markers
         # is encoded with control tokens, each content without.
@@ -167,16 +174,27 @@ class Tokenizer:
         for j, p in enumerate(parts):
             if j % 2 == 0:
                 ids += self._tok.encode(p, add_special_tokens=False).ids if p else []
-            else:
-                ids += self._plain.encode(contents[int(p)], add_special_tokens=False).ids
+                continue
+            # a message may end in text of the server's own (`trusted_tail`: the tools it describes,
+            # with the call format's control tokens), encoded like the template's text
+            content, tail = contents[int(p)], messages[int(p)].get("trusted_tail") or ""
+            own = content[: len(content) - len(tail)] if tail and content.endswith(tail) else content
+            ids += self._plain.encode(own, add_special_tokens=False).ids if own else []
+            if own is not content:
+                ids += self._tok.encode(tail, add_special_tokens=False).ids
         return rendered, ids
 
     @functools.cached_property
     def _plain(self):
         """A second tokenizer that reads control-token text as plain text (one of our own, so the
         setting never races with encodes on another thread)."""
+        import json
+
         from tokenizers import Tokenizer as HFTokenizer
-        plain = HFTokenizer.from_str(self._tok.to_str())
+        data = json.loads(self._tok.to_str())
+        for added in data.get("added_tokens", []):   # non-special markers too: only special ones can be split
+            added["special"] = True
+        plain = HFTokenizer.from_str(json.dumps(data))
         plain.encode_special_tokens = True
         return plain
 

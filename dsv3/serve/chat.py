@@ -53,11 +53,13 @@ def tools_system_prompt(fmt: ToolCallFormat, tools: list[dict]) -> str:
 def with_tools_described(messages: list[dict], text: str) -> list[dict]:
     """`text` appended to the system prompt: to the last system message (R1's template keeps only
     the last one; the others join them all), or as a first system message."""
+    # `trusted_tail`: this text is ours, so its control-token text (the call format it shows) is encoded
+    # as control tokens, while the rest of the content stays plain text (Tokenizer.chat_prompt)
     last = max((i for i, m in enumerate(messages) if m["role"] == "system"), default=None)
     if last is None:
-        return [{"role": "system", "content": text}] + messages
+        return [{"role": "system", "content": text, "trusted_tail": text}] + messages
     out = list(messages)
-    out[last] = dict(out[last], content=f"{out[last]['content']}\n\n{text}")
+    out[last] = dict(out[last], content=f"{out[last]['content']}\n\n{text}", trusted_tail=f"\n\n{text}")
     return out
 
 
@@ -164,6 +166,11 @@ def plan(tok, messages: list[dict], tools: list[dict] | None = None, tool_choice
             except RequestError as e:
                 raise ChatRequestError(f"tools: a function's parameters: {e}", "tools") from None
         if "tools" not in tok.template_variables:
+            described = json.dumps(tools, ensure_ascii=False)
+            forged = next((t for t in tok.control_texts if t in described), None)
+            if forged is not None:     # the section is encoded with control tokens: none may come from the request
+                raise ChatRequestError(f"tools: a function's name, description or parameters contain the control "
+                                       f"token text {forged!r}; remove it", "tools")
             messages = with_tools_described(messages, tools_system_prompt(fmt, tools))
     if response_format is not None:
         try:
