@@ -125,6 +125,7 @@ def create_app(model: ServedModel, worker, options: ServeOptions) -> Starlette:
     max_prompt_bytes = (max_prompt + 1) * tok.max_token_bytes
     created = int(time.time())
     defaults = generation_defaults(model.path)     # the checkpoint's sampling values, for unset fields
+    token_texts = P.TokenTexts(tok)                # logprobs' token strings and bytes, cached per id
     # Tokenizing and template rendering run off the event loop, on threads of their own: a slow one
     # (a long prompt, a template at its time bound) never delays the engine's events or other requests.
     tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dsv3-tokenize")
@@ -297,7 +298,7 @@ def create_app(model: ServedModel, worker, options: ServeOptions) -> Starlette:
         model, t0 = options.model_name, int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         outputs = [output] + [new_output() for _ in range(n - 1)] if output is not None else [None] * n
-        texts = P.TokenTexts(tok) if logprobs is not None else None
+        texts = token_texts if logprobs is not None else None
         echoed = [(prompt_texts[i] if prompt_texts and prompt_texts[i] is not None else tok.decode(prompts[i]))
                   if echo else "" for i in range(len(prompts))]
         first_seen = [False] * len(handles)
