@@ -120,7 +120,8 @@ def score(llm, segments: list[list[int]], batch_size: int = 8) -> Scores:
 def speculative_acceptance(args, prompts: list[list[int]], max_new_tokens: int) -> tuple[float, float, int]:
     """Greedy MTP speculative decoding (k=1) from `prompts`: (acceptance, mean accepted length, drafts)."""
     llm = build_llm(_with(args, speculative="mtp", num_draft_tokens=1))
-    llm.generate_ids(prompts, max_new_tokens=max_new_tokens)
+    # greedy whatever generation_config.json recommends (a penalty would make every row decode without drafts)
+    llm.generate_ids(prompts, max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.0)
     spec = llm.engine.stats.spec
     return (spec.acceptance[0] if spec.acceptance else 0.0), spec.mean_accepted_length, \
         (spec.proposed[0] if spec.proposed else 0)
