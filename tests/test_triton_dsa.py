@@ -89,9 +89,10 @@ def test_sparse_mla(dsa, h, c, r):
     slots[0, 1:] = -1                      # a query that sees one token
     slots[3, 5:9] = -1
     ql, qr = torch.randn(t, h, c, generator=g), torch.randn(t, h, r, generator=g)
-    out = dsa.sparse_mla(ql, qr, cache, slots, 0.1, block_n=8)
     want = ref.sparse_mla(ql, qr, cache, slots, 0.1)
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    for splits in (1, 2, None):      # one program per head block, runs merged by log-sum-exp, the default
+        out = dsa.sparse_mla(ql, qr, cache, slots, 0.1, block_n=4, splits=splits, num_sms=4)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     # the reference against float64 naive attention over the chosen rows
     rows = cache.view(-1, cache.shape[-1]).double()
     for i in range(t):

@@ -10,8 +10,9 @@ The cache rows are [latent C | k_rope R | indexer key Di] (one row per token, pa
   matching the prefix so far, then pick the digit holding the k-th largest), then one pass writes the slots
   above the k-th key and as many ties as needed, through atomic counters (order within a row is free). Five
   reads of the scores, no sort, no host sync, nine launches.
-- sparse_mla: one program per (token, BLOCK_H heads): absorbed attention over the token's chosen slots,
-  reading only those cache rows (latent and rope key), online softmax in fp32, -1 slots skipped.
+- sparse_mla: one program per (token, BLOCK_H heads, run of slots): absorbed attention over the token's
+  chosen slots, reading only those cache rows (latent and rope key), online softmax in fp32, -1 slots
+  skipped; runs are merged by their log-sum-exp (a decode token alone would give H / BLOCK_H programs).
 - write_index_cache: the indexer key into the last Di values of each token's row (slot -1: nothing).
 
 Inputs may be bf16 or fp32 (the cache also fp8 e4m3, widened on load); products accumulate in fp32.
@@ -116,12 +117,15 @@ def topk_gather_kernel(s_ptr, bt_ptr, out_ptr, state_ptr, count_ptr, N, K, strid
         tl.store(out_ptr + t * stride_o + col, block * PAGE + offs % PAGE, mask=chosen & (col < K))
 
 
-@triton.jit
-def sparse_mla_kernel(ql_ptr, qr_ptr, cache_ptr, slots_ptr, o_ptr, H, K, scale,
+@triton.jit(do_not_specialize=["per_split"])
+def sparse_mla_kernel(ql_ptr, qr_ptr, cache_ptr, slots_ptr, o_ptr, lse_ptr, H, K, scale, per_split,
                       stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_cs, stride_st, stride_ot, stride_oh,
+                      stride_os, stride_lt, stride_lh,
                       C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-                      BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
-    t, hb = tl.program_id(0), tl.program_id(1)
+                      BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr):
+    """One (token, BLOCK_H heads, run of per_split slots): DIRECT writes the normalised output; otherwise
+    an fp32 partial output and its log-sum-exp per split, merged by sparse_mla_combine_kernel."""
+    t, hb, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = heads < H
     c = tl.arange(0, BLOCK_C)
@@ -133,9 +137,10 @@ def sparse_mla_kernel(ql_ptr, qr_ptr, cache_ptr, slots_ptr, o_ptr, H, K, scale,
     m_i = tl.full((BLOCK_H,), -1.0e30, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
-    for n0 in range(0, K, BLOCK_N):
+    end = tl.minimum(sp * per_split + per_split, K)
+    for n0 in range(sp * per_split, end, BLOCK_N):
         j = n0 + tl.arange(0, BLOCK_N)
-        slot = tl.load(slots_ptr + t * stride_st + j, mask=j < K, other=-1)
+        slot = tl.load(slots_ptr + t * stride_st + j, mask=j < end, other=-1)
         valid = slot >= 0
         base = tl.maximum(slot, 0).to(tl.int64) * stride_cs
         lat = tl.load(cache_ptr + base[:, None] + c[None, :], mask=valid[:, None] & (c[None, :] < C),
@@ -151,8 +156,30 @@ def sparse_mla_kernel(ql_ptr, qr_ptr, cache_ptr, slots_ptr, o_ptr, H, K, scale,
         acc = acc * alpha[:, None] + tl.dot(p.to(lat.dtype), lat)
         m_i = m_new
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
-    tl.store(o_ptr + t * stride_ot + heads[:, None] * stride_oh + c[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=hm[:, None] & (c[None, :] < C))
+    omask = hm[:, None] & (c[None, :] < C)
+    if DIRECT:
+        tl.store(o_ptr + t * stride_ot + heads[:, None] * stride_oh + c[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=omask)
+    else:   # a split with no valid slot has l = 0: log-sum-exp -inf, weight 0 in the merge
+        tl.store(o_ptr + t * stride_ot + heads[:, None] * stride_oh + sp * stride_os + c[None, :], out, mask=omask)
+        lse = tl.where(l_i > 0, m_i + tl.log(tl.maximum(l_i, 1e-30)), float("-inf"))
+        tl.store(lse_ptr + t * stride_lt + heads * stride_lh + sp, lse, mask=hm)
+
+
+@triton.jit
+def sparse_mla_combine_kernel(part_ptr, lse_ptr, out_ptr, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
+                              stride_ot, stride_oh, S, C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    t, h = tl.program_id(0), tl.program_id(1)
+    sp = tl.arange(0, BLOCK_S)
+    c = tl.arange(0, BLOCK_C)
+    lse = tl.load(lse_ptr + t * stride_lt + h * stride_lh + sp, mask=sp < S, other=float("-inf"))   # [BS]
+    top = tl.max(lse, axis=0)
+    total = tl.sum(tl.exp(lse - top), axis=0)
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for i in range(S):   # one split's partial output at a time: [BLOCK_C] in registers, not [S, BLOCK_C]
+        w = tl.exp(tl.load(lse_ptr + t * stride_lt + h * stride_lh + i) - top) / total
+        acc += w * tl.load(part_ptr + t * stride_pt + h * stride_ph + i * stride_ps + c, mask=c < C, other=0.0)
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + c, acc.to(out_ptr.dtype.element_ty), mask=c < C)
 
 
 def _pow2(n: int, least: int = 16) -> int:
@@ -208,7 +235,10 @@ def index_topk(scores, block_table, k, chunk: int = 4096, block: int = 1024):
     return out
 
 
-def sparse_mla(q_latent, q_rope, cache, slots, scale, block_h: int = 16, block_n: int = 32):
+def sparse_mla(q_latent, q_rope, cache, slots, scale, block_h: int = 16, block_n: int = 32,
+               splits: int | None = None, num_sms: int = 132):
+    """splits: runs of slots per (token, head block), merged after (None: enough programs to fill
+    2 x num_sms, as a decode batch of one token has only H / block_h of them otherwise)."""
     t, h, c = q_latent.shape
     r = q_rope.shape[-1]
     if q_latent.stride(-1) != 1:
@@ -217,10 +247,25 @@ def sparse_mla(q_latent, q_rope, cache, slots, scale, block_h: int = 16, block_n
         q_rope = q_rope.contiguous()
     slots = slots.contiguous()
     out = torch.empty_like(q_latent)
-    if t:
-        sparse_mla_kernel[(t, triton.cdiv(h, block_h))](
-            q_latent, q_rope, cache, slots, out, h, slots.shape[1], scale,
-            q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1), cache.stride(1),
-            slots.stride(0), out.stride(0), out.stride(1), C=c, R=r, BLOCK_C=_pow2(c), BLOCK_R=_pow2(r),
-            BLOCK_H=block_h, BLOCK_N=block_n, num_warps=4)
+    k = slots.shape[1]
+    if not t:
+        return out
+    head_blocks, runs = triton.cdiv(h, block_h), triton.cdiv(k, block_n)
+    if splits is None:
+        splits = triton.cdiv(2 * num_sms, t * head_blocks)
+    per_split = triton.cdiv(triton.cdiv(k, max(1, min(splits, runs))), block_n) * block_n
+    splits = triton.cdiv(k, per_split)
+    direct = splits == 1
+    part = out if direct else torch.empty((t, h, splits, c), dtype=torch.float32, device=out.device)
+    lse = out if direct else torch.empty((t, h, splits), dtype=torch.float32, device=out.device)
+    sparse_mla_kernel[(t, head_blocks, splits)](
+        q_latent, q_rope, cache, slots, part, lse, h, k, scale, per_split,
+        q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1), cache.stride(1), slots.stride(0),
+        part.stride(0), part.stride(1), 0 if direct else part.stride(2), 0 if direct else lse.stride(0),
+        0 if direct else lse.stride(1), C=c, R=r, BLOCK_C=_pow2(c), BLOCK_R=_pow2(r), BLOCK_H=block_h,
+        BLOCK_N=block_n, DIRECT=direct, num_warps=4)
+    if not direct:
+        sparse_mla_combine_kernel[(t, h)](part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0),
+                                          lse.stride(1), out.stride(0), out.stride(1), splits, C=c,
+                                          BLOCK_S=triton.next_power_of_2(splits), BLOCK_C=_pow2(c), num_warps=4)
     return out

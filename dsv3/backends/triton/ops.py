@@ -76,5 +76,6 @@ def make_ops(target: Target, fp8_linear=None) -> dict:
         "write_index_cache": dsa.write_index_cache,
         "index_scores": dsa.index_scores,
         "index_topk": dsa.index_topk,
-        "sparse_mla": dsa.sparse_mla,
+        "sparse_mla": lambda ql, qr, cache, slots, scale: dsa.sparse_mla(ql, qr, cache, slots, scale,
+                                                                         num_sms=target.num_sms),
     }

@@ -135,11 +135,17 @@ def kernel_specs(t: tuning.Target):
             "stride_bt stride_ot DI BLOCK_H BLOCK_D PAGE BLOCK_N",
             {"q_ptr": "*bf16", "w_ptr": "*fp32", "cache_ptr": "*" + cache, "bt_ptr": "*i32", "lens_ptr": "*i32",
              "out_ptr": "*fp32"}, {"DI": 128, "BLOCK_H": 64, "BLOCK_D": 128, "PAGE": 64, "BLOCK_N": 64})
-        add(f"sparse_mla[{cache}]", dsa.sparse_mla_kernel,
-            "ql_ptr qr_ptr cache_ptr slots_ptr o_ptr H K scale stride_qlt stride_qlh stride_qrt stride_qrh stride_cs "
-            "stride_st stride_ot stride_oh C R BLOCK_C BLOCK_R BLOCK_H BLOCK_N",
-            {"ql_ptr": "*bf16", "qr_ptr": "*bf16", "cache_ptr": "*" + cache, "slots_ptr": "*i64", "o_ptr": "*bf16",
-             "scale": F32}, {"C": 512, "R": 64, "BLOCK_C": 512, "BLOCK_R": 64, "BLOCK_H": 16, "BLOCK_N": 32})
+        for direct in (False, True):
+            add(f"sparse_mla[{cache},{'direct' if direct else 'split'}]", dsa.sparse_mla_kernel,
+                "ql_ptr qr_ptr cache_ptr slots_ptr o_ptr lse_ptr H K scale per_split stride_qlt stride_qlh stride_qrt "
+                "stride_qrh stride_cs stride_st stride_ot stride_oh stride_os stride_lt stride_lh C R BLOCK_C BLOCK_R "
+                "BLOCK_H BLOCK_N DIRECT",
+                {"ql_ptr": "*bf16", "qr_ptr": "*bf16", "cache_ptr": "*" + cache, "slots_ptr": "*i64",
+                 "o_ptr": "*bf16" if direct else "*fp32", "lse_ptr": "*fp32", "scale": F32},
+                {"C": 512, "R": 64, "BLOCK_C": 512, "BLOCK_R": 64, "BLOCK_H": 16, "BLOCK_N": 32, "DIRECT": direct})
+    add("sparse_mla_combine", dsa.sparse_mla_combine_kernel, "part_ptr lse_ptr out_ptr stride_pt stride_ph stride_ps "
+        "stride_lt stride_lh stride_ot stride_oh S C BLOCK_S BLOCK_C",
+        {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"}, {"C": 512, "BLOCK_S": 64, "BLOCK_C": 512})
     for r in (0, 3):
         add(f"topk_hist[round {r}]", dsa.topk_hist_kernel, "s_ptr hist_ptr state_ptr N stride_s NEG_INF_UKEY ROUND CHUNK BLOCK",
             {"s_ptr": "*fp32", "hist_ptr": "*i32", "state_ptr": "*i64"},
