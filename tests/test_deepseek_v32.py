@@ -268,3 +268,31 @@ def test_tensor_and_expert_parallel_match_one_process(tmp_path):
     cases = {"v32-tp2-ep2": (str(path), 2, 2, ALL_TO_ALL)}
     ranks, _ = _spawn(2, tmp_path, (cases, prompts, seed))
     _check(ranks, cases, {str(path): _single(path, prompts, seed)})
+
+
+def test_reference_index_ops_against_float64_loops():
+    """The reference index_scores / index_topk / write_index_cache against per-token float64 loops over the
+    block table (shuffled blocks, ragged contexts, a -1 slot)."""
+    from dsv3.backends.reference import ops as ref
+    g = torch.Generator().manual_seed(random.randrange(2**31))
+    page, hi, di, lens = 4, 6, 12, [1, 5, 9, 14]
+    cache = torch.randn(16, page, 20 + di, generator=g)
+    table = torch.randperm(16, generator=g)[:16].view(4, 4).to(torch.int32)
+    k_new, slots = torch.randn(3, di, generator=g), torch.tensor([5, -1, 33])
+    want_cache = cache.clone()
+    want_cache.view(-1, 20 + di)[[5, 33], 20:] = k_new[[0, 2]]
+    ref.write_index_cache(cache, k_new, slots)
+    assert torch.equal(cache, want_cache)
+    q, w = torch.randn(4, hi, di, generator=g), torch.randn(4, hi, generator=g)
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    scores = ref.index_scores(q, w, cache, table, ctx)
+    flat = cache.view(-1, 20 + di).double()
+    for t, n in enumerate(lens):
+        for p in range(16):
+            slot = int(table[t, p // page]) * page + p % page
+            want = sum(w[t, h].double() * max(float(q[t, h].double() @ flat[slot, 20:]), 0.0) for h in range(hi))
+            assert (p >= n and scores[t, p] == float("-inf")) or abs(float(scores[t, p]) - want) < 1e-5
+        chosen = ref.index_topk(scores, table, 3)[t].tolist()
+        best = sorted(range(n), key=lambda p: -float(scores[t, p]))[:3]
+        assert sorted(c for c in chosen if c >= 0) == sorted(int(table[t, p // page]) * page + p % page for p in best)
+        assert chosen.count(-1) == 3 - min(3, n)
