@@ -92,7 +92,7 @@ def engine_section(model, cfg, cache, args) -> None:
     for name, graphs, draft_graphs, cublas_off in modes:
         t0 = time.perf_counter()
         try:
-            with CublasOff() if cublas_off else _null():
+            with BatchInvariant() if cublas_off == "invariant" else CublasOff() if cublas_off else _null():
                 runner = CudaGraphRunner(model, BS, max_context) if graphs else None
                 forward = runner if draft_graphs or runner is None else (lambda b, c, r=runner: r(b, c))
                 for b in args.batches:
@@ -120,7 +120,34 @@ def engine_section(model, cfg, cache, args) -> None:
 
 MODES = [("graphs (verify + draft)", True, True, False), ("graphs, drafter eager", True, False, False),
          ("eager", False, False, False), ("graphs, cuBLAS off", True, True, True),
-         ("eager, cuBLAS off", False, False, True)]
+         ("eager, cuBLAS off", False, False, True), ("eager, batch-invariant kernels", False, False, "invariant")]
+
+
+class BatchInvariant:
+    """Every kernel configured as for one row, whatever the batch: the FP8 GEMM's tiles and split-K
+    (cuBLAS off, activation quantisation in the GEMM), the router's D splits and routing tile, the fused
+    MoE's row blocks, mla_decode's KV splits. Each row's arithmetic is then the same at every batch
+    size, so oracle drafts must all be accepted; if they are here and not in the other modes, the
+    rejections come from batch-size-dependent rounding (amplified by near-tied routing of random
+    weights), not from a wrong result."""
+
+    def __enter__(self):
+        from dsv3.backends.triton import gate, mla, moe, ops as tops, tuning
+        self.saved = [(nv, "CUBLAS_MIN_M", nv.CUBLAS_MIN_M)]
+        patches = [(nv, "CUBLAS_MIN_M", 1 << 40),
+                   (tops, "QUANT_IN_GEMM_MAX_M", 1 << 40),
+                   (tops, "gemm_config", lambda target, m, n, k, f=tuning.gemm_config: f(target, 1, n, k)),
+                   (mla, "mla_decode_splits", lambda target, t, hb, ctx, bn, f=tuning.mla_decode_splits:
+                       f(target, 1, hb, ctx, bn)),
+                   (moe, "moe_config", lambda target, rows, e, f=tuning.moe_config: f(target, 8, e)),
+                   (gate, "gate_config", lambda t, e, d, sms, f=gate.gate_config: f(1, e, d, sms))]
+        self.saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
+        for mod, name, value in patches:
+            setattr(mod, name, value)
+
+    def __exit__(self, *exc):
+        for mod, name, value in self.saved:
+            setattr(mod, name, value)
 
 
 class _null:

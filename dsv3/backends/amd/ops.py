@@ -31,7 +31,7 @@ def device_arch() -> str:
 
 
 def rocm_target(arch: str | None = None):
-    from dsv3.backends.triton.tuning import Target
+    from dsv3.backends.triton.tuning import Target, batch_invariant_requested
     arch = arch or device_arch()
     if arch not in FP8_BY_ARCH:
         raise ValueError(f"AMD GPU arch {arch!r} has no tuning table; supported: {', '.join(FP8_BY_ARCH)} "
@@ -39,7 +39,7 @@ def rocm_target(arch: str | None = None):
     units = COMPUTE_UNITS[arch]
     if torch.cuda.is_available() and torch.version.hip is not None:
         units = torch.cuda.get_device_properties(0).multi_processor_count
-    return Target(arch, FP8_BY_ARCH[arch], num_sms=units)
+    return Target(arch, FP8_BY_ARCH[arch], num_sms=units, batch_invariant=batch_invariant_requested())
 
 
 def rocm_ops(arch: str | None = None) -> dict:

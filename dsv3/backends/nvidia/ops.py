@@ -33,9 +33,9 @@ def cublas_linear(x, w):
 
 def cuda_target():
     import torch
-    from dsv3.backends.triton.tuning import Target
+    from dsv3.backends.triton.tuning import Target, batch_invariant_requested
     sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
-    return Target("cuda", torch.float8_e4m3fn, num_sms=sms)
+    return Target("cuda", torch.float8_e4m3fn, num_sms=sms, batch_invariant=batch_invariant_requested())
 
 
 
@@ -48,7 +48,8 @@ def cuda_ops() -> dict:
     def fp8_linear(x, w):
         m = x.numel() // x.shape[-1]
         shape = (w.out_features, w.in_features)
-        if m >= CUBLAS_MIN_M and shape not in rejected and cublas_takes(m, *shape, x.dtype):
+        if (m >= CUBLAS_MIN_M and not target.batch_invariant and shape not in rejected
+                and cublas_takes(m, *shape, x.dtype)):
             try:
                 return cublas_linear(x, w)
             except RuntimeError as e:

@@ -114,7 +114,7 @@ def gate_config(t: int, e: int, d: int, num_sms: int) -> tuple[int, int, int, in
     return block_t, block_e, block_d, splits, route_t, 2 if route_t == 1 else 4
 
 
-def moe_gate(x, weight, bias, spec, num_sms: int = 132):
+def moe_gate(x, weight, bias, spec, num_sms: int = 132, batch_invariant: bool = False):
     t, d = x.shape
     e = weight.shape[0]
     weights = torch.empty((t, spec.top_k), dtype=torch.float32, device=x.device)
@@ -125,7 +125,8 @@ def moe_gate(x, weight, bias, spec, num_sms: int = 132):
         x = x.contiguous()
     if weight.dtype != x.dtype:
         weight = weight.to(x.dtype)
-    block_t, block_e, block_d, splits, route_t, warps = gate_config(t, e, d, num_sms)
+    # batch-invariant: one token's tiling, so every token's logits sum the same D splits in the same order
+    block_t, block_e, block_d, splits, route_t, warps = gate_config(1 if batch_invariant else t, e, d, num_sms)
     d_per_split = triton.cdiv(triton.cdiv(d, block_d), splits) * block_d
     splits = triton.cdiv(d, d_per_split)
     part = torch.empty((splits, t, e), dtype=torch.float32, device=x.device)

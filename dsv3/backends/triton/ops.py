@@ -27,7 +27,7 @@ def triton_linear(target: Target, x: torch.Tensor, w: QuantWeight) -> torch.Tens
     n = w.out_features
     cfg = gemm_config(target, m, n, k)
     fmax, ue8m0 = FP8_MAX[w.data.dtype], w.ue8m0_acts
-    if m <= QUANT_IN_GEMM_MAX_M:   # quantised inside the GEMM: one launch
+    if m <= QUANT_IN_GEMM_MAX_M or target.batch_invariant:   # quantised inside the GEMM: one launch
         y = fp8_gemm(x2 if x2.stride(-1) == 1 else x2.contiguous(), None, w.data, w.scale, x.dtype, cfg,
                      ue8m0=ue8m0, fp8_max=fmax)
     else:
@@ -70,7 +70,8 @@ def make_ops(target: Target, fp8_linear=None) -> dict:
         "write_latent_cache": elementwise.write_latent_cache,
         "mla_prefill": lambda q, k, v, cu_q, cu_k, scale: mla.mla_prefill(target, q, k, v, cu_q, cu_k, scale),
         "mla_decode": lambda ql, qr, cache, bt, lens, scale: mla.mla_decode(target, ql, qr, cache, bt, lens, scale),
-        "moe_gate": lambda x, weight, bias, spec: gate.moe_gate(x, weight, bias, spec, num_sms=target.num_sms),
+        "moe_gate": lambda x, weight, bias, spec: gate.moe_gate(x, weight, bias, spec, num_sms=target.num_sms,
+                                                                  batch_invariant=target.batch_invariant),
         "moe_experts": moe_experts,
         # DeepSeek Sparse Attention (V3.2): dsv3.backends.triton.dsa
         "write_index_cache": dsa.write_index_cache,

@@ -17,11 +17,26 @@ import triton
 AMD_ARCHS = ("gfx942", "gfx950")
 
 
+BATCH_INVARIANT_ENV = "DSV3_BATCH_INVARIANT"
+
+
+def batch_invariant_requested() -> bool:
+    """DSV3_BATCH_INVARIANT=1: build the op table with Target.batch_invariant (read once, at build)."""
+    import os
+    return os.environ.get(BATCH_INVARIANT_ENV, "") == "1"
+
+
 @dataclass(frozen=True)
 class Target:
     name: str                   # "cuda", "gfx942", "gfx950"
     fp8_dtype: torch.dtype      # float8_e4m3fn (Hopper, gfx950) or float8_e4m3fnuz (gfx942)
     num_sms: int = 132          # streaming multiprocessors / compute units, for split decisions
+    # Batch-invariant kernels (DSV3_BATCH_INVARIANT=1): every config below is the one a single row
+    # gets, whatever the batch, so a row's arithmetic (tiles, split-K, KV splits, router splits) and
+    # hence its rounding never depend on what else is batched with it. Greedy output is then the same
+    # alone or in any batch, and MTP verification reproduces plain decoding exactly; large batches
+    # and prefill run slower (no cuBLAS, small tiles).
+    batch_invariant: bool = False
 
     @property
     def is_amd(self) -> bool:
@@ -52,6 +67,8 @@ def _split_for(target: Target, tiles: int, k_steps: int, waves: float, min_steps
 
 
 def gemm_config(target: Target, m: int, n: int, k: int) -> GemmConfig:
+    if target.batch_invariant:
+        m = 1
     k_steps = triton.cdiv(k, 128)
     if target.is_amd:
         stages, knobs = 2, target.amd_knobs()
@@ -103,6 +120,8 @@ class MoeConfig:
 
 def moe_config(target: Target, num_routed_rows: int, num_experts: int) -> MoeConfig:
     rows_per_expert = num_routed_rows / max(1, min(num_experts, num_routed_rows))
+    if target.batch_invariant:
+        rows_per_expert = 1
     bm = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 48 else 64 if rows_per_expert <= 160 else 128
     if target.is_amd:
         return MoeConfig(bm, 128, 64 if bm <= 32 else 128, 4 if bm <= 64 else 8, 2, target.amd_knobs())
@@ -131,7 +150,10 @@ def mla_decode_config(target: Target, num_heads: int, cache_dtype: torch.dtype =
 
 
 def mla_decode_splits(target: Target, tokens: int, head_blocks: int, max_context: int, block_n: int) -> int:
-    """KV splits per (token, head block): enough programs for ~2 waves, >= 4 key steps per split."""
+    """KV splits per (token, head block): enough programs for ~2 waves, >= 4 key steps per split.
+    Batch-invariant: a fixed count, so a token's split points depend on its own context alone."""
+    if target.batch_invariant:
+        return 16
     programs = tokens * head_blocks
     want = triton.cdiv(2 * target.num_sms, programs)
     return max(1, min(want, triton.cdiv(max_context, 4 * block_n), 64))
