@@ -88,3 +88,15 @@ def test_mla_decode_rows_do_not_depend_on_the_batch(table):
     alone = torch.cat([table["mla_decode"](ql[i:i + 1], qr[i:i + 1], cache, table_[i:i + 1, : blocks[i]], lens[i:i + 1], 0.3)
                        for i in range(len(lens))])       # each alone, with only its own block-table width
     assert torch.equal(out, alone)
+
+
+def test_outgrown_tile_counters_stay_alive_and_zero():
+    """A CUDA graph captured with the counter buffer keeps its address: growing the buffer later (a long
+    prefill's many tiles) must not free the old one, or the graph's split-K GEMMs read garbage counters."""
+    counters = triton("counters")
+    device = torch.device("cpu")
+    first = counters.tile_counters(device, 10)
+    assert counters.tile_counters(device, 10) is first                     # no growth, the same buffer
+    bigger = counters.tile_counters(device, first.numel() + 1)
+    assert bigger is not first and bigger.numel() > first.numel()
+    assert any(old is first for old in counters._OUTGROWN) and not first.any() and not bigger.any()

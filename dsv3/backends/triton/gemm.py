@@ -94,7 +94,8 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_s
     ws = torch.empty((split, m, n), dtype=torch.float32, device=a.device) if split > 1 else out
     quant_a = a_scale is None
     fp8_gemm_kernel[(tiles, split)](
-        a, a if quant_a else a_scale, w, w_scale, out, ws, tile_counters(a.device, tiles), m, n, k, per_split,
+        a, a if quant_a else a_scale, w, w_scale, out, ws, tile_counters(a.device, tiles if split > 1 else 1),
+        m, n, k, per_split,
         a.stride(0), 0 if quant_a else a_scale.stride(0), w.stride(0), w_scale.stride(0), n,
         QUANT_A=quant_a, UE8M0=ue8m0, FP8_MAX=fp8_max,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=BLOCK_K, GROUP_M=cfg.group_m, SPLIT=split > 1,
