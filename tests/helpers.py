@@ -51,23 +51,20 @@ def make_chat_checkpoint(path, family: str, seed=0, std=0.1, corpus=None, **conf
     return path
 
 
-def hf_oracle(hf_config: dict, weights: dict[str, torch.Tensor]):
-    """transformers' DeepseekV3ForCausalLM (fp32, eager) holding the same weights."""
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-    cfg_dict = {k: v for k, v in hf_config.items() if k not in ("architectures",)}
-    config = DeepseekV3Config(**cfg_dict)
+def hf_oracle(hf_config: dict, weights: dict[str, torch.Tensor], v32: bool = False):
+    """transformers' DeepseekV3ForCausalLM (DeepseekV32ForCausalLM with v32), fp32, eager, holding the
+    same weights (transformers has no MTP module: that layer is left out)."""
+    import transformers
+    family = "DeepseekV32" if v32 else "DeepseekV3"
+    config = getattr(transformers, f"{family}Config")(**{k: v for k, v in hf_config.items() if k != "architectures"})
     config._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = DeepseekV3ForCausalLM(config).float().eval()
+    model = getattr(transformers, f"{family}ForCausalLM")(config).float().eval()
     n_layers = hf_config["num_hidden_layers"]
-    state = {}
-    for name, t in weights.items():
-        if name.startswith(f"model.layers.{n_layers}."):
-            continue  # transformers has no MTP module
-        state[name] = t
-    for i in range(n_layers):
+    state = {name: t for name, t in weights.items() if not name.startswith(f"model.layers.{n_layers}.")}
+    for i in range(n_layers):   # transformers stacks the routed experts: gate_up_proj [E, 2I, D], down_proj [E, D, I]
         pre = f"model.layers.{i}.mlp.experts"
-        if f"{pre}.0.gate_proj.weight" not in weights:
+        if f"{pre}.0.gate_proj.weight" not in state:
             continue
         e = hf_config["n_routed_experts"]
         gate = torch.stack([state.pop(f"{pre}.{j}.gate_proj.weight") for j in range(e)])

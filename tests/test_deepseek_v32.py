@@ -17,7 +17,7 @@ from dsv3.core.batch import Batch, Chunk
 from dsv3.core.cache import LatentCache
 from dsv3.checkpoints.synthetic import random_weights, to_checkpoint_format, write_checkpoint
 
-from helpers import random_prompts, rel_err, tiny_config
+from helpers import hf_oracle, random_prompts, rel_err, tiny_config
 from dsv3.core.config import ModelConfig
 
 YARN_SHORT = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32,
@@ -42,26 +42,7 @@ def v32_checkpoint(path, hf_config, seed, fmt="dense"):
 
 def hf_v32_oracle(hf_config: dict, weights: dict):
     """transformers' DeepseekV32ForCausalLM (fp32, eager) holding the same weights (MTP layer left out)."""
-    from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
-    config = DeepseekV32Config(**{k: v for k, v in hf_config.items() if k != "architectures"})
-    config._attn_implementation = "eager"
-    model = DeepseekV32ForCausalLM(config).float().eval()
-    n, state = hf_config["num_hidden_layers"], {}
-    for name, t in weights.items():
-        if not name.startswith(f"model.layers.{n}."):
-            state[name] = t
-    for i in range(n):
-        pre = f"model.layers.{i}.mlp.experts"
-        if f"{pre}.0.gate_proj.weight" not in state:
-            continue
-        e = hf_config["n_routed_experts"]
-        gate = torch.stack([state.pop(f"{pre}.{j}.gate_proj.weight") for j in range(e)])
-        up = torch.stack([state.pop(f"{pre}.{j}.up_proj.weight") for j in range(e)])
-        state[f"{pre}.gate_up_proj"] = torch.cat([gate, up], dim=1)
-        state[f"{pre}.down_proj"] = torch.stack([state.pop(f"{pre}.{j}.down_proj.weight") for j in range(e)])
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not [m for m in missing if "rotary_emb" not in m] and not unexpected, (missing, unexpected)
-    return model
+    return hf_oracle(hf_config, weights, v32=True)
 
 
 CONFIGS = {
