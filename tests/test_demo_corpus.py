@@ -156,3 +156,16 @@ def test_training_forward_is_the_models_forward():
     assert main_t[r, at:at + n - 1].tolist() == seqs[0][1:] and main_t[r, at + n - 1] == -100
     assert mtp_t[r, at:at + n - 2].tolist() == seqs[0][2:] and (mtp_t[r, at + n - 2:at + n] == -100).all()
     assert (main_t[seg < 0] == -100).all()
+
+
+def test_code_under_its_own_license_file_takes_that_license_or_is_refused(tmp_path):
+    members = {"pkg-1.0/LICENSE": MIT.encode(), "pkg-1.0/pkg/_gpl/LICENSE": GPL.encode(),
+               "pkg-1.0/pkg/blib/LICENSE": b"PSF LICENSE AGREEMENT FOR PYTHON", "pkg-1.0/docs/license.rst": b"x"}
+    assert dc.nested_licenses(members) == {"pkg-1.0/pkg/_gpl/": None, "pkg-1.0/pkg/blib/": "PSF-2.0"}
+    code = b"x = 1\n"
+    sdist = make_sdist(tmp_path / "pkg-1.0.tar.gz", "pkg", MIT, "MIT License", {"pkg/a.py": code})
+    data_dir = tables(tmp_path, sdist, "pkg", "MIT", "pkg/a.py", code)
+    sources, rows = dc.read_tables(data_dir)
+    dc.write_tables(data_dir, sources, [dc.Row(**{**rows[0].__dict__, "license": "GPL-3.0"})])
+    with pytest.raises(dc.CorpusError, match="GPL-3.0"):
+        dc.read_corpus(data_dir, tmp_path, None, fetch=False)
