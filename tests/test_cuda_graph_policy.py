@@ -169,3 +169,13 @@ def test_speculative_verify_and_draft_through_graph_buckets_on_the_cpu(tmp_path,
                     failures.append(f"batch {b} k {k}: {per_step:.2f} tokens per verify step")
     assert {32, 64} <= set(runner.graphs) and 32 in runner.draft.graphs
     assert not failures, "\n".join(failures)
+
+
+def test_a_v32_model_with_a_host_syncing_sparse_op_runs_eagerly():
+    """A V3.2 decode step also calls the sparse-attention ops: the reference's write_index_cache (a
+    boolean index) blocks capture; a dense-attention model does not call it."""
+    ops = cuda_table(pins={"write_index_cache": "cpu"})
+    v32 = SimpleNamespace(ops=ops, cfg=SimpleNamespace(n_routed_experts=8, sparse_attention=True))
+    (reason,) = capture_blockers(v32)
+    assert reason.startswith("write_index_cache (cpu)")
+    assert capture_blockers(model(ops)) == []

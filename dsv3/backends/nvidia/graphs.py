@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from dsv3.core.batch import Batch
-from dsv3.core.ops import OP_NAMES, syncs_with_host
+from dsv3.core.ops import OP_NAMES, SPARSE_OP_NAMES, syncs_with_host
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DECODE_STEP_OPS = tuple(op for op in OP_NAMES if op != "mla_prefill")   # what a decode-only step calls
@@ -21,8 +21,10 @@ DECODE_STEP_OPS = tuple(op for op in OP_NAMES if op != "mla_prefill")   # what a
 def capture_blockers(model) -> list[str]:
     """Why `model`'s decode steps cannot be captured in a CUDA graph (empty: they can): the ops that
     say they read device values back to the host (dsv3.core.ops.host_syncing). The op table is the
-    one the model was built with, resolved for its weight format, so this is what would really run."""
-    called = [op for op in DECODE_STEP_OPS if model.cfg.n_routed_experts or not op.startswith("moe_")]
+    one the model was built with, resolved for its weight format, so this is what would really run;
+    a V3.2 model's decode also calls the sparse-attention ops."""
+    step_ops = DECODE_STEP_OPS + (SPARSE_OP_NAMES if getattr(model.cfg, "sparse_attention", False) else ())
+    called = [op for op in step_ops if model.cfg.n_routed_experts or not op.startswith("moe_")]
     return [f"{op} ({model.ops.providers.get(op, '?')}) synchronises with the host"
             for op in called if syncs_with_host(getattr(model.ops, op))]
 
