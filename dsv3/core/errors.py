@@ -52,23 +52,22 @@ def read_document(path, error: type[Dsv3Error], what: str, language: str = "JSON
     size = path.stat().st_size
     if max_bytes is not None and size > max_bytes:
         raise error(f"{path}: {size} bytes is too large for {what} (at most {max_bytes}); is it the right file?")
+    if language == "YAML":
+        import yaml
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        parse, syntax_error = (lambda text: yaml.load(text, Loader=loader) or {}), yaml.YAMLError
+    else:
+        import json
+        # ValueError: JSONDecodeError, and what json.loads raises for an integer literal past Python's
+        # 4300-digit conversion limit
+        parse, syntax_error = json.loads, ValueError
     try:
-        text = path.read_bytes().decode("utf-8")
-        if language == "YAML":
-            import yaml
-            value = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
-        else:
-            import json
-            value = json.loads(text)
+        value = parse(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
         raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); {what} is a UTF-8 {language} file") from e
     except RecursionError as e:
         raise error(f"{path}: {language} nested too deeply to be {what}") from e
-    except ValueError as e:                  # json.JSONDecodeError is a ValueError
-        raise error(f"{path}: not valid {language} ({brief(str(e), 300)}){hint}") from e
-    except Exception as e:                   # yaml.YAMLError and its kin
-        if type(e).__module__.split(".")[0] != "yaml":
-            raise
+    except syntax_error as e:
         raise error(f"{path}: not valid {language} ({brief(str(e), 300)}){hint}") from e
     if mapping and not isinstance(value, dict):
         raise error(f"{path}: expected a {language} object at the top level, got {type(value).__name__}")
