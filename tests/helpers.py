@@ -108,3 +108,39 @@ def fp8_checkpoint(tmp_path_factory, name: str, seed: int, **kw):
     path, _ = make_checkpoint(tmp_path_factory.mktemp(name) / "ckpt", tiny_config(), seed=seed, fmt="fp8-block",
                               dtype=torch.bfloat16, tokenizer=False, **kw)
     return path
+
+
+def oracle_speculation_failures(model, cache, runner, prompts, new: int, ks, max_batch_tokens: int,
+                                monkeypatch) -> list[str]:
+    """Greedy MTP with oracle drafts (each sequence's plain greedy continuation, computed max(ks) tokens past
+    the compared length so the last verify step's drafts are right too) against plain greedy, for batch
+    1..len(prompts) and each k: one line per (batch, k) whose output differs or that emits other than
+    k + 1 tokens per verify step."""
+    from dsv3.core.engine import Engine
+    from dsv3.core.sampling import SamplingParams
+    from dsv3.core.speculative import MTPDrafter
+
+    def generate(engine, batch, n):
+        seqs = [engine.add(p, SamplingParams(max_new_tokens=n, ignore_eos=True)) for p in batch]
+        engine.run_to_completion()
+        return [s.output_ids for s in seqs]
+
+    failures = []
+    for b in range(1, len(prompts) + 1):
+        batch = prompts[:b]
+        want = generate(Engine(model, cache, None, max_batch_tokens, runner, prefix_caching=False), batch, new + max(ks))
+        truth = {tuple(p): w for p, w in zip(batch, want)}
+
+        def propose(work, rows, logits, j):
+            return torch.tensor([truth[tuple(s.token_ids[: s.prompt_len])][len(s.output_ids) + j] for s, *_ in work],
+                                device=logits.device), None
+        for k in ks:
+            with monkeypatch.context() as m:
+                m.setattr(MTPDrafter, "_propose", staticmethod(propose))
+                spec = Engine(model, cache, None, max_batch_tokens, runner, num_draft_tokens=k, prefix_caching=False)
+                got = generate(spec, batch, new)
+            per_step = spec.stats.spec.mean_accepted_length
+            if got != [w[:new] for w in want] or per_step != k + 1:
+                failures.append(f"batch {b} k {k}: {per_step:.2f} tokens per verify step, "
+                                f"output {'==' if got == [w[:new] for w in want] else '!='} plain")
+    return failures

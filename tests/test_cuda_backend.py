@@ -255,9 +255,7 @@ def test_speculative_greedy_with_oracle_drafts_at_every_batch_and_k(invariant_wi
     weights that flips near-tied routing and greedy tokens (measured: benchmarks/spec_diagnose.py)."""
     from dsv3.backends.nvidia.graphs import CudaGraphRunner
     from dsv3.core.cache import LatentCache
-    from dsv3.core.engine import Engine
-    from dsv3.core.sampling import SamplingParams
-    from dsv3.core.speculative import MTPDrafter
+    from helpers import oracle_speculation_failures
     model, cfg = invariant_wide_model
     new, ks, bs = 7, (1, 2, 3), 64
     g = torch.Generator().manual_seed(0)
@@ -267,29 +265,6 @@ def test_speculative_greedy_with_oracle_drafts_at_every_batch_and_k(invariant_wi
     cache = LatentCache(model.num_cache_layers, 16 * -(-max_context // bs), bs, cfg.latent_dim, BF, DEV)
     runner = CudaGraphRunner(model, bs, max_context)
 
-    def generate(engine, batch, n):
-        seqs = [engine.add(p, SamplingParams(max_new_tokens=n, ignore_eos=True)) for p in batch]
-        engine.run_to_completion()
-        return [s.output_ids for s in seqs]
-
-    failures = []
-    for b in range(1, 17):
-        batch = prompts[:b]
-        # k tokens past the compared length, so that the last verify step's drafts are right as well
-        want = generate(Engine(model, cache, None, 8192, runner, prefix_caching=False), batch, new + max(ks))
-        truth = {tuple(p): w for p, w in zip(batch, want)}
-
-        def propose(work, rows, logits, j):
-            return torch.tensor([truth[tuple(s.token_ids[: s.prompt_len])][len(s.output_ids) + j] for s, *_ in work],
-                                device=logits.device), None
-        monkeypatch.setattr(MTPDrafter, "_propose", staticmethod(propose))
-        for k in ks:
-            spec = Engine(model, cache, None, 8192, runner, num_draft_tokens=k, prefix_caching=False)
-            got = generate(spec, batch, new)
-            per_step = spec.stats.spec.mean_accepted_length
-            if got != [w[:new] for w in want] or per_step != k + 1:
-                failures.append(f"batch {b} k {k}: {per_step:.2f} tokens per verify step, "
-                                f"output {'==' if got == [w[:new] for w in want] else '!='} plain")
-        monkeypatch.undo()
+    failures = oracle_speculation_failures(model, cache, runner, prompts, new, ks, 8192, monkeypatch)
     assert runner.replays > 0 and 32 in runner.graphs, "verify chunks of 17..32 tokens should replay bucket 32"
     assert not failures, "\n".join(failures)

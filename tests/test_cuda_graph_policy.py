@@ -125,12 +125,10 @@ def test_speculative_verify_and_draft_through_graph_buckets_on_the_cpu(tmp_path,
     from dsv3.checkpoints.synthetic import TINY_CONFIG, random_checkpoint
     from dsv3.core.cache import LatentCache
     from dsv3.core.config import ModelConfig
-    from dsv3.core.engine import Engine
     from dsv3.core.loader import Checkpoint, load_weights
     from dsv3.core.model import DeepseekV3
     from dsv3.core.ops import Ops
-    from dsv3.core.sampling import SamplingParams
-    from dsv3.core.speculative import MTPDrafter
+    from helpers import oracle_speculation_failures
     emulate_capture(monkeypatch)
     path = random_checkpoint(tmp_path / "tiny", seed=5)
     cfg = ModelConfig.from_hf(TINY_CONFIG)
@@ -144,29 +142,8 @@ def test_speculative_verify_and_draft_through_graph_buckets_on_the_cpu(tmp_path,
     cache = LatentCache(model.num_cache_layers, 16 * -(-max_context // bs), bs, cfg.latent_dim, torch.float32, "cpu")
     runner = CudaGraphRunner(model, bs, max_context)
 
-    def generate(engine, batch, n):
-        seqs = [engine.add(p, SamplingParams(max_new_tokens=n, ignore_eos=True)) for p in batch]
-        engine.run_to_completion()
-        return [s.output_ids for s in seqs]
-
-    failures = []
     with torch.inference_mode():
-        for b in range(1, 17):
-            batch = prompts[:b]
-            want = generate(Engine(model, cache, None, 2048, runner, prefix_caching=False), batch, new + max(ks))
-            truth = {tuple(p): w for p, w in zip(batch, want)}
-
-            def propose(work, rows, logits, j):
-                return torch.tensor([truth[tuple(s.token_ids[: s.prompt_len])][len(s.output_ids) + j]
-                                     for s, *_ in work]), None
-            for k in ks:
-                with monkeypatch.context() as m:
-                    m.setattr(MTPDrafter, "_propose", staticmethod(propose))
-                    spec = Engine(model, cache, None, 2048, runner, num_draft_tokens=k, prefix_caching=False)
-                    got = generate(spec, batch, new)
-                per_step = spec.stats.spec.mean_accepted_length
-                if got != [w[:new] for w in want] or per_step != k + 1:
-                    failures.append(f"batch {b} k {k}: {per_step:.2f} tokens per verify step")
+        failures = oracle_speculation_failures(model, cache, runner, prompts, new, ks, 2048, monkeypatch)
     assert {32, 64} <= set(runner.graphs) and 32 in runner.draft.graphs
     assert not failures, "\n".join(failures)
 
