@@ -24,6 +24,7 @@ import torch
 class Collectives(Protocol):
     """The joins between slices that the model's forward calls."""
     distributed: bool      # False: one process, every join the identity
+    tensor_parallel: bool  # True when tp-split tensors must be joined (a tensor-parallel group exists)
 
     def tp_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x over the tensor-parallel group (row-parallel outputs: o_proj, down_proj); in place."""

@@ -44,8 +44,8 @@ class ProcessGroups:
     decode, CUDA graphs); bigger ones dispatch with all_to_all (uneven splits)."""
     distributed = True
 
-    def __init__(self, world: int, rank: int, tp_group, world_group, sync_free_max_tokens: int = 256):
-        self.world, self.rank = world, rank
+    def __init__(self, world: int, rank: int, tp: int, tp_group, world_group, sync_free_max_tokens: int = 256):
+        self.world, self.rank, self.tp = world, rank, tp     # the mesh's, for messages and the vocab gather
         self.tp_group = tp_group          # this rank's tensor-parallel group; None when tp == 1 < world
         self.world_group = world_group    # all ranks (the default group)
         self.sync_free_max_tokens = sync_free_max_tokens
@@ -85,12 +85,11 @@ class ProcessGroups:
         """[T, V/tp] per rank -> [T, V] on every rank (vocab-parallel LM head)."""
         if self.tp_group is None:
             return logits
-        tp = dist.get_world_size(self.tp_group)
-        per = -(-vocab // tp)
+        per = -(-vocab // self.tp)
         local = logits if logits.shape[-1] == per else torch.nn.functional.pad(logits, (0, per - logits.shape[-1]))
-        out = logits.new_empty(tp * logits.shape[0], per)                      # rank-major [tp * T, V/tp]
+        out = logits.new_empty(self.tp * logits.shape[0], per)                 # rank-major [tp * T, V/tp]
         self.call("all_gather of the logits", _all_gather, out, local.contiguous(), group=self.tp_group)
-        return out.view(tp, -1, per).permute(1, 0, 2).reshape(logits.shape[0], -1)[:, :vocab]
+        return out.view(self.tp, -1, per).permute(1, 0, 2).reshape(logits.shape[0], -1)[:, :vocab]
 
     def gather_rows(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """Row shards of sizes[r] rows on rank r (over all ranks) -> all rows, in rank order, everywhere."""
@@ -117,4 +116,4 @@ class ProcessGroups:
 
 def process_mesh(world: int, rank: int, tp: int, ep: int, tp_group, world_group) -> Mesh:
     """The mesh of a torchrun rank: its layout, with collectives over the given process groups."""
-    return Mesh(world, rank, tp, ep, comm=ProcessGroups(world, rank, tp_group, world_group))
+    return Mesh(world, rank, tp, ep, comm=ProcessGroups(world, rank, tp, tp_group, world_group))
