@@ -144,3 +144,39 @@ def oracle_speculation_failures(model, cache, runner, prompts, new: int, ks, max
                 failures.append(f"batch {b} k {k}: {per_step:.2f} tokens per verify step, "
                                 f"output {'==' if got == [w[:new] for w in want] else '!='} plain")
     return failures
+
+
+def run_chunks(llm, cache, chunks):
+    """One forward of `chunks` (dsv3.core.batch.Chunk) over `cache`: each chunk's logits rows."""
+    from dsv3.core.batch import Batch
+    batch = Batch.build(chunks, cache.block_size, "cpu")
+    with torch.inference_mode():
+        hidden = llm.model(batch, cache.layers)
+        return [llm.model.logits(hidden[rows]) for rows in batch.token_rows]
+
+
+def check_decode_beside_chunked_prefill(llm, cache, seqs, blocks, steps: int, chunk: int, seed: int = 1):
+    """Prefill seqs[0] and seqs[1], then `steps` steps that each decode one random token for both beside
+    the next `chunk` tokens of seqs[2]'s chunked prefill: every row's logits within 1e-4 of recomputing
+    its whole sequence. seqs are extended in place; returns (done lengths, the generator) for more steps."""
+    from dsv3.core.batch import Chunk
+    run_chunks(llm, cache, [Chunk(seqs[0], 0, blocks[0]), Chunk(seqs[1], 0, blocks[1])])
+    done = [len(seqs[0]), len(seqs[1]), 0]
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        new = [torch.randint(2, llm.config.vocab_size, (1,), generator=g).item() for _ in range(2)]
+        chunk3 = seqs[2][done[2]: done[2] + chunk]
+        chunks = [Chunk([new[0]], done[0], blocks[0], decode=True), Chunk([new[1]], done[1], blocks[1], decode=True)]
+        if chunk3:
+            chunks.append(Chunk(chunk3, done[2], blocks[2]))
+        out = run_chunks(llm, cache, chunks)
+        for i in range(2):
+            seqs[i] = seqs[i] + [new[i]]
+            done[i] += 1
+            full = llm.logits([seqs[i]])[0, -1]
+            assert rel_err(out[i][-1], full) < 1e-4, f"step {step} seq {i}"
+        if chunk3:
+            done[2] += len(chunk3)
+            full = llm.logits([seqs[2][: done[2]]])[0, -len(chunk3):]
+            assert rel_err(out[2], full) < 1e-4, f"chunked prefill step {step}"
+    return done, g

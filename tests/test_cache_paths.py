@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from dsv3 import LLM
-from dsv3.core.batch import Batch, Chunk
+from dsv3.core.batch import Chunk
 from dsv3.core.cache import LatentCache
 
-from helpers import make_checkpoint, random_prompts, rel_err, tiny_config
+from helpers import check_decode_beside_chunked_prefill, make_checkpoint, random_prompts, rel_err, run_chunks, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -18,13 +18,6 @@ def llm(tmp_path_factory):
     path, _ = make_checkpoint(tmp_path_factory.mktemp("c") / "ckpt", tiny_config(rope_scaling=yarn),
                               seed=random.randrange(2**31))
     return LLM(path, backend="cpu", dtype="float32", **{"kv_cache.block_size": 4})
-
-
-def _run(llm, cache, chunks):
-    batch = Batch.build(chunks, cache.block_size, "cpu")
-    with torch.inference_mode():
-        hidden = llm.model(batch, cache.layers)
-        return [llm.model.logits(hidden[rows]) for rows in batch.token_rows]
 
 
 def _fresh_cache(llm, blocks=64):
@@ -38,25 +31,7 @@ def test_cached_decode_equals_full_recompute(llm):
     seqs = random_prompts(llm.config.vocab_size, [9, 3, 30], random.randrange(2**31))
     cache = _fresh_cache(llm)
     blocks = [list(range(0, 16)), list(range(16, 32)), list(range(32, 48))]
-    _run(llm, cache, [Chunk(seqs[0], 0, blocks[0]), Chunk(seqs[1], 0, blocks[1])])
-    done = [len(seqs[0]), len(seqs[1]), 0]
-    g = torch.Generator().manual_seed(1)
-    for step in range(6):
-        new = [torch.randint(2, llm.config.vocab_size, (1,), generator=g).item() for _ in range(2)]
-        chunk3 = seqs[2][done[2]: done[2] + 5]       # chunked prefill of sequence 3 in the same steps
-        chunks = [Chunk([new[0]], done[0], blocks[0], decode=True), Chunk([new[1]], done[1], blocks[1], decode=True)]
-        if chunk3:
-            chunks.append(Chunk(chunk3, done[2], blocks[2]))
-        out = _run(llm, cache, chunks)
-        for i in range(2):
-            seqs[i] = seqs[i] + [new[i]]
-            done[i] += 1
-            full = llm.logits([seqs[i]])[0, -1]
-            assert rel_err(out[i][-1], full) < 1e-4, f"step {step} seq {i}"
-        if chunk3:
-            done[2] += len(chunk3)
-            full = llm.logits([seqs[2][: done[2]]])[0, -len(chunk3):]
-            assert rel_err(out[2], full) < 1e-4, f"chunked prefill step {step}"
+    check_decode_beside_chunked_prefill(llm, cache, seqs, blocks, steps=6, chunk=5)   # sequence 3: 5 at a time
 
 
 def test_absorbed_equals_naive_for_multi_token_chunks(llm):
@@ -66,8 +41,8 @@ def test_absorbed_equals_naive_for_multi_token_chunks(llm):
     results = []
     for decode in (True, False):
         cache = _fresh_cache(llm)
-        _run(llm, cache, [Chunk(prefix, 0, list(range(8)))])
-        results.append(_run(llm, cache, [Chunk(tail, len(prefix), list(range(8)), decode=decode)])[0])
+        run_chunks(llm, cache, [Chunk(prefix, 0, list(range(8)))])
+        results.append(run_chunks(llm, cache, [Chunk(tail, len(prefix), list(range(8)), decode=decode)])[0])
     assert rel_err(results[0], results[1]) < 1e-4
     assert rel_err(results[1], llm.logits([prefix + tail])[0, -len(tail):]) < 1e-4
 

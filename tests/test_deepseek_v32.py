@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from dsv3 import LLM
-from dsv3.core.batch import Batch, Chunk
+from dsv3.core.batch import Chunk
 from dsv3.core.cache import LatentCache
 from dsv3.checkpoints.synthetic import random_weights, to_checkpoint_format, write_checkpoint
 
-from helpers import hf_oracle, random_prompts, rel_err, tiny_config
+from helpers import check_decode_beside_chunked_prefill, hf_oracle, random_prompts, rel_err, run_chunks, tiny_config
 from dsv3.core.config import ModelConfig
 
 YARN_SHORT = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32,
@@ -84,42 +84,17 @@ def llm(tmp_path_factory):
     return LLM(path, backend="cpu", dtype="float32", **{"kv_cache.block_size": 4})
 
 
-def _run(llm, cache, chunks):
-    batch = Batch.build(chunks, cache.block_size, "cpu")
-    with torch.inference_mode():
-        hidden = llm.model(batch, cache.layers)
-        return [llm.model.logits(hidden[rows]) for rows in batch.token_rows]
-
-
 def test_cached_decode_equals_full_recompute(llm, one_thread):
     """Two prompts prefilled, then decoded token by token beside a third sequence's chunked prefill in the
     same steps: every row's logits equal recomputing its whole sequence (blocks of 4, top-6 selection)."""
     seqs = random_prompts(llm.config.vocab_size, [11, 3, 24], random.randrange(2**31))
     cache = LatentCache(llm.model.num_cache_layers, 48, 4, llm.config.cache_dim, torch.float32, "cpu")
     blocks = [list(range(0, 16))[::-1], list(range(16, 32)), list(range(32, 48))]   # out-of-order blocks too
-    _run(llm, cache, [Chunk(seqs[0], 0, blocks[0]), Chunk(seqs[1], 0, blocks[1])])
-    done = [len(seqs[0]), len(seqs[1]), 0]
-    g = torch.Generator().manual_seed(1)
-    for step in range(5):
-        new = [torch.randint(2, llm.config.vocab_size, (1,), generator=g).item() for _ in range(2)]
-        chunk3 = seqs[2][done[2]: done[2] + 7]
-        chunks = [Chunk([new[0]], done[0], blocks[0], decode=True), Chunk([new[1]], done[1], blocks[1], decode=True)]
-        if chunk3:
-            chunks.append(Chunk(chunk3, done[2], blocks[2]))
-        out = _run(llm, cache, chunks)
-        for i in range(2):
-            seqs[i] = seqs[i] + [new[i]]
-            done[i] += 1
-            full = llm.logits([seqs[i]])[0, -1]
-            assert rel_err(out[i][-1], full) < 1e-4, f"step {step} seq {i}"
-        if chunk3:
-            done[2] += len(chunk3)
-            full = llm.logits([seqs[2][: done[2]]])[0, -len(chunk3):]
-            assert rel_err(out[2], full) < 1e-4, f"chunked prefill step {step}"
+    done, g = check_decode_beside_chunked_prefill(llm, cache, seqs, blocks, steps=5, chunk=7)
     # and decode-only steps (what a captured graph runs: decode tables only) agree too
     for i in range(2):
         tok = torch.randint(2, llm.config.vocab_size, (1,), generator=g).item()
-        out = _run(llm, cache, [Chunk([tok], done[i], blocks[i], decode=True)])
+        out = run_chunks(llm, cache, [Chunk([tok], done[i], blocks[i], decode=True)])
         seqs[i].append(tok)
         done[i] += 1
         assert rel_err(out[0][-1], llm.logits([seqs[i]])[0, -1]) < 1e-4
