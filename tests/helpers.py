@@ -180,3 +180,26 @@ def check_decode_beside_chunked_prefill(llm, cache, seqs, blocks, steps: int, ch
             full = llm.logits([seqs[2][: done[2]]])[0, -len(chunk3):]
             assert rel_err(out[2], full) < 1e-4, f"chunked prefill step {step}"
     return done, g
+
+
+def hand_built_mtp_logits(oracle, weights: dict, n_layers: int, ids: list[int], block: int = 1) -> torch.Tensor:
+    """The MTP module of the paper, built by hand around transformers' own decoder layer `block` (whose
+    weights the MTP layer copies): logits_i = head(norm(layer(eh_proj([enorm(emb(t_{i+1})); hnorm(h_i)])))),
+    h_i the main model's last hidden state (after model.norm), slot i at position i. [T-1, V]."""
+    def w(suffix):
+        return weights[f"model.layers.{n_layers}.{suffix}"]
+
+    def rms(x, weight, eps=1e-6):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    with torch.no_grad():
+        tokens = torch.tensor([ids])
+        h = oracle.model(tokens).last_hidden_state[0]
+        emb = torch.nn.functional.embedding(tokens[0, 1:], w("embed_tokens.weight"))   # t_{i+1}
+        x = torch.cat([rms(emb, w("enorm.weight")), rms(h[:-1], w("hnorm.weight"))], dim=-1) @ w("eh_proj.weight").T
+        positions = torch.arange(len(ids) - 1)[None]
+        rope = oracle.model.rotary_emb(x[None], positions)
+        mask = torch.full((len(ids) - 1, len(ids) - 1), float("-inf")).triu(1)[None, None]
+        y = oracle.model.layers[block](x[None], attention_mask=mask, position_ids=positions, position_embeddings=rope)
+        y = y[0] if isinstance(y, tuple) else y
+        return rms(y[0], w("shared_head.norm.weight")) @ w("shared_head.head.weight").T

@@ -17,7 +17,8 @@ from dsv3.core.batch import Chunk
 from dsv3.core.cache import LatentCache
 from dsv3.checkpoints.synthetic import random_weights, to_checkpoint_format, write_checkpoint
 
-from helpers import check_decode_beside_chunked_prefill, hf_oracle, random_prompts, rel_err, run_chunks, tiny_config
+from helpers import (check_decode_beside_chunked_prefill, hand_built_mtp_logits, hf_oracle, random_prompts, rel_err,
+                     run_chunks, tiny_config)
 from dsv3.core.config import ModelConfig
 
 YARN_SHORT = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32,
@@ -126,23 +127,7 @@ def test_mtp_layer_with_its_indexer_matches_hand_built_formula(tmp_path, one_thr
     ids = random_prompts(hf["vocab_size"], [21], seed)[0]
     ours = llm.mtp_logits([ids])[0]
 
-    def w(suffix):
-        return weights[f"model.layers.{n}.{suffix}"]
-
-    def rms(x, weight, eps=1e-6):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
-
-    with torch.no_grad():
-        tokens = torch.tensor([ids])
-        h = oracle.model(tokens).last_hidden_state[0]
-        emb = torch.nn.functional.embedding(tokens[0, 1:], w("embed_tokens.weight"))
-        x = torch.cat([rms(emb, w("enorm.weight")), rms(h[:-1], w("hnorm.weight"))], dim=-1) @ w("eh_proj.weight").T
-        positions = torch.arange(len(ids) - 1)[None]
-        rope = oracle.model.rotary_emb(x[None], positions)
-        mask = torch.full((len(ids) - 1, len(ids) - 1), float("-inf")).triu(1)[None, None]
-        y = oracle.model.layers[1](x[None], attention_mask=mask, position_ids=positions, position_embeddings=rope)
-        y = y[0] if isinstance(y, tuple) else y
-        ref = rms(y[0], w("shared_head.norm.weight")) @ w("shared_head.head.weight").T
+    ref = hand_built_mtp_logits(oracle, weights, n, ids)              # indexer included, through transformers
     assert rel_err(ours, ref) < 1e-4
 
 
