@@ -21,7 +21,7 @@ from dsv3.core.cache import LatentCache
 from dsv3.core.config import ModelConfig
 from dsv3.core.engine import Engine, StepOutput
 from dsv3.core.errors import CheckpointError, ProfileError, RequestError
-from dsv3.core.loader import Checkpoint, checkpoint_format, has_mtp, load_weights
+from dsv3.core.loader import Checkpoint, checkpoint_format, has_mtp, load_weights, mtp_copies_alike
 from dsv3.core.model import DeepseekV3
 from dsv3.core.profile import Profile, select_profile, validate_for_backend, with_overrides
 from dsv3.core.sampling import SamplingParams, choice_seed, generation_defaults
@@ -134,7 +134,8 @@ class LLM:
             slicer = sharding.slicer(self.config, self.mesh)
         # refuse, before anything is allocated, what this device cannot hold (naming the key to change)
         memory.check_fits(self.config, self.profile, self.device, self.weight_format, with_mtp, self.mesh,
-                          source=str(self.path / "config.json"))
+                          source=str(self.path / "config.json"),
+                          shared=with_mtp and mtp_copies_alike(self.ckpt, self.config))
         with torch.device(self.device):
             self.model = DeepseekV3(self.config, self.ops, self.weight_format, self.dtype, with_mtp=with_mtp,
                                     mesh=self.mesh)
@@ -153,7 +154,8 @@ class LLM:
         runner = self.registry.pm.hook.dsv3_model_runner(backend=self.spec.name, model=self.model, profile=self.profile)
         spec = self.profile.speculative
         self.engine = Engine(self.model, self.cache, self.tokenizer, self.profile.max_batch_tokens, runner,
-                             num_draft_tokens=spec.num_draft_tokens if spec.method == "mtp" else 0)
+                             num_draft_tokens=spec.num_draft_tokens if spec.method == "mtp" else 0,
+                             draft_policy=spec.policy)
         # the checkpoint's generation_config.json: temperature / top_p / top_k / repetition_penalty where
         # a call leaves them unset (None); without one, greedy decoding
         self.generation_defaults = generation_defaults(self.path)

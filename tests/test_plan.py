@@ -58,7 +58,8 @@ def test_official_config_on_80_and_141_gib(capsys):
     code, out = _plan(capsys, "--config", str(OFFICIAL), "--profile", "cuda-fp8", "--gpu-memory", "80GiB")
     assert code == 0, out.err
     assert "needs 16 GPUs (tp 16, ep 16)" in out.out
-    assert re.search(r"^\s+8\s+8\s+8\s+81\.3 GiB\s+0\.2 GiB\s+17\.4 GiB.*no$", out.out, re.M)   # 8 x 80 GiB is too small
+    # 8 x 80 GiB is too small; 81.3 GiB of checkpoint tensors per rank, less the MTP copies (shared)
+    assert re.search(r"^\s+8\s+8\s+8\s+80\.8 GiB\s+0\.2 GiB\s+17\.4 GiB.*no$", out.out, re.M)
     assert "71,424 bytes per token" in out.out                                     # 62 x 576 x 2
     assert "--nnodes 2" in out.out
     code, out = _plan(capsys, "--config", str(OFFICIAL), "--profile", "cuda-fp8", "--gpu-memory", "141GiB")
@@ -66,7 +67,7 @@ def test_official_config_on_80_and_141_gib(capsys):
     # a smaller cache changes the cache line, not the weights
     code, out = _plan(capsys, "--config", str(OFFICIAL), "--profile", "cuda-fp8", "--gpu-memory", "141GiB",
                       "--max-cache-tokens", "65536")
-    assert "81.3 GiB weights + 0.2 GiB absorbed MLA weights + 4.4 GiB latent cache" in out.out
+    assert "80.8 GiB weights + 0.2 GiB absorbed MLA weights + 4.4 GiB latent cache" in out.out
 
 
 def test_bf16_profile_and_fixed_layout(capsys):
@@ -118,3 +119,26 @@ def test_prepared_absorbed_weights_are_kv_b_split_per_head(tmp_path):
     attn = llm.model.model.layers[0].self_attn
     kv_b = attn.kv_b_proj.qweight.data.float().view(attn.n_heads, attn.nope + attn.v_dim, attn.kv_rank)
     assert torch.equal(attn.w_uk.float(), kv_b[:, : attn.nope]) and torch.equal(attn.w_uv.float(), kv_b[:, attn.nope:])
+
+
+def test_plan_counts_equal_mtp_copies_once(tmp_path, capsys):
+    """The MTP layer's embedding and head: 2 x ceil(V/tp) x D bf16 per rank fewer when shared (the
+    official checkpoints' copies are equal); counted when the checkpoint stores them otherwise."""
+    cfg = ModelConfig.from_file(OFFICIAL)
+    copies = 2 * -(-cfg.vocab_size // 8) * cfg.hidden_size * 2
+    args = (cfg, 8, 8, 8, "fp8-block", torch.bfloat16, torch.bfloat16, 1024, 256, True)
+    shared, separate = memory.rank_memory(*args, shared=True), memory.rank_memory(*args)
+    assert shared.mtp_copies == separate.mtp_copies == copies
+    assert separate.weights - shared.weights == copies and separate.total - shared.total == copies
+    assert separate.weights == memory.weight_bytes(cfg, "fp8-block", torch.bfloat16, True, Mesh(8, 0, 8, 8))
+    # a checkpoint directory: alike headers count once; an MTP head stored in another dtype, twice
+    from dsv3.checkpoints.synthetic import random_weights, to_checkpoint_format, write_checkpoint
+    hf = tiny_config()
+    tensors = to_checkpoint_format(random_weights(ModelConfig.from_hf(hf), 0), "dense", torch.bfloat16)
+    write_checkpoint(tmp_path / "alike", hf, tensors)
+    head = f"model.layers.{hf['num_hidden_layers']}.shared_head.head.weight"
+    write_checkpoint(tmp_path / "unlike", hf, {**tensors, head: tensors[head].float()})
+    for name in ("alike", "unlike"):
+        code, out = _plan(capsys, "--model", str(tmp_path / name), "--profile", "cpu", "--gpu-memory", "4GiB")
+        assert code == 0
+        assert ("counted once" in out.out) == (name == "alike") and ("counted on their own" in out.out) == (name == "unlike")

@@ -40,7 +40,7 @@ def test_greedy_speculation_equals_plain_decoding(ckpt, monkeypatch, k):
     seed = random.randrange(2**31)
     plain = LLM(ckpt, backend="cpu", **{"kv_cache.block_size": 8})
     spec = LLM(ckpt, backend="cpu", **{"kv_cache.block_size": 8, "speculative.method": "mtp",
-                                       "speculative.num_draft_tokens": k})
+                                       "speculative.num_draft_tokens": k, "speculative.policy": "always"})
     prompts = random_prompts(96, [1, 7, 3, 20, 9, 2], seed)
     accepted = proposed = 0
     for batch in (prompts[:1], prompts):                           # a single sequence, and a ragged batch
@@ -104,7 +104,8 @@ def test_rejection_sampling_preserves_the_target_distribution():
 
 
 def test_sampled_speculation_runs_and_is_seeded(ckpt):
-    spec = LLM(ckpt, backend="cpu", **{"speculative.method": "mtp", "speculative.num_draft_tokens": 2})
+    spec = LLM(ckpt, backend="cpu", **{"speculative.method": "mtp", "speculative.num_draft_tokens": 2,
+                                       "speculative.policy": "always"})   # adaptive: other draws, same distribution
     prompts = random_prompts(96, [5, 9], random.randrange(2**31))
     a, _ = spec.generate_ids(prompts, max_new_tokens=12, temperature=0.9, top_p=0.9, seed=4, ignore_eos=True)
     b, _ = spec.generate_ids(prompts, max_new_tokens=12, temperature=0.9, top_p=0.9, seed=4, ignore_eos=True)
@@ -116,7 +117,7 @@ def test_cache_rollback_matches_plain_decoding(ckpt, monkeypatch):
     the MTP cache equals a fresh MTP pass over them."""
     plain = LLM(ckpt, backend="cpu", **{"kv_cache.block_size": 4})
     spec = LLM(ckpt, backend="cpu", **{"kv_cache.block_size": 4, "speculative.method": "mtp",
-                                       "speculative.num_draft_tokens": 3})
+                                       "speculative.num_draft_tokens": 3, "speculative.policy": "always"})
     prompt = random_prompts(96, [6], random.randrange(2**31))[0]
     want, _ = plain.generate_ids([prompt], max_new_tokens=30, ignore_eos=True)
     _oracle_drafts(monkeypatch, {tuple(prompt): want[0]}, wrong_rate=0.4, rng=random.Random(1))

@@ -23,6 +23,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="torch device, e.g. cuda:1 (overrides the profile; default: the backend's)")
     g.add_argument("--speculative", choices=("none", "mtp"), help="speculative decoding method")
     g.add_argument("--num-draft-tokens", type=int, help="MTP draft tokens per step (k)")
+    g.add_argument("--draft-policy", choices=("adaptive", "always"),
+                   help="adaptive (default): draft only while it pays at the running batch size; always: every step")
     g.add_argument("--tp", type=int, help="tensor-parallel size (attention heads, dense MLPs, vocab); under torchrun")
     g.add_argument("--ep", type=int, help="expert-parallel size (routed experts); under torchrun")
     add_plugin_args(g)
@@ -43,6 +45,7 @@ def profile_overrides(args) -> dict:
             "kv_cache.max_tokens": args.max_cache_tokens, "device": args.device,
             "speculative.method": getattr(args, "speculative", None),
             "speculative.num_draft_tokens": getattr(args, "num_draft_tokens", None),
+            "speculative.policy": getattr(args, "draft_policy", None),
             "parallel.tp": getattr(args, "tp", None), "parallel.ep": getattr(args, "ep", None)}
 
 

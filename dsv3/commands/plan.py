@@ -55,7 +55,7 @@ def run(args) -> int:
 
     from dsv3.core.config import ModelConfig
     from dsv3.core.errors import Dsv3Error
-    from dsv3.core.loader import Checkpoint, checkpoint_format, has_mtp
+    from dsv3.core.loader import Checkpoint, checkpoint_format, has_mtp, mtp_copies_alike
     from dsv3.core.profile import select_profile
     from dsv3.parallel import memory
     from dsv3.parallel.sharding import layout_problems
@@ -71,10 +71,13 @@ def run(args) -> int:
         source, cfg = ckpt.path / "config.json", ModelConfig.from_file(ckpt.path / "config.json")
         ckpt_format, with_mtp = checkpoint_format(ckpt), cfg.num_nextn_predict_layers > 0 and has_mtp(
             ckpt, cfg.num_hidden_layers)
+        # the loader shares equal MTP copies; from the headers, equal shapes and dtypes are assumed equal
+        shared = with_mtp and mtp_copies_alike(ckpt, cfg)
         ckpt.close()
     else:
         source, cfg = Path(args.config), ModelConfig.from_file(args.config)
         ckpt_format, with_mtp = ("fp8-block" if cfg.quantization else "dense"), cfg.num_nextn_predict_layers > 0
+        shared = with_mtp                               # the official layout: equal copies
     fmt = ckpt_format if profile.weight_format == "auto" else profile.weight_format
     dtype = getattr(torch, profile.dtype)
     kv = profile.kv_cache
@@ -88,7 +91,7 @@ def run(args) -> int:
         if layout is None or layout_problems(cfg, n, *layout, ckpt_format):
             continue
         m = memory.rank_memory(cfg, n, *layout, fmt, dtype, cache_dtype, kv.max_tokens, profile.max_batch_tokens,
-                               with_mtp)
+                               with_mtp, shared)
         rows.append(m)
         if m.total <= gpu:
             chosen = m
@@ -117,6 +120,15 @@ def run(args) -> int:
           f"one latent per token for all heads, so tensor parallelism does not split it")
     print("activations: an estimate for one step (dsv3.parallel.memory says what it counts); reserve: context, "
           "collective buffers, allocator slack")
+    if with_mtp:
+        last = chosen or rows[-1]
+        copies = _gib(last.mtp_copies)
+        print(f"MTP layer: its embed_tokens and shared_head.head ({copies} per rank at tp {last.tp}) are counted once, shared with the "
+              f"main model's, as the loader does when the checkpoint's copies are equal bit for bit (the official "
+              f"checkpoints' are; {'assumed from the headers' if args.model else 'assumed for a config alone'}); "
+              f"if they differ, each rank needs {copies} more" if shared else
+              f"MTP layer: its embed_tokens and shared_head.head ({copies} per rank at tp {last.tp}) are counted on their own: the "
+              f"checkpoint stores them unlike the main model's (shape or dtype), so the loader cannot share them")
     if chosen is None:
         last = rows[-1]
         print(f"\ndoes not fit: on {last.world} GPUs of {_gib(gpu)} each rank needs {_gib(last.total)}; use GPUs "

@@ -3,7 +3,7 @@
 step() = schedule (Scheduler: admission, chunked prefill, preemption, the prefix cache), run
 (ModelRunner: the batch, the model, sampling and draft verification on the device, one
 device->host copy), post-process (append tokens; EOS, max tokens, stop strings, context limit;
-then MTP drafting for the next step).
+then MTP drafting for the next step, when the DraftPolicy says it pays).
 
 A server sets `isolate_failures`: a step that raises is run again one sequence at a time, and only
 the sequences that fail alone end (finish_reason "error", StepOutput.error), so one request that
@@ -25,7 +25,7 @@ from dsv3.core.model import DeepseekV3
 from dsv3.core.runner import ModelRunner, StepResult
 from dsv3.core.sampling import SamplingParams
 from dsv3.core.scheduler import QueueFullError, Scheduler, Sequence
-from dsv3.core.speculative import MTPDrafter, SpecStats
+from dsv3.core.speculative import DraftPolicy, MTPDrafter, SpecStats
 from dsv3.core.tokenizer import Tokenizer
 
 __all__ = ["Engine", "EngineStats", "QueueFullError", "Sequence", "StepOutput"]
@@ -80,7 +80,8 @@ class EngineStats:
 class Engine:
     def __init__(self, model: DeepseekV3, cache: LatentCache, tokenizer: Tokenizer | None = None,
                  max_batch_tokens: int = 2048, runner=None, num_draft_tokens: int = 0,
-                 prefix_caching: bool = True, max_waiting: int | None = None):
+                 prefix_caching: bool = True, max_waiting: int | None = None,
+                 draft_policy: str | DraftPolicy = "adaptive"):
         self.model, self.cache, self.tokenizer = model, cache, tokenizer
         self.max_context = model.cfg.max_position_embeddings
         self.device = cache.layers[0].device
@@ -93,6 +94,12 @@ class Engine:
             raise RequestError("speculative decoding with MTP needs the checkpoint's MTP layer "
                                "(num_nextn_predict_layers = 1 and its tensors); this model has none")
         k = num_draft_tokens if self.drafter else 0
+        # "adaptive": draft only while it pays at the running batch size; "always": every step
+        if not isinstance(draft_policy, DraftPolicy) and draft_policy not in ("adaptive", "always"):
+            raise ValueError(f"draft_policy {draft_policy!r}: expected 'adaptive', 'always' or a DraftPolicy")
+        self.policy = (draft_policy if isinstance(draft_policy, DraftPolicy)
+                       else DraftPolicy(k, fixed=None if draft_policy == "adaptive" else True))
+        self._drafted = False      # whether this step drafted (for the next)
         self.reserve = k + 1 if k else 0
         self.tokens_per_decode = k + 1
         self.scheduler = Scheduler(cache, max_batch_tokens, self.reserve, key_span=1 if k else 0,
@@ -167,10 +174,24 @@ class Engine:
         plan, outgrown = self.scheduler.schedule()
         outputs = [self._finish(s, "length") for s in outgrown]
         if plan:
+            verified, self._drafted = any(s.drafts for s, _ in plan), False
             results, failed = self._run(plan)
             outputs += failed + [out for r in results for out in self._post_process(r)]
-            self._account(plan, outputs, time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            self._account(plan, outputs, seconds)
+            # the policy times decode-only steps that verified and drafted, or did neither
+            if self.drafter and self.policy.adaptive and verified == self._drafted and all(c.decode for _, c in plan):
+                self.policy.observe_step(verified, len(plan), self._agreed_seconds(seconds))
         return outputs
+
+    def _agreed_seconds(self, seconds: float) -> float:
+        """The ranks' mean step time in a parallel run (one scalar all-reduce), so that every rank's
+        DraftPolicy decides alike and the ranks stay in lockstep; this rank's time otherwise."""
+        mesh = self.model.mesh
+        if not mesh.distributed:
+            return seconds
+        total = torch.tensor([seconds], dtype=torch.float64, device=self.device)
+        return float(mesh.comm.world_reduce(total)) / mesh.world
 
     def _run(self, plan) -> tuple[list[StepResult], list[StepOutput]]:
         try:
@@ -198,6 +219,7 @@ class Engine:
             start = s.num_cached
             if accepted is not None:
                 self.stats.spec.record(len(s.drafts), accepted)
+                self.policy.observe_acceptance(len(s.drafts), accepted)
                 s.num_cached += accepted + 1                 # roll back: positions after the accepted drafts are void
             else:
                 s.num_cached += len(c.token_ids)
@@ -225,20 +247,23 @@ class Engine:
                              or len(s.output_ids) < p.min_tokens)
                     and s.num_cached + self.drafter.k < self.max_context):
                 drafting.append((s, start, s.num_cached, r.hidden[r.batch.token_rows[i][: s.num_cached - start]]))
-        for failed_seq, e in self._draft(drafting):     # schedule() reserved the blocks drafting writes
+        for failed_seq, e in self._draft(drafting, len(r.plan)):   # schedule() reserved the blocks drafting writes
             outputs = [o for o in outputs if o.seq is not failed_seq] + [self._fail(failed_seq, e)]
         for s, _ in r.plan:
             if not s.finished:
                 self.scheduler.register_blocks(s)
         return outputs
 
-    def _draft(self, work: list[tuple]) -> list[tuple[Sequence, Exception]]:
-        """Propose the next drafts; returns the sequences whose drafting failed (isolated like a step)."""
+    def _draft(self, work: list[tuple], batch: int) -> list[tuple[Sequence, Exception]]:
+        """Propose the next drafts, or only bring the MTP cache up to date where the policy says drafting
+        does not pay now; returns the sequences whose drafting failed (isolated like a step)."""
         if not work:
             return []
+        self._drafted = self.policy.decide(batch)
+        run = self.drafter.draft if self._drafted else self.drafter.catch_up
         try:
             groups, failures = [work], []
-            self.drafter.draft(work, self.device)
+            run(work, self.device)
         except Exception:  # noqa: BLE001
             if not self.isolate_failures:
                 raise
@@ -247,7 +272,7 @@ class Engine:
             for w in work:
                 w[0].drafts, w[0].draft_probs = [], None
                 try:
-                    self.drafter.draft([w], self.device)
+                    run([w], self.device)
                     groups.append([w])
                 except Exception as e:  # noqa: BLE001
                     failures.append((w[0], e))
@@ -347,7 +372,8 @@ class Engine:
         steps of 1, 2, 4, ... max_batch sequences, and a lone prefill of n and of n + 1 tokens for every
         power of two n from 16 to max_batch_tokens (shape-specialising compilers key on size ranges
         and on divisibility). The requests are fixed, so every rank of a parallel engine runs the same
-        steps in lockstep. Leaves no sequence, cache block, prefix-cache entry or statistic behind.
+        steps in lockstep. With speculation the decode rounds run twice, drafting and not (the policy
+        may take either at any batch size). Leaves no sequence, cache block, prefix-cache entry or statistic behind.
         Also builds structured output's grammar compiler, which reads the whole vocabulary (about a
         second at DeepSeek's 129k tokens), so the first request with a schema does not stall the batch.
         Returns the number of engine steps run."""
@@ -355,7 +381,7 @@ class Engine:
             raise RuntimeError("warm_up needs an idle engine")
         if self.tokenizer is not None:
             compiler_for(self.tokenizer, self.model.cfg.vocab_size, tuple(self.model.cfg.eos_token_ids))
-        saved = self.prefix_caching, self.max_waiting
+        saved = self.prefix_caching, self.max_waiting, self.policy
         self.prefix_caching, self.max_waiting = False, None
         vocab = self.model.cfg.vocab_size
 
@@ -370,11 +396,13 @@ class Engine:
             # verify and draft shapes of both accepted and rejected drafts are met only after a few rounds
             new_tokens = 2 + 3 * self.tokens_per_decode
             room = self.cache.num_blocks // self.cache.blocks_needed(2 + new_tokens + self.reserve)
-            while k <= min(max_batch, room):
-                for i in range(k):
-                    self.add(prompt(2, i), SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
-                self.run_to_completion()
-                k *= 2
+            for drafting in (True, False) if self.drafter else (True,):
+                self.policy, k = DraftPolicy(self.drafter.k if self.drafter else 0, fixed=drafting), 1
+                while k <= min(max_batch, room):
+                    for i in range(k):
+                        self.add(prompt(2, i), SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+                    self.run_to_completion()
+                    k *= 2
             n = 16
             while n <= longest:
                 for length in (n, n + 1):
@@ -384,6 +412,6 @@ class Engine:
                 n *= 2
             return self.stats.steps - before
         finally:
-            self.prefix_caching, self.max_waiting = saved
+            self.prefix_caching, self.max_waiting, self.policy = saved
             self.stats = EngineStats()
             self.scheduler.prefix_cached_tokens = self.scheduler.preemptions = 0

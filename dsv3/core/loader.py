@@ -16,6 +16,9 @@ float32 `weight_scale_inv` per 128x128 block; INT8 in the ModelSlim W8A8 layout 
 `quant_model_description.json` naming each tensor's quant type). The routed experts, stored per
 expert in the checkpoint, are stacked into the model's [E, ...] parameters (the one rename).
 
+Official checkpoints store the MTP layer's embedding and output head as copies of the main model's
+(`mtp_copies`); after loading, copies equal bit for bit share the main model's storage.
+
 Tensor / expert parallelism: a model built for one rank holds a slice of some parameters and a
 contiguous range of routed experts (`Experts.first_expert`, local count = its weight's first dim).
 `load_weights(..., slicer=...)` takes a `Slicer`: for each checkpoint tensor the rank reads it
@@ -337,6 +340,69 @@ def checkpoint_format(ckpt: Checkpoint) -> str:
 
 def has_mtp(ckpt: Checkpoint, num_layers: int) -> bool:
     return f"model.layers.{num_layers}.eh_proj.weight" in ckpt
+
+
+def mtp_copies(cfg) -> list[tuple[str, str]]:
+    """(MTP module, main module) whose tensors official checkpoints store twice, bit for bit equal: the
+    MTP layer's embedding and output head (1.85 GB each at V3 size). Checkpoint prefixes, which are
+    also the model's module names."""
+    n = cfg.num_hidden_layers
+    head = "model.embed_tokens" if cfg.tie_word_embeddings else "lm_head"
+    return [(f"model.layers.{n}.embed_tokens", "model.embed_tokens"), (f"model.layers.{n}.shared_head.head", head)]
+
+
+def mtp_copies_alike(ckpt: Checkpoint, cfg) -> bool:
+    """From the headers alone: does each MTP copy (mtp_copies) have the tensors, shapes and dtypes of
+    the main module it copies? Then the loader will share them if the data is equal too (it is in the
+    official checkpoints); `dsv3-run plan` counts them once on that assumption."""
+    names = ckpt.names()
+    for mtp, main in mtp_copies(cfg):
+        ours = {n[len(mtp):]: n for n in names if n.startswith(f"{mtp}.")}
+        theirs = {n[len(main):]: n for n in names if n.startswith(f"{main}.")}
+        if not ours or ours.keys() != theirs.keys() or any(
+                (ckpt.shape(ours[k]), ckpt.st_dtype(ours[k])) != (ckpt.shape(theirs[k]), ckpt.st_dtype(theirs[k]))
+                for k in ours):
+            return False
+    return True
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (NaN payloads and signed zeros included), compared in chunks of 16M elements so
+    the comparison's scratch stays small beside a 1.85 GB head."""
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    x, y = a.detach().reshape(-1).view(bits), b.detach().reshape(-1).view(bits)
+    return all(torch.equal(p, q) for p, q in zip(x.split(1 << 24), y.split(1 << 24)))
+
+
+def share_mtp_copies(model: DeepseekV3) -> list[str]:
+    """After loading: point each MTP copy (mtp_copies) at the main module's parameters where every one
+    holds the same bits (weight, and FP8/INT8 scales where there are any), so one storage serves both.
+    Under tensor parallelism each rank compares its own vocabulary rows. Returns the MTP modules shared."""
+    if not model.has_mtp:
+        return []
+    shared = []
+    for mtp_name, main_name in mtp_copies(model.cfg):
+        mtp, main = model.get_submodule(mtp_name), model.get_submodule(main_name)
+        ours, theirs = dict(mtp.named_parameters(recurse=False)), dict(main.named_parameters(recurse=False))
+        if ours.keys() == theirs.keys() and all(_same_bits(ours[k], theirs[k]) for k in ours):
+            for k in ours:
+                setattr(mtp, k, theirs[k])
+            shared.append(mtp_name)
+    return shared
+
+
+def _unshare_mtp_copies(model: DeepseekV3) -> None:
+    """Before loading into a model whose MTP copies are shared: give them their own storage again, so
+    each checkpoint tensor has its own parameter to fill (the checkpoint may differ from the last)."""
+    if not model.has_mtp:
+        return
+    for mtp_name, main_name in mtp_copies(model.cfg):
+        mtp, main = model.get_submodule(mtp_name), model.get_submodule(main_name)
+        for k, p in list(mtp.named_parameters(recurse=False)):
+            if p is getattr(main, k, None):
+                setattr(mtp, k, torch.nn.Parameter(torch.empty_like(p), requires_grad=False))
 
 
 def convert_weight(src: QuantWeight, fmt: str, dtype: torch.dtype, ue8m0: bool = False) -> QuantWeight:
@@ -699,7 +765,11 @@ def load_weights(model: DeepseekV3, ckpt: Checkpoint, progress: bool | None = No
       slices must sit on the 128-block grid). Which experts a rank holds comes from the model itself
       (`Experts.first_expert` and its local count); other experts are neither read nor reported.
     progress: bytes, GB/s and ETA on stderr; None = only when stderr is a terminal.
+
+    Afterwards the MTP layer's embedding and head share the main model's storage where the checkpoint
+    stores them equal (share_mtp_copies); both copies are resident only while loading.
     """
+    _unshare_mtp_copies(model)
     units, used = plan_load(model, ckpt, slicer)
     check_unused(model, ckpt, used)
     shown = Progress(sum(u.nbytes for u in units), "loading", enabled=progress, shards=len(ckpt.shards))
@@ -730,6 +800,7 @@ def load_weights(model: DeepseekV3, ckpt: Checkpoint, progress: bool | None = No
             shown.update(u.nbytes)
     ckpt.release()
     shown.close()
+    share_mtp_copies(model)                # before prepare_weights, which may take the freed memory
     model.prepare_weights()                # the absorbed MLA weights, from the kv_b just loaded
 
 

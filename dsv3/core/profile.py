@@ -38,6 +38,7 @@ class Parallel:
 class Speculative:
     method: str = "none"         # none | mtp
     num_draft_tokens: int = 1
+    policy: str = "adaptive"     # adaptive: draft while it pays (speculative.DraftPolicy); always: every step
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class Profile:
 
 
 _CHOICES = {"dtype": DTYPES, "weight_format": ("auto",) + WEIGHT_FORMATS, "kv_cache.dtype": CACHE_DTYPES,
-            "speculative.method": ("none", "mtp")}
+            "speculative.method": ("none", "mtp"), "speculative.policy": ("adaptive", "always")}
 _MIN = {"kv_cache.block_size": 1, "kv_cache.max_tokens": 1, "max_batch_tokens": 1, "parallel.tp": 1,
         "parallel.ep": 1, "speculative.num_draft_tokens": 1}
 # Upper bounds: far above what runs, low enough that a typo fails here instead of in an allocation.

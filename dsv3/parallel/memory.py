@@ -2,7 +2,10 @@
 
 weights      exact: the model is built on the meta device with the layout's Mesh, so each rank's
              parameters (its heads, vocab rows, experts, FP8 scales) are counted as loading makes them.
-             Rank 0 is the largest (it holds ceil(V/tp) vocab rows; expert counts are equal).
+             Rank 0 is the largest (it holds ceil(V/tp) vocab rows; expert counts are equal). The MTP
+             layer's embedding and head are counted once when shared: the loader shares them with the
+             main model's when the checkpoint's copies are equal bit for bit (official checkpoints);
+             both are resident only while loading, before the latent cache is allocated.
 latent cache exact: (layers + MTP) x (kv_lora_rank + qk_rope_head_dim [+ index_head_dim: V3.2's indexer
              keys share the latent cache's rows]) x cache dtype bytes per token,
              on every rank: MLA caches one latent per token shared by all heads, so tensor
@@ -42,6 +45,8 @@ class RankMemory:
     activations: int
     reserve: int = RESERVE
     absorbed: int = 0       # the absorbed MLA weights (W_UK, W_UV per layer) made from kv_b after loading
+    mtp_copies: int = 0     # bytes of the MTP layer's embedding + head on this rank (not in `weights` if shared)
+    shared: bool = False    # whether `weights` counts them once, shared with the main model's
 
     @property
     def cache(self) -> int:
@@ -73,6 +78,14 @@ def absorbed_bytes(cfg: ModelConfig, dtype: torch.dtype, with_mtp: bool, mesh: M
 def weight_bytes(cfg: ModelConfig, weight_format: str, dtype: torch.dtype, with_mtp: bool, mesh: Mesh) -> int:
     """Bytes of this rank's parameters (weights, FP8/INT8 scales, norms, router) as loaded."""
     return sum(p.numel() * p.element_size() for p in _meta_model(cfg, weight_format, dtype, with_mtp, mesh).parameters())
+
+
+def mtp_copy_bytes(cfg: ModelConfig, weight_format: str, dtype: torch.dtype, mesh: Mesh) -> int:
+    """Bytes of this rank's MTP embedding and head (dsv3.core.loader.mtp_copies): what sharing saves."""
+    from dsv3.core.loader import mtp_copies
+    model = _meta_model(cfg, weight_format, dtype, True, mesh)
+    return sum(p.numel() * p.element_size() for name, _ in mtp_copies(cfg)
+               for p in model.get_submodule(name).parameters())
 
 
 def parameter_count(cfg: ModelConfig, with_mtp: bool) -> int:
@@ -129,12 +142,16 @@ def candidates(tp: int, ep: int) -> list[int]:
 
 
 def rank_memory(cfg: ModelConfig, world: int, tp: int, ep: int, weight_format: str, dtype: torch.dtype,
-                cache_dtype: torch.dtype, cache_tokens: int, batch_tokens: int, with_mtp: bool) -> RankMemory:
+                cache_dtype: torch.dtype, cache_tokens: int, batch_tokens: int, with_mtp: bool,
+                shared: bool = False) -> RankMemory:
+    """shared: the MTP embedding and head will share the main model's storage (counted once)."""
     mesh = Mesh(world, 0, tp, ep)    # layout only: no process group
-    return RankMemory(world, tp, ep, weight_bytes(cfg, weight_format, dtype, with_mtp, mesh),
+    copies = mtp_copy_bytes(cfg, weight_format, dtype, mesh) if with_mtp else 0
+    shared = shared and with_mtp
+    return RankMemory(world, tp, ep, weight_bytes(cfg, weight_format, dtype, with_mtp, mesh) - copies * shared,
                       cache_bytes_per_token(cfg, with_mtp, cache_dtype), cache_tokens,
                       activation_bytes(cfg, mesh, dtype, batch_tokens),
-                      absorbed=absorbed_bytes(cfg, dtype, with_mtp, mesh))
+                      absorbed=absorbed_bytes(cfg, dtype, with_mtp, mesh), mtp_copies=copies, shared=shared)
 
 
 # -- before loading: refuse what this device cannot hold, naming the key that makes it large ----------
@@ -174,11 +191,12 @@ def _gib(n: int) -> str:
 
 
 def check_fits(cfg: ModelConfig, profile, device: torch.device, weight_format: str, with_mtp: bool,
-               mesh: Mesh | None = None, source: str = "config.json") -> None:
+               mesh: Mesh | None = None, source: str = "config.json", shared: bool = False) -> None:
     """Refuse, before anything is allocated, weights + latent cache + one step's activations that
     `device` cannot hold (this rank's share under `mesh`): a ConfigError naming the config.json keys
     of the largest part of the weights, or a ProfileError naming kv_cache.max_tokens or
-    max_batch_tokens, with what would fit."""
+    max_batch_tokens, with what would fit. shared: the MTP embedding and head will share the main
+    model's storage once loaded (both copies are resident while loading, before the cache exists)."""
     from dsv3.core.errors import ConfigError, ProfileError
     available = available_bytes(device)
     if available is None:
@@ -194,12 +212,14 @@ def check_fits(cfg: ModelConfig, profile, device: torch.device, weight_format: s
         label = next(label for pattern, label, _ in _PARTS if pattern.search(name))
         parts[label] += p.numel() * p.element_size()
     rope = 2 * cfg.max_position_embeddings * (cfg.qk_rope_head_dim // 2) * 4   # cos, sin float32 tables
+    saved = mtp_copy_bytes(cfg, weight_format, dtype, layout) if shared and with_mtp else 0
+    parts["the embeddings and output heads"] -= saved
     weights = sum(parts.values()) + rope
     per_token = cache_bytes_per_token(cfg, with_mtp, cache_dtype)
     cache = per_token * -(-kv.max_tokens // kv.block_size) * kv.block_size
     activations = activation_bytes(cfg, layout, dtype, profile.max_batch_tokens)
     reserve = 0 if device.type == "cpu" else RESERVE
-    need = weights + cache + activations + reserve
+    need = max(weights + cache + activations, weights + saved) + reserve   # running, or loading
     if need <= available:
         return
     where = (f"on {device}{f' (rank {mesh.rank} of {mesh.world})' if mesh.world > 1 else ''}, which has "
