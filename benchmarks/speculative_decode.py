@@ -1,101 +1,146 @@
-"""MTP speculative decoding on the GPU: tokens/s of plain decoding beside speculation whose drafts are
-always accepted (the ceiling) and never accepted (the overhead), on full-width DeepSeek-V3 with reduced
-depth and random FP8 weights generated on the GPU.
+"""MTP speculative decoding against plain decoding, at a simulated draft acceptance: per batch size and
+k, ms per step, tokens per step, the speedup, the verify step's cost over a plain step's, and what the
+adaptive DraftPolicy chooses. Full-width DeepSeek-V3 with random FP8 weights made on the GPU, at the
+real depth (`--depth 61`: a few layers' storage shared across depth, as `dsv3-run bench` does).
 
-    python benchmarks/speculative_decode.py --layers 4 --batches 1 8 --k 1 2 --new-tokens 64
+    python benchmarks/speculative_decode.py --depth 61 --batches 1 8 32 --k 1 2 3 --acceptance 0.85
+    python benchmarks/speculative_decode.py --tiny          # CPU smoke check: toy config, no numbers to quote
 
-Random weights make the MTP layer's own drafts useless, so the drafter still runs (its cost is paid in
-full) but its proposal is replaced: "oracle" proposes the token plain greedy decoding produced at that
-position, "never" proposes a token that differs from it. Real acceptance needs trained weights.
+Random weights make the MTP layer's own drafts useless, so the drafter runs in full (MTP layer, its
+head, the chained passes: every cost paid) but its proposal is replaced: at each draft position an
+oracle draft (the token plain greedy decoding produced there) with probability `--acceptance`, else
+a wrong one, from a seeded generator. Drafts are verified in order, so a draft position is reached
+only past accepted ones: expected tokens per verify step (1 - a^(k+1)) / (1 - a).
 """
 from __future__ import annotations
 
 import argparse
+import random
 import time
 
 import torch
 
-from dsv3.commands.bench import build_model
+from dsv3.commands.bench import DEEPSEEK_V3, build_model, depth_layout, share_depth
 from dsv3.core.cache import LatentCache
 from dsv3.core.engine import Engine
 from dsv3.core.sampling import SamplingParams
-from dsv3.core.speculative import MTPDrafter
+from dsv3.core.speculative import DraftPolicy, MTPDrafter
 from dsv3.plugins.manager import create_registry
 
 
-def decode_rate(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
-    """Generated tokens per second over the decode phase (the prefill step is excluded)."""
-    engine.stats = type(engine.stats)()
+def decode(engine: Engine, prompts: list[list[int]], new_tokens: int, sync) -> tuple[float, int, float, list]:
+    """Of the decode phase (the prefill step excluded): seconds, engine steps, tokens per second; and
+    the outputs."""
     seqs = [engine.add(p, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)) for p in prompts]
     engine.step()                                   # prefill (and, with speculation, the first drafts)
-    torch.cuda.synchronize()
-    done0 = sum(len(s.output_ids) for s in seqs)
-    t0 = time.perf_counter()
-    while engine.has_work():
-        engine.step()
-    torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    return (sum(len(s.output_ids) for s in seqs) - done0) / dt, [s.output_ids for s in seqs]
+    sync()
+    steps0, done0, t0 = engine.stats.steps, sum(len(s.output_ids) for s in seqs), time.perf_counter()
+    engine.run_to_completion()
+    sync()
+    seconds = time.perf_counter() - t0
+    return (seconds, engine.stats.steps - steps0, (sum(len(s.output_ids) for s in seqs) - done0) / seconds,
+            [s.output_ids for s in seqs])
+
+
+def simulated_drafts(truth: dict, acceptance: float, vocab: int, seed: int):
+    """MTPDrafter._propose's stand-in: per draft position the true token with probability `acceptance`."""
+    rng = random.Random(seed)
+
+    def propose(work, rows, logits, j):
+        tokens = []
+        for seq, *_ in work:
+            true = truth[tuple(seq.token_ids[: seq.prompt_len])]
+            i = len(seq.output_ids) + j
+            tok = true[i] if i < len(true) else 2
+            tokens.append(tok if rng.random() < acceptance else (tok + 1 + rng.randrange(vocab - 1)) % vocab)
+        return torch.tensor(tokens, dtype=torch.int64, device=logits.device), None
+    return propose
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--k", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--depth", type=int, default=DEEPSEEK_V3["num_hidden_layers"],
+                    help="decoder layers (default 61; storage of a few shared across depth)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--k", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--acceptance", type=float, default=0.85, help="probability a draft position is correct")
     ap.add_argument("--prompt-len", type=int, default=256)
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tiny", action="store_true", help="toy config on the CPU (reference ops): a smoke check")
     args = ap.parse_args()
 
-    from dsv3.backends.nvidia.graphs import CudaGraphRunner
     registry = create_registry()
-    model, cfg, _, _ = build_model(registry, "cuda", args.layers, mtp=True)
-    bs = 64
-    cache = LatentCache(model.num_cache_layers, max(args.batches) * (-(-(args.prompt_len + args.new_tokens + 16) // bs)),
-                        bs, cfg.latent_dim, torch.bfloat16, "cuda")
-    runner = CudaGraphRunner(model, bs, max_context=args.prompt_len + args.new_tokens + 16)
-    g = torch.Generator().manual_seed(0)
+    if args.tiny:
+        from dsv3.checkpoints.synthetic import TINY_CONFIG
+        device, hf, config_dense, bs, runner = "cpu", TINY_CONFIG, TINY_CONFIG["first_k_dense_replace"], 16, None
+        args.prompt_len, args.new_tokens = min(args.prompt_len, 24), min(args.new_tokens, 24)
+    else:
+        device, hf, config_dense, bs = "cuda", None, DEEPSEEK_V3["first_k_dense_replace"], 64
+    dense, stored_dense, stored_moe = depth_layout(args.depth, config_dense)
+    model, cfg, _, _ = build_model(registry, device if device == "cpu" else "cuda", stored_dense + stored_moe,
+                                   mtp=True, device=device, dense=stored_dense, hf=hf)
+    share_depth(model, args.depth, dense)
+    cfg = model.cfg
+    max_context = args.prompt_len + args.new_tokens + max(args.k) + 16
+    cache = LatentCache(model.num_cache_layers, max(args.batches) * -(-max_context // bs), bs, cfg.latent_dim,
+                        torch.bfloat16, device)
+    if device == "cuda":
+        from dsv3.backends.nvidia.graphs import CudaGraphRunner
+        runner = CudaGraphRunner(model, bs, max_context=max_context)
+        sync, where = torch.cuda.synchronize, f"{torch.cuda.get_device_name()}, CUDA graphs for decode/verify"
+    else:
+        sync, where = (lambda: None), "CPU, reference ops (a smoke check: these times say nothing about a GPU)"
+    a = args.acceptance
+    print(f"{where}; depth {args.depth} ({dense} dense + {args.depth - dense} MoE; storage of {stored_dense} dense + "
+          f"{stored_moe} MoE layers shared across depth) + MTP, hidden {cfg.hidden_size}, random FP8 weights, "
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy")
+    print(f"drafts: simulated acceptance {a:.2f} per draft position (a seeded mix of oracle drafts, the plain "
+          f"greedy token, and wrong ones; the MTP layer and head still run in full)")
+
+    g = torch.Generator().manual_seed(args.seed)
     rows = []
-    print(f"device {torch.cuda.get_device_name()}, {args.layers} layers + MTP, full width, random FP8 weights, "
-          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, CUDA graphs for decode/verify")
     for b in args.batches:
         prompts = [torch.randint(2, cfg.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(b)]
         plain = Engine(model, cache, None, 8192, runner, prefix_caching=False)
-        # warm-up (capture graphs, compile) that also gives the oracle its truth: max(k) tokens past the
-        # compared length, so the last verify step's drafts are right too (a fallback token there made
-        # k=2 read 32/11 = 2.91 tokens per step at 32 new tokens)
-        _, longer = decode_rate(plain, prompts, args.new_tokens + max(args.k))
-        base, truth = decode_rate(plain, prompts, args.new_tokens)
-        if truth != [t[: args.new_tokens] for t in longer]:
-            print(f"warning: batch {b}: two plain greedy runs disagree (nondeterministic decode?)")
-        rows.append((b, "plain", "-", base, 1.0, "-"))
-        reference = {tuple(p): t for p, t in zip(prompts, longer)}
+        # warm-up (graphs, compiles) that also gives the oracle its truth: max(k) tokens past the
+        # compared length, so the last verify step's drafts can be right too
+        *_, longer = decode(plain, prompts, args.new_tokens + max(args.k), sync)
+        seconds, steps, plain_rate, want = decode(plain, prompts, args.new_tokens, sync)
+        plain_step = seconds / steps
+        truth = {tuple(p): t for p, t in zip(prompts, longer)}
+        rows.append((b, "plain", plain_step, 1.0, 1.0, 1.0, "yes", ""))
         for k in args.k:
-            for mode in ("oracle", "never"):
-                def propose(work, sampling_rows, logits, j, mode=mode):   # MTPDrafter._propose's signature
-                    tokens = []
-                    for seq, *_ in work:
-                        true = reference[tuple(seq.token_ids[: seq.prompt_len])]
-                        i = len(seq.output_ids) + j
-                        tok = true[i] if i < len(true) else 2
-                        tokens.append(tok if mode == "oracle" else (tok + 1) % cfg.vocab_size)
-                    return torch.tensor(tokens, dtype=torch.int64, device=logits.device), None
-                original = MTPDrafter.__dict__["_propose"]               # the staticmethod itself
-                MTPDrafter._propose = staticmethod(propose)
-                try:
-                    spec = Engine(model, cache, None, 8192, runner, num_draft_tokens=k, prefix_caching=False)
-                    decode_rate(spec, prompts, 4)
-                    rate, out = decode_rate(spec, prompts, args.new_tokens)
-                finally:
-                    MTPDrafter._propose = original
-                same = out == truth
-                stats = spec.stats.spec
-                rows.append((b, f"MTP k={k}, drafts {mode}", f"{stats.mean_accepted_length:.2f}", rate, rate / base,
-                             "yes" if same else "NO"))
-    print("\n| batch | decoding | tokens per verify step | tok/s | vs plain | output == plain greedy |")
-    print("|---|---|---|---|---|---|")
-    for b, name, length, rate, ratio, same in rows:
-        print(f"| {b} | {name} | {length} | {rate:.1f} | {ratio:.2f}x | {same} |")
+            original = MTPDrafter.__dict__["_propose"]               # the staticmethod itself
+            MTPDrafter._propose = staticmethod(simulated_drafts(truth, a, cfg.vocab_size, args.seed + k))
+            try:
+                spec = Engine(model, cache, None, 8192, runner, num_draft_tokens=k, prefix_caching=False,
+                              draft_policy="always")
+                decode(spec, prompts, 8, sync)                                  # capture the verify shapes
+                spec.stats = type(spec.stats)()
+                seconds, steps, rate, got = decode(spec, prompts, args.new_tokens, sync)
+                step, per_step = seconds / steps, spec.stats.spec.mean_accepted_length
+                # the adaptive policy: one run to learn, the next measured
+                policy = DraftPolicy(k)
+                adaptive = Engine(model, cache, None, 8192, runner, num_draft_tokens=k, prefix_caching=False,
+                                  draft_policy=policy)
+                decode(adaptive, prompts, args.new_tokens, sync)
+                *_, a_rate, a_got = decode(adaptive, prompts, args.new_tokens, sync)
+            finally:
+                MTPDrafter._propose = original
+            gain = policy.gain(b)
+            choice = (f"{'drafts' if policy.drafting else 'plain'} (gain {gain:.2f}), "
+                      f"{a_rate / plain_rate:.2f}x" if gain is not None else f"untimed, {a_rate / plain_rate:.2f}x")
+            same = "yes" if got == want and a_got == want else "NO"
+            rows.append((b, f"MTP k={k}", step, per_step, rate / plain_rate, step / plain_step, same, choice))
+    print(f"\n| batch | decoding | ms/step | tokens/step (per sequence) | speedup vs plain | step time / plain step "
+          f"| output == plain greedy | adaptive policy: choice, measured speedup |")
+    print("|---|---|---|---|---|---|---|---|")
+    for b, name, step, per_step, speedup, ratio, same, choice in rows:
+        print(f"| {b} | {name} | {step * 1e3:.2f} | {per_step:.2f} | {speedup:.2f}x | {ratio:.2f} | {same} | {choice} |")
+    print(f"\nexpected tokens/step at acceptance {a:.2f}: " + ", ".join(
+        f"k={k} {(1 - a ** (k + 1)) / (1 - a) if a < 1 else k + 1:.2f}" for k in args.k)
+        + "; MTP rows draft every step (policy always); speedup = tokens per second over plain decoding's")
 
 
 if __name__ == "__main__":
