@@ -10,9 +10,16 @@ serve the same arrivals:
   continuous   in-process: requests join the running batch at the next step (the engine as is)
   http         `dsv3-run serve` on loopback (in this process, a thread), streamed to a minimal HTTP/SSE
                client in a second process: continuous batching plus the HTTP, SSE and detokenizer costs
+  http-process the same with the engine in a process of its own (what `dsv3-run serve` runs)
+
+`--engine stub` swaps the model for a stub engine that makes --stub-tokens-per-step tokens per request
+per step with no model at all (steps of --stub-step-ms): an HTTP-side stress measurement, what the
+server can stream, never a model's throughput.
 
 TTFT is measured from each request's arrival time to its first output token (http: first streamed
-chunk); throughput is output tokens over the time from the first arrival to the last token.
+chunk); throughput is output tokens over the time from the first arrival to the last token. The
+http-process rows also give the HTTP process's CPU time per streamed token: its per-token cost, which
+the machine's other load disturbs less than tokens/s.
 
     python benchmarks/serve_load.py                                   # CPU, tiny random model
     python benchmarks/serve_load.py --full-width-layers 4 --backend cuda --rates 1,4,16,inf \\
@@ -179,21 +186,30 @@ class EngineProcessServer:
         self.model_name = model_name
         self.thread = ServerThread(None, ServeOptions(model_name), worker=self.engine, model=model).__enter__()
 
-    def run(self, reqs: list[Req], output_len: int) -> None:
+    def run(self, reqs: list[Req], output_len: int) -> float:
+        """Serve `reqs`; returns the CPU seconds this process (the HTTP side: uvicorn, the event receiver,
+        tokenizing) spent meanwhile."""
         import multiprocessing
+        import resource
         from concurrent.futures import ProcessPoolExecutor
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             pool.submit(time.sleep, 0).result()
+            before = resource.getrusage(resource.RUSAGE_SELF)
             reqs[:] = pool.submit(_http_client, self.thread.url, self.model_name, reqs, output_len).result()
+            after = resource.getrusage(resource.RUSAGE_SELF)
+        return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
     def close(self) -> None:
         self.thread.__exit__(None, None, None)
 
 
-def build_for_engine_process(full_width_layers, backend, max_cache_tokens, max_batch_tokens, threads):
-    """What the engine process runs: the same model and engine settings as the in-process modes."""
+def build_for_engine_process(full_width_layers, backend, max_cache_tokens, max_batch_tokens, threads, stub=None):
+    """What the engine process runs: the same model and engine settings as the in-process modes
+    (`stub`: StubEngine's (tokens_per_step, step_ms) instead of a model)."""
     if threads:
         torch.set_num_threads(threads)
+    if stub is not None:
+        return stub_llm(*stub)
     if full_width_layers:
         llm = full_width_llm(full_width_layers, backend, max_cache_tokens or 65536, max_batch_tokens)
     else:
@@ -227,6 +243,72 @@ def tiny_llm(max_cache_tokens: int | None):
         random_weights(ModelConfig.from_hf(TINY_CONFIG), 0, std=0.3), "dense", torch.float32), 1, "dense")
     overrides = {"kv_cache.max_tokens": max_cache_tokens} if max_cache_tokens else {}
     return LLM(path, backend="cpu", **overrides)
+
+
+class StubEngine:
+    """HTTP-side stress only: the Engine's serving interface with no model. Every running request
+    gets `tokens_per_step` tokens (and their text) per step; a step takes `step_ms` (0: as fast as
+    the loop turns). What it measures is the server's cost per streamed token, not a model's speed."""
+
+    def __init__(self, tokenizer, tokens_per_step: int, step_ms: float):
+        from dsv3.core.engine import EngineStats
+        self.tokens_per_step, self.step_s = tokens_per_step, step_ms / 1000
+        self.max_context = self.capacity_tokens = 1 << 20
+        self.reserve, self.max_waiting, self.isolate_failures, self.prefix_caching = 0, None, True, False
+        self.stats, self.running, self.waiting = EngineStats(), [], []
+        self.cache = SimpleNamespace(allocator=SimpleNamespace(num_used=0, num_blocks=1, num_evictable=0, num_free=1))
+        ids = range(2, tokenizer.vocab_size)
+        self._text = {t: tokenizer.decode([t]) for t in ids}     # one piece per id: the text side stays cheap
+        self._ids = list(self._text)
+
+    def warm_up(self) -> int:
+        return 0
+
+    def has_work(self) -> bool:
+        return bool(self.running)
+
+    def add(self, prompt: list[int], params):
+        return self.add_choices(prompt, [params])[0]
+
+    def add_choices(self, prompt: list[int], params: list):
+        from dsv3.core.scheduler import Sequence
+        seqs = [Sequence(list(prompt), len(prompt), p) for p in params]
+        self.running += seqs
+        return seqs
+
+    def release(self, seq) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+
+    def step(self) -> list:
+        from dsv3.core.engine import StepOutput
+        if self.step_s:
+            time.sleep(self.step_s)
+        outputs, ids = [], self._ids
+        for s in self.running:
+            made = len(s.token_ids) - s.prompt_len
+            n = min(self.tokens_per_step, s.params.max_new_tokens - made)
+            new = [ids[(made + i) % len(ids)] for i in range(n)]
+            s.token_ids += new
+            if made + n >= s.params.max_new_tokens:
+                s.finish_reason = "length"
+            outputs.append(StepOutput(s, "".join(self._text[t] for t in new), s.finished, new))
+        self.running = [s for s in self.running if not s.finished]
+        self.stats.steps += 1
+        self.stats.generated_tokens += sum(len(o.new_tokens) for o in outputs)
+        return outputs
+
+
+def stub_llm(tokens_per_step: int, step_ms: float):
+    """A StubEngine behind the tiny model's tokenizer (so the HTTP side tokenizes and streams as usual)."""
+    from dsv3.checkpoints.synthetic import write_tokenizer
+    from dsv3.core.tokenizer import Tokenizer
+    path = Path(tempfile.mkdtemp()) / "stub-engine"
+    path.mkdir()
+    write_tokenizer(path, 512, ["def add(a, b):\n    return a + b\n", "hello world " * 20])
+    tok = Tokenizer(path)
+    return SimpleNamespace(engine=StubEngine(tok, tokens_per_step, step_ms), tokenizer=tok, path=path,
+                           config=SimpleNamespace(vocab_size=512), spec=SimpleNamespace(name="stub"))
 
 
 def full_width_llm(layers: int, backend: str, max_cache_tokens: int, max_batch_tokens: int):
@@ -280,13 +362,23 @@ def main(argv=None) -> int:
                    help="static and continuous: the engine called in this process; http: the server with the "
                         "engine on a thread of its process; http-process: the engine in a process of its own "
                         "(what `dsv3-run serve` runs)")
+    p.add_argument("--engine", choices=("model", "stub"), default="model",
+                   help="stub: HTTP-side stress, no model (StubEngine); its tok/s are what the server can "
+                        "stream, not a model's")
+    p.add_argument("--stub-tokens-per-step", type=int, default=1, help="stub: tokens per request per step")
+    p.add_argument("--stub-step-ms", type=float, default=0.0, help="stub: the time one step takes")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the markdown table here too")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.full_width_layers:
+    stub = (args.stub_tokens_per_step, args.stub_step_ms) if args.engine == "stub" else None
+    if stub is not None:
+        llm = stub_llm(*stub)
+        what = (f"NO MODEL: StubEngine, {stub[0]} token(s) per request per step, steps of {stub[1]:g} ms "
+                f"(HTTP-side stress: what the server streams, not a model's throughput)")
+    elif args.full_width_layers:
         llm = full_width_llm(args.full_width_layers, args.backend, args.max_cache_tokens or 65536,
                              args.max_batch_tokens)
         what = (f"DeepSeek-V3 full width, {args.full_width_layers} layers, random FP8 weights, "
@@ -328,11 +420,11 @@ def main(argv=None) -> int:
               f"max_batch_tokens {args.max_batch_tokens}; cache {llm.engine.capacity_tokens} tokens; "
               f"prefix caching off."), "",
              ("| rate (req/s) | mode | output tok/s | TTFT mean (ms) | TTFT p50 (ms) | TTFT p90 (ms) | "
-              "engine step p50 / max (ms) | errors |"),
-             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "engine step p50 / max (ms) | HTTP process CPU (µs/token) | errors |"),
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     separate = (EngineProcessServer(build_for_engine_process, (args.full_width_layers, args.backend,
                                                                args.max_cache_tokens, args.max_batch_tokens,
-                                                               args.threads), llm.path.name)
+                                                               args.threads, stub), llm.path.name)
                 if "http-process" in modes else None)
     if separate is not None:                       # its first requests meet first calls too
         separate.run(make_requests(args.num_requests, float("inf"), args.prompt_len, args.output_len, vocab, 1),
@@ -341,9 +433,10 @@ def main(argv=None) -> int:
         rate = float(rate_s)
         for mode in modes:
             reqs = make_requests(args.num_requests, rate, args.prompt_len, args.output_len, vocab, args.seed)
-            steps = []
+            steps, cpu = [], "-"
             if mode == "http-process":
-                separate.run(reqs, args.output_len)
+                seconds = separate.run(reqs, args.output_len)
+                cpu = f"{seconds * 1e6 / max(1, sum(r.tokens for r in reqs)):.1f}"
             elif mode == "http":
                 run_http(llm, reqs, args.output_len, llm.path.name)
             else:
@@ -351,10 +444,10 @@ def main(argv=None) -> int:
                                        args.static_batch if mode == "static" else None, stalls)
             s = summarize(reqs, steps)
             print(f"rate {rate_s:>5} {mode:>10}: {s['tok_s']:8.1f} tok/s  TTFT mean {s['ttft_mean']:8.1f} ms  "
-                  f"p50 {s['ttft_p50']:8.1f}  p90 {s['ttft_p90']:8.1f}  step p50/max {s['steps']} ms  errors {s['errors']}", file=sys.stderr,
+                  f"p50 {s['ttft_p50']:8.1f}  p90 {s['ttft_p90']:8.1f}  step p50/max {s['steps']} ms  HTTP CPU {cpu} µs/token  errors {s['errors']}", file=sys.stderr,
                   flush=True)
             table.append(f"| {rate_s} | {mode} | {s['tok_s']:.1f} | {s['ttft_mean']:.1f} | {s['ttft_p50']:.1f} | "
-                         f"{s['ttft_p90']:.1f} | {s['steps']} | {s['errors']} |")
+                         f"{s['ttft_p90']:.1f} | {s['steps']} | {cpu} | {s['errors']} |")
             if args.out:      # after every row: a run cut short by a time limit keeps what it measured
                 Path(args.out).write_text("\n".join(table) + "\n")
             reset(llm.engine)

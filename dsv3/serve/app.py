@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -43,6 +44,9 @@ class ServeOptions:
     header_timeout_s: float = 10.0           # a connection's request headers must arrive within this
     body_timeout_s: float = 30.0             # and its body within this, once the headers are in
     stuck_after_s: float = 120.0             # /health answers 503 when one engine step runs longer
+
+
+_json = msgspec.json.Encoder().encode      # SSE chunks: UTF-8 JSON as json.dumps(ensure_ascii=False) writes it
 
 
 class _ClientGone(Exception):
@@ -83,6 +87,12 @@ def _merge(a: dict, b: dict) -> dict:
     for key, value in b.items():
         out[key] = out[key] + value if key in out else value
     return out
+
+
+def _join_logprobs(parts: list[dict]) -> dict:
+    """Several chunks' logprobs objects (chat or legacy completions) as one: every list in order."""
+    return {key: [x for p in parts for x in p[key]] if isinstance(value, list) else value
+            for key, value in parts[0].items()}
 
 
 def _error(e: P.APIError, metrics=None) -> JSONResponse:
@@ -243,8 +253,9 @@ def create_app(model: ServedModel, worker, options: ServeOptions) -> Starlette:
         return handles
 
     async def merged_events(request: Request, handles: list):
-        """(choice index, event) of every choice until each has had its final one; all are aborted if
-        the client leaves or one of them fails."""
+        """Lists of (choice index, event): everything queued for the request's choices when it wakes,
+        so a stream whose client is behind catches up in one write. Until each choice has had its
+        final event; all are aborted if the client leaves or one of them fails (the list ends there)."""
         queue: asyncio.Queue = asyncio.Queue()
         for k, h in enumerate(handles):
             held, h.events = h.events, _Tagged(queue, k)
@@ -254,22 +265,26 @@ def create_app(model: ServedModel, worker, options: ServeOptions) -> Starlette:
         remaining = len(handles)
         try:
             while remaining:
-                k, ev = await queue.get()
-                if isinstance(ev, _Disconnected):
-                    return
-                if isinstance(ev, Failed) or ev.finish_reason is not None:
-                    handles[k].done = True
-                    remaining -= 1
-                yield k, ev
-                if isinstance(ev, Failed):
-                    return
+                batch = [await queue.get()]
+                while not queue.empty():
+                    batch.append(queue.get_nowait())
+                for i, (k, ev) in enumerate(batch):
+                    if isinstance(ev, _Disconnected):
+                        return
+                    if isinstance(ev, Failed) or ev.finish_reason is not None:
+                        handles[k].done = True
+                        remaining -= 1
+                    if isinstance(ev, Failed):
+                        yield batch[: i + 1]
+                        return
+                yield batch
         finally:
             watcher.cancel()
             for h in handles:
                 worker.abort(h)      # no-op when finished; frees the blocks of an abandoned choice
 
-    def sse(obj) -> str:
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    def sse(obj) -> bytes:
+        return b"data: " + _json(obj) + b"\n\n"
 
     async def generate(request: Request, req, prompt_ids: list, chat: bool, output=None, grammar=None,
                        new_output=None, prompt_texts: list | None = None) -> Response:
@@ -301,7 +316,7 @@ def create_app(model: ServedModel, worker, options: ServeOptions) -> Starlette:
         texts = token_texts if logprobs is not None else None
         echoed = [(prompt_texts[i] if prompt_texts and prompt_texts[i] is not None else tok.decode(prompts[i]))
                   if echo else "" for i in range(len(prompts))]
-        first_seen = [False] * len(handles)
+        first_seen, offsets = [False] * len(handles), [0] * len(handles)
 
         def entries_of(k: int, ev) -> tuple[list[int], list]:
             """The token ids and logprob entries an event brings for choice k (echo: the prompt's first)."""
@@ -322,16 +337,17 @@ def create_app(model: ServedModel, worker, options: ServeOptions) -> Starlette:
         if not req.stream:
             pieces, finals = [[] for _ in handles], [None] * len(handles)
             token_ids, entries = [[] for _ in handles], [[] for _ in handles]
-            async for k, ev in merged_events(request, handles):
-                if isinstance(ev, Failed):
-                    return _error(P.APIError(ev.status, ev.message, ev.type, code=ev.code), metrics)
-                pieces[k].append(ev.text)
-                if logprobs is not None and (ev.logprobs or (echo and not first_seen[k])):
-                    ids, es = entries_of(k, ev)
-                    token_ids[k] += ids
-                    entries[k] += es
-                    first_seen[k] = True
-                finals[k] = ev
+            async for batch in merged_events(request, handles):
+                for k, ev in batch:
+                    if isinstance(ev, Failed):
+                        return _error(P.APIError(ev.status, ev.message, ev.type, code=ev.code), metrics)
+                    pieces[k].append(ev.text)
+                    if logprobs is not None and (ev.logprobs or (echo and not first_seen[k])):
+                        ids, es = entries_of(k, ev)
+                        token_ids[k] += ids
+                        entries[k] += es
+                        first_seen[k] = True
+                    finals[k] = ev
             if any(f is None or f.finish_reason is None for f in finals):   # the client left; nobody reads this
                 return Response(status_code=499)
             choices = []
@@ -353,44 +369,61 @@ def create_app(model: ServedModel, worker, options: ServeOptions) -> Starlette:
             body["choices"] = choices
             return JSONResponse(body)
 
+        def chunk(k: int, events: list) -> bytes:
+            """One chunk for choice k's events (in order) that were queued together: their text joined,
+            their logprobs entries concatenated, the last one's finish_reason. Tokens show as a chunk
+            even while their text is held back (a possible stop string, an incomplete UTF-8
+            character): clients see progress."""
+            pieces, lps = [], []
+            for ev in events:
+                if texts is not None:
+                    ids, es = entries_of(k, ev)
+                    lps.append(P.chat_logprobs(texts, ids, es) if chat
+                               else P.completion_logprobs(texts, ids, es, offsets[k]))
+                text = ev.text if first_seen[k] else echoed[k // n] + ev.text
+                first_seen[k] = True
+                offsets[k] += len(text)
+                pieces.append(text)
+            text, finish_reason = "".join(pieces), events[-1].finish_reason
+            lp = lps[0] if len(lps) == 1 else _join_logprobs(lps) if lps else None
+            if not chat:
+                return sse(P.completion_chunk(rid, model, t0, text, finish_reason, k, lp))
+            delta = {"content": text} if text or finish_reason is None else {}
+            o = outputs[k]
+            if o is not None:
+                delta = _merge(o.feed(text) if text else {}, o.finish() if finish_reason is not None else {})
+                if not delta and finish_reason is None:
+                    delta = {"content": ""}                   # progress: tokens came, no text yet
+            return sse(P.chat_chunk(rid, model, t0, delta, chat_choice_end(k, finish_reason), k, lp))
+
         async def stream():
-            finals, offsets = [None] * len(handles), [0] * len(handles)
+            finals = [None] * len(handles)
             if chat:
-                for k in range(len(handles)):
-                    yield sse(P.chat_chunk(rid, model, t0, {"role": "assistant", "content": ""}, index=k))
-            async for k, ev in merged_events(request, handles):
-                if isinstance(ev, Failed):     # headers are sent: report in-band, as OpenAI does
-                    yield sse(P.APIError(ev.status, ev.message, ev.type, code=ev.code).body())
+                yield b"".join(sse(P.chat_chunk(rid, model, t0, {"role": "assistant", "content": ""}, index=k))
+                               for k in range(len(handles)))
+            async for batch in merged_events(request, handles):
+                by_choice: dict[int, list] = {}
+                failed = None
+                for k, ev in batch:
+                    if isinstance(ev, Failed):       # always the batch's last event
+                        failed = ev
+                        break
+                    if ev.finish_reason is not None:
+                        finals[k] = ev
+                    if ev.text or ev.finish_reason or ev.num_tokens:
+                        by_choice.setdefault(k, []).append(ev)
+                out = [chunk(k, events) for k, events in by_choice.items()]
+                if failed is not None:       # headers are sent: report in-band, as OpenAI does
+                    yield b"".join(out) + sse(P.APIError(failed.status, failed.message, failed.type,
+                                                         code=failed.code).body())
                     return
-                # one chunk per engine step that produced tokens, even while their text is held back
-                # (a possible stop string, an incomplete UTF-8 character): clients see progress
-                if ev.text or ev.finish_reason or ev.num_tokens:
-                    lp = None
-                    if texts is not None:
-                        ids, es = entries_of(k, ev)
-                        lp = (P.chat_logprobs(texts, ids, es) if chat
-                              else P.completion_logprobs(texts, ids, es, offsets[k]))
-                    text = ev.text if first_seen[k] else echoed[k // n] + ev.text
-                    first_seen[k] = True
-                    offsets[k] += len(text)
-                    if chat:
-                        delta = {"content": text} if text or ev.finish_reason is None else {}
-                        o = outputs[k]
-                        if o is not None:
-                            delta = _merge(o.feed(text) if text else {},
-                                           o.finish() if ev.finish_reason is not None else {})
-                            if not delta and ev.finish_reason is None:
-                                delta = {"content": ""}                   # progress: tokens came, no text yet
-                        yield sse(P.chat_chunk(rid, model, t0, delta, chat_choice_end(k, ev.finish_reason), k, lp))
-                    else:
-                        yield sse(P.completion_chunk(rid, model, t0, text, ev.finish_reason, k, lp))
-                if ev.finish_reason is not None:
-                    finals[k] = ev
-            if all(f is not None for f in finals):
-                if include_usage:
-                    yield sse(P.usage_chunk(rid, model, t0, "chat.completion.chunk" if chat else "text_completion",
-                                            usage(finals)))
-                yield "data: [DONE]\n\n"
+                if all(f is not None for f in finals):
+                    if include_usage:
+                        out.append(sse(P.usage_chunk(rid, model, t0, "chat.completion.chunk" if chat
+                                                     else "text_completion", usage(finals))))
+                    out.append(b"data: [DONE]\n\n")
+                if out:
+                    yield b"".join(out)       # one write per wake-up, however many steps it covers
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
