@@ -28,17 +28,12 @@ def main() -> None:
     ap.add_argument("--m", default="1,16")
     ap.add_argument("--out")
     ap.add_argument("--gate-only", action="store_true", help="skip the GEMM sweep")
-    ap.add_argument("--gemv", action="store_true", help="only the CUDA-core kernel (gemm.fp8_gemv_kernel) against "
-                    "the table's choice, at --m rows (1, 2)")
     args = ap.parse_args()
     target = cuda_target()
     x = torch.empty(1 << 30, device="cuda").normal_()
     read_bw = x.numel() * 4 / time_events(lambda: x.sum())
     del x
     print(f"streaming read {read_bw / 1e12:.2f} TB/s", flush=True)
-    if args.gemv:
-        gemv_sweep(target, read_bw, [int(v) for v in args.m.split(",")], args.out)
-        return
     rows = []
     for name, n, k in [] if args.gate_only else GEMM_SHAPES:
         copies = max(1, min(16, math.ceil(L2_DEFEAT_BYTES / (n * k))))
@@ -112,60 +107,6 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"read_bw": read_bw, "gemm": rows, "gate": gates, "gate_variants": variants}, f, indent=1)
-
-
-def gemv_sweep(target, read_bw: float, m_values: list[int], out: str | None) -> None:
-    """Each V3 shape at M = 1, 2: the table's tensor-core choice vs the CUDA-core kernel over column tile,
-    programs in flight, warps and pipeline depth; outputs checked against the tensor-core kernel's."""
-    rows = []
-    for name, n, k in GEMM_SHAPES:
-        copies = max(1, min(16, math.ceil(L2_DEFEAT_BYTES / (n * k))))
-        ws = _random_fp8_weight(n, k, "cuda", copies)
-        k_steps = triton.cdiv(k, 128)
-        for m in m_values:
-            a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            floor = (n * k + n * k / 16384 * 4 + 2 * m * k + 2 * m * n) / read_bw
-
-            def timed(cfg):
-                return time_calls([lambda w=w: gemm.fp8_gemm(a, None, w.data, w.scale, torch.bfloat16, cfg)
-                                   for w in ws])[0]
-            default = tuning.gemm_config(target, m, n, k)
-            t_default = timed(default)
-            want = gemm.fp8_gemm(a, None, ws[0].data, ws[0].scale, torch.float32,
-                                 tuning.GemmConfig(16, 64, 1)).double()
-            cands, worst = [], 0.0
-            for bn in (16, 32, 64, 128):
-                tiles = triton.cdiv(n, bn)
-                for programs in (264, 528, 1056, 2112):
-                    split = max(1, min(triton.cdiv(programs, tiles), k_steps))
-                    for warps in (2, 4, 8):
-                        for stages in (1, 3):
-                            cfg = tuning.GemmConfig(1 if m == 1 else 2, bn, split, 1, warps, stages, gemv=True)
-                            if any(c[1] == cfg for c in cands):
-                                continue
-                            try:
-                                got = gemm.fp8_gemm(a, None, ws[0].data, ws[0].scale, torch.float32, cfg).double()
-                            except Exception as e:      # out of registers / shared memory for this tile
-                                print(f"  {name} M={m} {cfg}: {type(e).__name__}", flush=True)
-                                continue
-                            worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
-                            cands.append((timed(cfg), cfg))
-            cands.sort(key=lambda c: c[0])
-            t, best = cands[0]
-            row = {"gemm": name, "m": m, "floor_us": floor * 1e6, "table_us": t_default * 1e6,
-                   "table": [default.block_n, default.split_k, default.num_warps, default.num_stages, default.gemv],
-                   "gemv_us": t * 1e6, "gemv": [best.block_n, best.split_k, best.num_warps, best.num_stages],
-                   "max_rel_diff": worst,
-                   "top": [[round(t * 1e6, 2), c.block_n, c.split_k, c.num_warps, c.num_stages] for t, c in cands[:6]]}
-            rows.append(row)
-            print(f"{name:15s} M={m}  floor {floor * 1e6:6.1f} us  table {t_default * 1e6:6.1f} ({t_default / floor:.2f}x)"
-                  f"  gemv {t * 1e6:6.1f} ({t / floor:.2f}x, bn/split/warps/stages {row['gemv']})  "
-                  f"max rel diff {worst:.1e}  next {row['top'][1:4]}", flush=True)
-        del ws
-        torch.cuda.empty_cache()
-    if out:
-        with open(out, "w") as f:
-            json.dump({"read_bw": read_bw, "gemv": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

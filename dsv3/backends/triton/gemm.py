@@ -10,11 +10,6 @@ Small M (decode) is bound by reading w once: the grid is split along K so every 
 bytes even when there are only a few output tiles. The splits of a tile write fp32 partials; the last
 one to arrive (dsv3.backends.triton.counters) sums them in split order and writes the output, so a
 split-K GEMM is one launch and its result does not depend on timing.
-
-At one or two rows (batch-1 decode, its MTP verify) a tensor-core tile is 16 rows of which 15 are
-padding: `fp8_gemv_kernel` multiplies on the CUDA cores instead ([rows, BN, 128] products summed
-over K in fp32, the same fp8 x fp8 products the dot computes), loading each weight tile straight
-into registers; which of the two a shape gets is the tuning table's (`GemmConfig.gemv`).
 """
 import torch
 import triton
@@ -66,64 +61,21 @@ def fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, ws_ptr, count_ptr, M, N
             a = tl.load(a_rows + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             a_s = tl.load(as_ptr + offs_m * stride_asm + kb, mask=mask_m, other=0.0)
         acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
-    _store_tile(acc, c_ptr, ws_ptr, count_ptr, pid, pid_k, offs_m, offs_n, M, N, stride_cm, BLOCK_M, BLOCK_N, SPLIT)
-
-
-@triton.jit
-def _store_tile(acc, c_ptr, ws_ptr, count_ptr, tile, pid_k, offs_m, offs_n, M, N, stride_cm,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] fp32 -> c. Split K: partial sums ws [splits, M, N]; the tile's last split
-    to arrive adds them up in split order and writes c."""
-    mask_c = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    mask_c = mask_m[:, None] & mask_n[None, :]
     c = offs_m[:, None] * stride_cm + offs_n[None, :]
-    if SPLIT:
+    if SPLIT:  # partial sums ws [splits, M, N]; the tile's last split adds them up in order
         splits = tl.num_programs(1)
         tl.store(ws_ptr + pid_k * M * N + c, acc, mask=mask_c)
         tl.debug_barrier()
-        done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        done = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
         if done == splits - 1:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for sp in range(0, splits):
                 acc += tl.load(ws_ptr + sp * M * N + c, mask=mask_c, other=0.0, cache_modifier=".cg")
             tl.store(c_ptr + c, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
-            tl.store(count_ptr + tile, 0)
+            tl.store(count_ptr + pid, 0)
     else:
         tl.store(c_ptr + c, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
-
-
-@triton.jit
-def fp8_gemv_kernel(a_ptr, b_ptr, bs_ptr, c_ptr, ws_ptr, count_ptr, M, N, K, k_steps_per_split,
-                    stride_am, stride_bn, stride_bsn, stride_cm,
-                    UE8M0: tl.constexpr, FP8_MAX: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
-    """Few rows (M <= BLOCK_M, 1 or 2): the raw activation a [M, K], quantised here per 1x128 group as
-    quantize_act does; w [N, K] fp8. Program (n tile, K split) -> [BLOCK_M, BLOCK_N] partial."""
-    pid, pid_k = tl.program_id(0), tl.program_id(1)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = pid // num_n, pid % num_n
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m, mask_n = offs_m < M, offs_n < N
-    a_rows = a_ptr + offs_m[:, None] * stride_am
-    b_rows = b_ptr + offs_n[:, None] * stride_bn
-    bs_rows = bs_ptr + (offs_n // 128) * stride_bsn
-    k_first = pid_k * k_steps_per_split
-    k_last = tl.minimum(k_first + k_steps_per_split, tl.cdiv(K, BLOCK_K))
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(k_first, k_last):
-        k = kb * BLOCK_K + offs_k
-        mask_k = k < K
-        w = tl.load(b_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)     # [BN, BK] fp8
-        w_s = tl.load(bs_rows + kb, mask=mask_n, other=0.0)                                     # [BN]
-        a_raw = tl.load(a_rows + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-        a_s = tl.maximum(tl.max(tl.abs(a_raw), axis=1), 1e-12) / FP8_MAX                       # [BM]
-        if UE8M0:
-            a_s = tl.exp2(tl.ceil(tl.log2(a_s)))
-        a = tl.clamp(a_raw / a_s[:, None], -FP8_MAX, FP8_MAX).to(b_ptr.dtype.element_ty).to(tl.float32)
-        dot = tl.sum(a[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)                       # [BM, BN]
-        acc += dot * a_s[:, None] * w_s[None, :]
-    _store_tile(acc, c_ptr, ws_ptr, count_ptr, pid, pid_k, offs_m, offs_n, M, N, stride_cm, BLOCK_M, BLOCK_N, SPLIT)
 
 
 def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_scale: torch.Tensor,
@@ -141,13 +93,6 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_s
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     ws = torch.empty((split, m, n), dtype=torch.float32, device=a.device) if split > 1 else out
     quant_a = a_scale is None
-    if cfg.gemv and quant_a:
-        fp8_gemv_kernel[(tiles, split)](
-            a, w, w_scale, out, ws, tile_counters(a.device, tiles if split > 1 else 1), m, n, k, per_split,
-            a.stride(0), w.stride(0), w_scale.stride(0), n, UE8M0=ue8m0, FP8_MAX=fp8_max,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=BLOCK_K, SPLIT=split > 1,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.extra)
-        return out
     fp8_gemm_kernel[(tiles, split)](
         a, a if quant_a else a_scale, w, w_scale, out, ws, tile_counters(a.device, tiles if split > 1 else 1),
         m, n, k, per_split,

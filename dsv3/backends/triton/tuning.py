@@ -58,7 +58,6 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     extra: dict = field(default_factory=dict)
-    gemv: bool = False      # CUDA-core kernel for a raw activation of <= block_m rows (gemm.fp8_gemv_kernel)
 
 
 def _split_for(target: Target, tiles: int, k_steps: int, waves: float, min_steps: int) -> int:
