@@ -7,6 +7,10 @@ Two ways to run the same 64 requests (32 random prompt tokens, 32 output tokens,
   http     64 concurrent streams against `dsv3-run serve`'s app (engine thread, this process), from a
            minimal HTTP/SSE client in a second process (usage chunk counts the tokens)
 
+On a GPU, `--full-width-layers 4 --backend cuda` measures the engine way on DeepSeek-V3 at full width
+(vocab 129,280: the logits the features work on are the real size) with random FP8 weights, as
+`benchmarks/serve_load.py` builds it (CUDA graphs for decode); the HTTP way stays the CPU's.
+
 `--before DIR` also runs this script against another checkout (e.g. `git worktree add /tmp/before
 1eb3353`, the tree before the features), in a second long-lived process: requests that tree cannot
 serve are skipped. Every measurement of one tree is paired with the same measurement of the other,
@@ -121,11 +125,12 @@ class Worker:
     """This script in a fresh interpreter whose `import dsv3` is `tree`'s (None: this checkout), holding
     the model and a server: measure() runs one variant one way there."""
 
-    def __init__(self, tree: str | None):
+    def __init__(self, tree: str | None, model_args: list[str]):
         env = dict(os.environ, OMP_NUM_THREADS="1")
         if tree:
             env["PYTHONPATH"] = tree + os.pathsep + env.get("PYTHONPATH", "")
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-measurements"], env=env,
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-measurements", *model_args],
+                                     env=env,
                                      cwd=tree or os.getcwd(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.info = self._read()
 
@@ -146,7 +151,7 @@ class Worker:
         self.proc.wait(60)
 
 
-def serve_measurements() -> None:
+def serve_measurements(full_width_layers: int | None, backend: str) -> None:
     """The worker's side: report the tree, then answer [mode, variant] lines with tok/s (or null)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -157,7 +162,12 @@ def serve_measurements() -> None:
     from dsv3 import LLM
     from dsv3.serve.app import ServeOptions
     from dsv3.serve.server import ServerThread
-    llm = LLM(backend="cpu")
+    if full_width_layers:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from serve_load import full_width_llm
+        llm = full_width_llm(full_width_layers, backend, 65536, 8192)
+    else:
+        llm = LLM(backend=backend)
     llm.engine.max_waiting = None
     engine_rate(llm, "greedy")                      # warm: allocator, first-call costs
     root = os.path.dirname(os.path.dirname(dsv3.__file__))
@@ -165,7 +175,7 @@ def serve_measurements() -> None:
                             text=True).stdout.strip()
     out = sys.stdout
     sys.stdout = sys.stderr                         # only the answers go to the pipe
-    with ServerThread(llm, ServeOptions("demo")) as server, \
+    with (ServerThread(llm, ServeOptions("demo")) if not full_width_layers else _no_server()) as server, \
             ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         pool.submit(time.sleep, 0).result()
         out.write(json.dumps({"commit": commit, "file": dsv3.__file__}) + "\n")
@@ -174,12 +184,29 @@ def serve_measurements() -> None:
             mode, name = json.loads(line)
             if mode == "engine":
                 rate = engine_rate(llm, name)
+                if backend != "cpu":
+                    torch.cuda.synchronize()
+            elif full_width_layers:
+                rate = None                         # the HTTP way is measured on the demo model only
             else:           # the server process's CPU time: the engine thread, the event loop, uvicorn
                 c0 = time.process_time()
                 seconds, tokens, errors = pool.submit(_client, server.url, name, llm.config.vocab_size).result()
                 rate = None if errors else [tokens / seconds, tokens / (time.process_time() - c0)]
             out.write(json.dumps(rate) + "\n")
             out.flush()
+
+
+class _no_server:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _device_name() -> str:
+    import torch
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def _median(values):
@@ -206,15 +233,20 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--modes", default="engine,http")
     ap.add_argument("--out", help="write the table (markdown) here")
+    ap.add_argument("--full-width-layers", type=int, help="GPU: DeepSeek-V3 full width at this depth, random FP8 "
+                    "weights (engine mode only)")
+    ap.add_argument("--backend", default="cpu", help="cpu (the demo model, default) or cuda / rocm")
     ap.add_argument("--serve-measurements", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_measurements:
-        serve_measurements()
+        serve_measurements(args.full_width_layers, args.backend)
         return
+    model_args = ["--backend", args.backend] + (["--full-width-layers", str(args.full_width_layers)]
+                                                if args.full_width_layers else [])
     names, modes = args.variants.split(","), args.modes.split(",")
-    trees = {"after": Worker(args.after)}
+    trees = {"after": Worker(args.after, model_args)}
     if args.before:
-        trees["before"] = Worker(args.before)
+        trees["before"] = Worker(args.before, model_args)
     # (tree, mode, variant, 0 wall / 1 CPU) -> samples; (mode, variant, 0 / 1) -> after/before of each pair
     rates = {(t, m, v, k): [] for t in trees for m in modes for v in names for k in (0, 1)}
     ratios = {(m, v, k): [] for m in modes for v in names for k in (0, 1)}
@@ -260,7 +292,9 @@ def main() -> None:
         for name in names:
             if any(ratios[m, name, k] for m, k in cols):
                 lines.append(f"| {name} | " + " | ".join(fmt(_median(ratios[m, name, k]), ".2f") for m, k in cols) + " |")
-    header = [f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch threads 1. The cores are shared with "
+    gpu = "" if args.backend == "cpu" else (f"GPU: {_device_name()}; the engine loop's CPU time is mostly its wait "
+                                            f"for the device, so tok per CPU-s says little here. ")
+    header = [gpu + f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch threads 1. The cores are shared with "
               f"other agents' jobs (load average {os.getloadavg()[0]:.1f} at the end): every cell is a median of "
               f"{args.rounds} rounds, before and after measured back to back in each, and the after/before figures "
               f"are medians of those paired ratios. Wall-clock tok/s moves with the other jobs' load (+-30% here); "
@@ -268,16 +302,18 @@ def main() -> None:
               f"engine thread + event loop, client excluded) much less. {_versions()}.",
               f"After: commit {info['after']['commit']} (+ working tree); before: "
               f"{info['before']['commit'] if 'before' in info else 'not measured'} (requests it refuses: -).",
-              f"Demo model (dsv3/demo_model, reference backend, float32), {STREAMS} sequences at once, "
+              (f"DeepSeek-V3 full width, {args.full_width_layers} layers, random FP8 weights, backend "
+               f"{args.backend} on {_device_name()} (CUDA graphs for decode)" if args.full_width_layers else
+               "Demo model (dsv3/demo_model, reference backend, float32)") + f", {STREAMS} sequences at once, "
               f"{PROMPT_LEN} prompt tokens (random ids) and {OUTPUT_LEN} output tokens each (ignore_eos; json_schema "
               f"stops when the object is complete): output tokens over the wall time, and over the CPU time.", ""]
     table = "\n".join(header + lines)
     print(table)
     if args.out:
         with open(args.out, "w") as f:
-            f.write("# Sampling features on the CPU: output tokens/s at 64 concurrent sequences\n\n"
-                    f"`python benchmarks/sampling_features.py --before /tmp/before --rounds {args.rounds} "
-                    f"--out {args.out}`\n\n" + table + "\n")
+            f.write(f"# Sampling features on the {'CPU' if args.backend == 'cpu' else 'GPU'}: output tokens/s at 64 "
+                    f"concurrent sequences\n\n`python benchmarks/sampling_features.py {' '.join(sys.argv[1:])}`\n\n"
+                    + table + "\n")
 
 
 if __name__ == "__main__":
