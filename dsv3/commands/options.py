@@ -8,6 +8,28 @@ import sys
 from dsv3.core.errors import Dsv3Error
 
 
+# Below this many bytes of weights a CPU decode step is a few hundred small GEMMs: a second torch thread
+# saves little on an idle machine and costs several times over on a busy one (the demo model on 2
+# shared cores: 16.3 s for the README's first command with 2 threads, 3.5 s with 1;
+# benchmarks/results/demo_eval.md).
+SMALL_MODEL_BYTES = 512 << 20
+
+
+def cpu_threads(args) -> int | None:
+    """The torch thread count a CPU run sets before it loads anything (loading runs threaded too), or
+    None to leave torch's own: --threads, else OMP_NUM_THREADS's (torch's own), else 1 when the
+    checkpoint's safetensors files are small."""
+    if getattr(args, "threads", None):
+        return args.threads
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    from pathlib import Path
+    from dsv3.demo import demo_model_path
+    model_dir = Path(args.model) if args.model else demo_model_path()
+    size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) if model_dir.is_dir() else 0
+    return 1 if 0 < size < SMALL_MODEL_BYTES else None
+
+
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by every command that builds a model: model, backend, profile, plugins, overrides."""
     g = p.add_argument_group("model and runtime")
@@ -27,6 +49,9 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="adaptive (default): draft only while it pays at the running batch size; always: every step")
     g.add_argument("--tp", type=int, help="tensor-parallel size (attention heads, dense MLPs, vocab); under torchrun")
     g.add_argument("--ep", type=int, help="expert-parallel size (routed experts); under torchrun")
+    g.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: OMP_NUM_THREADS if set; "
+                   f"else 1 for a model under {SMALL_MODEL_BYTES >> 20} MiB, such as the demo, and torch's default "
+                   "above)")
     add_plugin_args(g)
 
 
@@ -57,6 +82,11 @@ def build_llm(args):
     if world_size() > 1 and getattr(args, "interactive", False):
         raise Dsv3Error("--interactive is not supported under torchrun yet (stdin reaches one rank only); use "
                         "--prompt or --input-file")
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise Dsv3Error(f"--threads {args.threads}: give a thread count of at least 1")
+    if (threads := cpu_threads(args)) is not None:     # a CPU run's; a GPU backend's host side rarely minds
+        import torch
+        torch.set_num_threads(threads)
     registry = create_registry(plugins=args.plugins, modules=args.plugin_modules)
     llm = LLM(args.model, backend=args.backend, profile=args.profile, registry=registry,
               **{k: v for k, v in profile_overrides(args).items() if k != "dtype"}, dtype=args.dtype)
