@@ -137,7 +137,8 @@ def oracle_speculation_failures(model, cache, runner, prompts, new: int, ks, max
         for k in ks:
             with monkeypatch.context() as m:
                 m.setattr(MTPDrafter, "_propose", staticmethod(propose))
-                spec = Engine(model, cache, None, max_batch_tokens, runner, num_draft_tokens=k, prefix_caching=False)
+                spec = Engine(model, cache, None, max_batch_tokens, runner, num_draft_tokens=k, prefix_caching=False,
+                              draft_policy="always")      # every step verifies: k + 1 tokens each
                 got = generate(spec, batch, new)
             per_step = spec.stats.spec.mean_accepted_length
             if got != [w[:new] for w in want] or per_step != k + 1:
