@@ -314,8 +314,8 @@ def create_app(model: ServedModel, worker, options: ServeOptions) -> Starlette:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         outputs = [output] + [new_output() for _ in range(n - 1)] if output is not None else [None] * n
         texts = token_texts if logprobs is not None else None
-        echoed = [(prompt_texts[i] if prompt_texts and prompt_texts[i] is not None else tok.decode(prompts[i]))
-                  if echo else "" for i in range(len(prompts))]
+        echoed = [(prompt_texts[i] if prompt_texts and prompt_texts[i] is not None
+                   else await off_loop(tok.decode, prompts[i])) if echo else "" for i in range(len(prompts))]
         first_seen, offsets = [False] * len(handles), [0] * len(handles)
 
         def entries_of(k: int, ev) -> tuple[list[int], list]:
