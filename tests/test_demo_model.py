@@ -1,4 +1,4 @@
-"""The embedded demo model: shipped in the package, in the official HF FP8 layout, <= 25 MB, and a
+"""The embedded demo model: shipped in the package, in the official HF FP8 layout, <= 60 MB (issue 24), and a
 language model (deterministic, non-degenerate greedy completions)."""
 import json
 
@@ -9,7 +9,7 @@ from dsv3.core.config import ModelConfig
 from dsv3.demo import DEMO_DIR, demo_model_path
 from dsv3.core.loader import Checkpoint, checkpoint_format
 
-MAX_BYTES = 25_000_000
+MAX_BYTES = 60_000_000
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def test_shipped_inside_the_package():
         assert (DEMO_DIR / name).is_file(), name
 
 
-def test_at_most_25_mb():
+def test_at_most_60_mb():
     assert sum(p.stat().st_size for p in DEMO_DIR.iterdir()) <= MAX_BYTES
 
 
