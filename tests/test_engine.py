@@ -174,3 +174,34 @@ def test_device_to_host_reads_per_step_do_not_grow_with_batch(tmp_path, monkeypa
     assert large <= small + 2, (small, large)
     # plain decoding: <= 8; with MTP the reference ops of the MTP layer's passes read as well (~11)
     assert large <= (12 if speculative else 8), (small, large)
+
+
+def test_incremental_detokenisation_equals_a_whole_decode():
+    """Each step decodes only a window of the newest tokens: on random ids (byte tokens that split UTF-8
+    characters among them), arriving 1-3 per step, the text so far is always a prefix of the whole
+    decode, all of it whenever that ends in a complete character, and at the end equals it."""
+    from dsv3.core.scheduler import Sequence
+    from dsv3.demo import demo_model_path
+    from dsv3.core.tokenizer import Tokenizer
+    from dsv3.core.engine import Engine
+    tok = Tokenizer(demo_model_path())
+    decoded = Engine._decoded
+    probe = type("E", (), {"tokenizer": tok})()
+    rng = random.Random(0)
+    multibyte = [i for i in range(tok.vocab_size) if "\ufffd" in tok.decode([i])]
+    assert multibyte, "the demo tokenizer has byte tokens that split characters"
+    for trial in range(30):
+        s = Sequence([0], 1, SamplingParams())
+        ids = []
+        while len(ids) < 60:
+            new = [rng.choice(multibyte) if rng.random() < 0.3 else rng.randrange(2, tok.vocab_size)
+                   for _ in range(rng.randint(1, 3))]
+            ids += new
+            s.token_ids += new
+            whole = tok.decode(ids)
+            text = decoded(probe, s)
+            assert whole.startswith(text), (trial, text, whole)
+            if not whole.endswith("\ufffd"):           # nothing unfinished: all of it is out
+                assert text == whole, (trial, text, whole)
+        s.finish_reason = "length"
+        assert decoded(probe, s) == tok.decode(ids)

@@ -158,11 +158,12 @@ def test_logit_bias_and_min_tokens_on_a_hand_made_row():
 
 
 def test_a_penalty_changes_a_repetitive_greedy_output():
-    """The demo model repeats itself under greedy decoding; a frequency penalty breaks the loop."""
+    """The demo model repeats itself under plain greedy decoding (its generation_config's repetition
+    penalty set back to 1); a frequency penalty breaks the loop."""
     demo = LLM(backend="cpu")
-    prompt = "def read_file(path):"
-    plain = demo.generate(prompt, max_new_tokens=48, temperature=0)
-    pen = demo.generate(prompt, max_new_tokens=48, temperature=0, frequency_penalty=1.5)
+    prompt = "def add_result(self, future):"
+    plain = demo.generate(prompt, max_new_tokens=48, temperature=0, repetition_penalty=1.0)
+    pen = demo.generate(prompt, max_new_tokens=48, temperature=0, frequency_penalty=1.5, repetition_penalty=1.0)
     rep = demo.generate(prompt, max_new_tokens=48, temperature=0, repetition_penalty=1.5)
 
     def repeats(ids):

@@ -175,7 +175,8 @@ def demo_client():
 
 def test_a_penalty_changes_a_repetitive_greedy_output(demo_client):
     def complete(**extra):
-        r = demo_client.completions.create(model="demo", prompt="def read_file(path):", max_tokens=48,
+        extra.setdefault("extra_body", {"repetition_penalty": 1.0})   # not the demo's generation_config 1.1
+        r = demo_client.completions.create(model="demo", prompt="def add_result(self, future):", max_tokens=48,
                                            temperature=0, logprobs=0, **extra)
         return r.choices[0].text, r.choices[0].logprobs.tokens
     plain, plain_tokens = complete()
@@ -183,8 +184,9 @@ def test_a_penalty_changes_a_repetitive_greedy_output(demo_client):
     for extra in (dict(frequency_penalty=1.5), dict(presence_penalty=1.5), dict(extra_body={"repetition_penalty": 1.5})):
         text, tokens = complete(**extra)
         assert text != plain and len(tokens) - len(set(tokens)) < len(plain_tokens) - len(set(plain_tokens)), extra
-    stream = demo_client.completions.create(model="demo", prompt="def read_file(path):", max_tokens=48,
-                                            temperature=0, frequency_penalty=1.5, stream=True)
+    stream = demo_client.completions.create(model="demo", prompt="def add_result(self, future):", max_tokens=48,
+                                            temperature=0, frequency_penalty=1.5, stream=True,
+                                            extra_body={"repetition_penalty": 1.0})
     assert "".join(ch.choices[0].text for ch in stream if ch.choices) == complete(frequency_penalty=1.5)[0]
 
 

@@ -342,15 +342,13 @@ class Engine:
         the longest tail that could start one: linear in the stop strings' length, not quadratic."""
         if self.tokenizer is None:
             return ""
-        text = self.tokenizer.decode(s.output_ids)
+        text = self._decoded(s)
         if s.params.stop:
             hits = [i for stop in s.params.stop
                     if (i := text.find(stop, max(0, s.stop_scanned - len(stop)))) >= 0]
             if hits:
                 text, s.finish_reason = text[: min(hits)], "stop"
         if not s.finished:
-            if text.endswith("\ufffd"):          # an incomplete UTF-8 sequence: wait for its next byte
-                text = text.rstrip("\ufffd")
             # text before the last few characters no longer changes as tokens arrive (a token decodes
             # to at most one replacement character per byte); rescan a margin behind it next step
             s.stop_scanned = max(0, len(text) - 8)
@@ -358,6 +356,19 @@ class Engine:
         s.text = text if s.finished or len(text) > len(s.text) else s.text
         delta, s.emitted = s.text[s.emitted:], max(s.emitted, len(s.text))
         return delta
+
+    def _decoded(self, s: Sequence) -> str:
+        """s.decoded extended by this step's tokens, decoding only a window of the newest ones (vLLM's
+        incremental detokenisation): the text of ids[from:] minus that of ids[from:to] is what the new
+        tokens add, whatever the tokenizer does at a window's start. New tokens ending inside a UTF-8
+        character wait for its next byte; at the end everything is flushed, as a whole decode gives."""
+        ids = s.output_ids
+        window = self.tokenizer.decode(ids[s.decoded_from:])
+        known = self.tokenizer.decode(ids[s.decoded_from:s.decoded_to]) if s.decoded_to > s.decoded_from else ""
+        if s.finished or (len(window) > len(known) and not window.endswith("\ufffd")):
+            s.decoded += window[len(known):]
+            s.decoded_from, s.decoded_to = s.decoded_to, len(ids)
+        return s.decoded
 
     def run_to_completion(self, on_output=None) -> None:
         while self.has_work():

@@ -40,6 +40,9 @@ class Sequence:
     text: str = ""                     # detokenised output, cut at a stop string
     emitted: int = 0                   # characters of `text` already streamed
     stop_scanned: int = 0              # characters of the text already searched for stop strings
+    decoded: str = ""                  # the output's text as far as it is complete UTF-8 (before stop strings)
+    decoded_from: int = 0              # output tokens: where the last decode window started ...
+    decoded_to: int = 0                # ... and the tokens already in `decoded`
     drafts: list[int] = field(default_factory=list)   # MTP proposals for the positions after the last token
     draft_probs: object = None         # their draft distributions [k, V] on the device (sampling only)
     mtp_valid: int = 0                 # positions whose MTP-layer cache slot holds a verified result
