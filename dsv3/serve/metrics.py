@@ -6,11 +6,41 @@ HTTP handlers for rejected requests; scraped at GET /metrics.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class StepHistogram:
+    """A Histogram's observations of one engine step, added to it by `flush` at the step's end: one
+    locked add per bucket touched, not one `observe` per token. /metrics reads the same samples as
+    if each value had been observed (it may render between two buckets' adds, as it may inside
+    `observe`). Reaches into prometheus_client's Histogram (`_upper_bounds`, `_buckets`, `_sum`),
+    which has no observe-many; tests/test_serve_metrics.py checks it against `observe`."""
+
+    def __init__(self, histogram: Histogram):
+        self.histogram = histogram
+        self._bounds = histogram._upper_bounds       # ascending, the last is +Inf
+        self._counts = [0] * len(self._bounds)      # observations per bucket (not cumulative)
+        self._sum = 0.0
+
+    def observe(self, amount: float, n: int = 1) -> None:
+        """`n` observations of `amount`."""
+        self._counts[bisect_left(self._bounds, amount)] += n    # the first bucket with amount <= bound
+        self._sum += amount * n
+
+    def flush(self) -> None:
+        h, counts = self.histogram, self._counts
+        if self._sum:
+            h._sum.inc(self._sum)
+            self._sum = 0.0
+        for i, n in enumerate(counts):
+            if n:
+                h._buckets[i].inc(n)
+                counts[i] = 0
 
 
 class Metrics:
@@ -32,20 +62,30 @@ class Metrics:
         self.http_errors = Counter("dsv3_http_errors", "Requests answered with an error", ["status"], registry=r)
         self.ttft = Histogram("dsv3_time_to_first_token_seconds", "Arrival to first output token", buckets=_LATENCY,
                               registry=r)
-        self.itl = Histogram("dsv3_inter_token_latency_seconds", "Time between output tokens of a request",
-                             buckets=_LATENCY, registry=r)
+        self.itl = Histogram(
+            "dsv3_inter_token_latency_seconds",
+            "Time between output tokens of a request as its client receives them: per step that gives the "
+            "request tokens, the time since its previous ones, and 0 for each further token of that step "
+            "(speculative decoding delivers them together); sum / count is the time per output token",
+            buckets=_LATENCY, registry=r)
+        self.step_itl = StepHistogram(self.itl)     # the engine thread observes here; after_step flushes
         self.e2e = Histogram("dsv3_request_latency_seconds", "Arrival to last output token", buckets=_LATENCY,
                              registry=r)
         self._window_s = window_s
         self._recent: deque[tuple[float, int]] = deque()   # (time, tokens) of recent steps
+        self._recent_tokens = 0                              # their sum
         self._last_stats = (0, 0, 0, 0)
+        self._blocks = [self.cache_blocks.labels(state) for state in ("used", "free_cached", "free_blank")]
 
     def after_step(self, engine, new_tokens: int) -> None:
+        self.step_itl.flush()
         now = time.monotonic()
-        self._recent.append((now, new_tokens))
-        while self._recent and self._recent[0][0] < now - self._window_s:
-            self._recent.popleft()
-        self.tokens_per_s.set(sum(n for _, n in self._recent) / self._window_s)
+        recent = self._recent
+        recent.append((now, new_tokens))
+        self._recent_tokens += new_tokens
+        while recent[0][0] < now - self._window_s:
+            self._recent_tokens -= recent.popleft()[1]
+        self.tokens_per_s.set(self._recent_tokens / self._window_s)
         st = engine.stats
         stats = (st.prefill_tokens, st.prefix_cached_tokens, st.generated_tokens, st.preemptions)
         for counter, new, old in zip((self.prompt_tokens, self.cached_tokens, self.generated, self.preemptions),
@@ -60,9 +100,10 @@ class Metrics:
         self.waiting.set(len(engine.waiting))
         self.running.set(len(engine.running))
         self.cache_usage.set(alloc.num_used / alloc.num_blocks)
-        self.cache_blocks.labels("used").set(alloc.num_used)
-        self.cache_blocks.labels("free_cached").set(alloc.num_evictable)   # free, still holding a shared prefix
-        self.cache_blocks.labels("free_blank").set(alloc.num_free - alloc.num_evictable)
+        used, free_cached, free_blank = self._blocks
+        used.set(alloc.num_used)
+        free_cached.set(alloc.num_evictable)   # free, still holding a shared prefix
+        free_blank.set(alloc.num_free - alloc.num_evictable)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -260,6 +260,7 @@ class EngineWorker:
         finally:
             self.step_clock.value = 0.0
         now = time.monotonic()
+        itl = self.metrics.step_itl             # flushed into the histogram by after_step
         new_tokens, sends = 0, []             # [(handle, event)], handed over once per step
         for out in outputs:
             h = self._active.get(out.seq.id)
@@ -272,8 +273,9 @@ class EngineWorker:
                     h.first_token_at = now
                     self.metrics.ttft.observe(now - h.arrival)
                 elif h.last_token_at is not None:
-                    for _ in range(n):          # several tokens at once after speculative verification
-                        self.metrics.itl.observe((now - h.last_token_at) / n)
+                    itl.observe(now - h.last_token_at)
+                    if n > 1:                   # several tokens at once after speculative verification
+                        itl.observe(0.0, n - 1)     # arrive with the first: no gap
                 h.last_token_at = now
             s = out.seq
             if out.error is not None:
