@@ -308,7 +308,13 @@ def test_moe_experts(k, fp8, t, first):
     wts = torch.rand(t, top_k)
     ids = torch.stack([torch.randperm(e_total)[:top_k] for _ in range(t)])
     out = k.moe.moe_experts(target(k, fp8), x, wts, ids, ex)
-    assert rel(out, _moe_emulated(k, x, wts, ids, ex, fp8)) < 1e-4
+    want = _moe_emulated(k, x, wts, ids, ex, fp8)
+    # per token: fp32 rounding (~1e-7), except where the kernel's fp32 hidden activation and the
+    # emulation's float64 one sit on either side of an fp8 rounding boundary and quantise to
+    # neighbouring codes (module doc; ~1 call in 300 here, rel 1e-5..3e-3 on that token): allow that on
+    # one token, never more, and never a large error (a wrong expert, weight or scale is >> 1e-2)
+    per_token = (out.double() - want).norm(dim=1) / want.norm(dim=1)
+    assert (per_token > 1e-4).sum() <= 1 and per_token.max() < 1e-2, per_token.tolist()
     assert rel(out, ref.moe_experts(x, wts, ids, ex)) < 0.15
 
 
