@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -152,6 +153,12 @@ class LLM:
         self.cache = LatentCache(self.model.num_cache_layers, -(-kv.max_tokens // kv.block_size), kv.block_size,
                                  self.config.cache_dim, self.cache_dtype, self.device)   # V3.2: + indexer keys
         runner = self.registry.pm.hook.dsv3_model_runner(backend=self.spec.name, model=self.model, profile=self.profile)
+        if self.mesh.data_parallel and runner is not None:
+            # the groups agree on each MoE layer's rows on the host (a device->host read per layer), which
+            # a captured graph cannot hold; graphs over a batch size agreed per step are not built yet
+            if self.mesh.rank == 0:
+                print("dsv3: parallel.dp > 1 runs eager (no CUDA graphs)", file=sys.stderr)
+            runner = None
         spec = self.profile.speculative
         self.engine = Engine(self.model, self.cache, self.tokenizer, self.profile.max_batch_tokens, runner,
                              num_draft_tokens=spec.num_draft_tokens if spec.method == "mtp" else 0,
@@ -230,20 +237,52 @@ class LLM:
         if not isinstance(n, int) or n < 1:
             raise RequestError(f"n = {n!r}: must be an integer >= 1")
         base = self.sampling_params(stop=stop, **params)
-        seqs = []
-        for i, ids in enumerate(prompts):
-            seqs += self.engine.add_choices(ids, [
-                dataclasses.replace(base, seed=choice_seed(None if seed is None else seed + i, j)) for j in range(n)])
-        index = {s.id: i for i, s in enumerate(seqs)}
+        # data-parallel attention: each group generates its share of the prompts (the same share on every
+        # rank: least loaded by cache blocks, in order), and the results are exchanged at the end
+        mine = (self._group_share(prompts, n, base.max_new_tokens) if self.mesh.data_parallel
+                else range(len(prompts)))
+        seqs, index = [], {}
+        for i in mine:
+            for j, s in enumerate(self.engine.add_choices(prompts[i], [
+                    dataclasses.replace(base, seed=choice_seed(None if seed is None else seed + i, j))
+                    for j in range(n)])):
+                seqs.append(s)
+                index[s.id] = i * n + j
         try:
             self.engine.run_to_completion(None if on_output is None else lambda o: on_output(index[o.seq.id], o))
         finally:
             for s in seqs:
                 if not s.finished:
                     self.engine.release(s)
-        return [s.output_ids for s in seqs], [
-            Completion(s.text, s.finish_reason, s.output_ids, s.logprobs if s.params.logprobs is not None else None,
-                       s.prompt_logprobs if s.params.prompt_logprobs is not None else None) for s in seqs]
+        done = {index[s.id]: Completion(s.text, s.finish_reason, s.output_ids,
+                                        s.logprobs if s.params.logprobs is not None else None,
+                                        s.prompt_logprobs if s.params.prompt_logprobs is not None else None)
+                for s in seqs}
+        if self.mesh.data_parallel:
+            done = self._exchange_completions(done)
+        ordered = [done[k] for k in range(len(prompts) * n)]
+        return [c.token_ids for c in ordered], ordered
+
+    def _group_share(self, prompts: list[list[int]], n: int, max_new_tokens: int) -> list[int]:
+        """The prompts this data-parallel group generates: each prompt goes to the group with the fewest
+        cache blocks assigned so far (ties: the lowest group), so every rank computes the same split."""
+        load, share = [0] * self.mesh.dp, []
+        for i, ids in enumerate(prompts):
+            g = min(range(self.mesh.dp), key=lambda k: load[k])
+            load[g] += n * self.cache.blocks_needed(min(len(ids) + max_new_tokens, self.max_total_tokens))
+            if g == self.mesh.dp_rank:
+                share.append(i)
+        return share
+
+    def _exchange_completions(self, done: dict[int, Completion]) -> dict[int, Completion]:
+        def entries(e):
+            return None if e is None else [None if x is None else tuple(x) for x in e]
+        mine = {k: [str(c), c.finish_reason, c.token_ids, c.logprobs, c.prompt_logprobs] for k, c in done.items()}
+        merged = {}
+        for theirs in self.mesh.comm.gather_json(mine):
+            for k, (text, finish, ids, logprobs, prompt_logprobs) in theirs.items():
+                merged[int(k)] = Completion(text, finish, ids, entries(logprobs), entries(prompt_logprobs))
+        return merged
 
     def chat(self, messages: list[dict], tools: list[dict] | None = None, tool_choice: str | dict | None = None,
              parallel_tool_calls: bool = True, template_kwargs: dict | None = None, max_new_tokens: int = 256,

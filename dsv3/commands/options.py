@@ -49,6 +49,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="adaptive (default): draft only while it pays at the running batch size; always: every step")
     g.add_argument("--tp", type=int, help="tensor-parallel size (attention heads, dense MLPs, vocab); under torchrun")
     g.add_argument("--ep", type=int, help="expert-parallel size (routed experts); under torchrun")
+    g.add_argument("--dp", type=int, help="data-parallel attention groups (each serves its own sequences; "
+                   "dp x tp = the number of processes); under torchrun")
     g.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: OMP_NUM_THREADS if set; "
                    f"else 1 for a model under {SMALL_MODEL_BYTES >> 20} MiB, such as the demo, and torch's default "
                    "above)")
@@ -71,7 +73,8 @@ def profile_overrides(args) -> dict:
             "speculative.method": getattr(args, "speculative", None),
             "speculative.num_draft_tokens": getattr(args, "num_draft_tokens", None),
             "speculative.policy": getattr(args, "draft_policy", None),
-            "parallel.tp": getattr(args, "tp", None), "parallel.ep": getattr(args, "ep", None)}
+            "parallel.tp": getattr(args, "tp", None), "parallel.ep": getattr(args, "ep", None),
+            "parallel.dp": getattr(args, "dp", None)}
 
 
 def build_llm(args):

@@ -168,8 +168,24 @@ class Engine:
         """Drop a sequence (finished, or abandoned by its caller) and free its blocks now."""
         self.scheduler.release(seq)
 
+    def world_has_work(self) -> bool:
+        """has_work() on any rank: under data-parallel attention every rank steps while any group has
+        work (one all_reduce); otherwise every rank runs the same schedule and has_work() is the same."""
+        mesh = self.model.mesh
+        return mesh.comm.any_rank(self.has_work()) if mesh.data_parallel else self.has_work()
+
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
+        """One step: schedule, run, post-process (and draft). Under data-parallel attention it is a
+        collective: every rank calls it (a group without work too), and it returns when every group's
+        step is done (DeepseekV3.join_other_groups)."""
+        try:
+            return self._step()
+        finally:
+            if self.model.mesh.data_parallel:
+                self.model.join_other_groups()
+
+    def _step(self) -> list[StepOutput]:
         t0 = time.perf_counter()
         plan, outgrown = self.scheduler.schedule()
         outputs = [self._finish(s, "length") for s in outgrown]
@@ -186,11 +202,14 @@ class Engine:
 
     def _agreed_seconds(self, seconds: float) -> float:
         """The ranks' mean step time in a parallel run (one scalar all-reduce), so that every rank's
-        DraftPolicy decides alike and the ranks stay in lockstep; this rank's time otherwise."""
+        DraftPolicy decides alike and the ranks stay in lockstep; this rank's time otherwise. Under
+        data-parallel attention only a group's own ranks run the same schedule: the mean over the group."""
         mesh = self.model.mesh
-        if not mesh.distributed:
+        if not mesh.distributed or (mesh.data_parallel and mesh.tp == 1):
             return seconds
         total = torch.tensor([seconds], dtype=torch.float64, device=self.device)
+        if mesh.data_parallel:
+            return float(mesh.comm.tp_reduce(total)) / mesh.tp
         return float(mesh.comm.world_reduce(total)) / mesh.world
 
     def _run(self, plan) -> tuple[list[StepResult], list[StepOutput]]:
@@ -371,7 +390,7 @@ class Engine:
         return s.decoded
 
     def run_to_completion(self, on_output=None) -> None:
-        while self.has_work():
+        while self.world_has_work():
             for out in self.step():
                 if on_output is not None:
                     on_output(out)

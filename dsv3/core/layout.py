@@ -9,6 +9,13 @@ W ranks (torchrun's WORLD_SIZE) hold the model two ways at once:
   pure expert parallelism (whole experts per rank) and ep = 1 splits every expert across all ranks;
   either way a rank holds 1/W of the routed experts, which are 97% of DeepSeek-V3's weights.
 
+Data-parallel attention (`dp` > 1, with dp x tp = W): the W/tp tensor-parallel groups are no longer
+replicas but each serves its own sequences (its own scheduler, latent cache and batch: the cache and
+the batch grow with the ranks instead of being copied). Inside a group everything is as above; only
+the routed experts join the groups, exchanging tokens by expert (dsv3.parallel.moe). dp = W is the
+layout DeepSeek-V3 is served with at scale (attention, dense layers and the LM head whole on every
+rank, the routed experts expert-parallel over all ranks).
+
 `Mesh` is frozen: the layout is fixed when the model is built. Its `comm` carries out the joins;
 `LOCAL` (one process) makes each the identity, and dsv3.parallel.mesh implements them over
 torch.distributed process groups. The model imports this module only, never dsv3.parallel.
@@ -32,8 +39,18 @@ class Collectives(Protocol):
     def gather_vocab(self, logits: torch.Tensor, vocab: int) -> torch.Tensor:
         """[T, V/tp] per rank -> [T, V] on every rank (vocab-parallel LM head)."""
 
-    def routed_experts(self, mesh: "Mesh", x: torch.Tensor, gate, experts_op, weights) -> torch.Tensor:
+    def routed_experts(self, mesh: "Mesh", x: torch.Tensor, gate, experts_op, weights, layer: int) -> torch.Tensor:
         """The routed-expert part of a MoE layer across ranks, summed: [T, D]."""
+
+    # data-parallel attention only (dp > 1; dsv3.parallel.mesh.ProcessGroups)
+    def next_exchange(self) -> tuple[int, int] | None:
+        """(MoE layer, most rows) another group is at, or None once every group is done."""
+
+    def join_routed_experts(self, mesh: "Mesh", x_empty: torch.Tensor, most: int, gate, experts_op, weights) -> None:
+        """Take part in one MoE layer's exchange with zero rows of one's own."""
+
+    def any_rank(self, flag: bool) -> bool:
+        """`flag` or-ed over all ranks."""
 
 
 class _Local:
@@ -46,8 +63,11 @@ class _Local:
     def gather_vocab(self, logits, vocab):
         return logits
 
-    def routed_experts(self, mesh, x, gate, experts_op, weights):
+    def routed_experts(self, mesh, x, gate, experts_op, weights, layer):
         raise AssertionError("one process holds every expert: the model calls moe_experts directly")
+
+    def any_rank(self, flag):
+        return flag
 
 
 LOCAL = _Local()
@@ -60,11 +80,14 @@ class Mesh:
     rank: int = 0
     tp: int = 1
     ep: int = 1
+    dp: int = 1        # data-parallel attention groups (each of tp ranks); 1: every group is a replica
     comm: Collectives = field(default=LOCAL, repr=False, compare=False)
 
     def __post_init__(self):
         if self.world % self.tp or self.world % self.ep:
             raise ValueError(f"tp={self.tp} and ep={self.ep} must divide the world size {self.world}")
+        if self.dp > 1 and self.dp * self.tp != self.world:
+            raise ValueError(f"dp={self.dp} x tp={self.tp} must equal the world size {self.world}")
 
     @property
     def distributed(self) -> bool:
@@ -79,6 +102,16 @@ class Mesh:
     @property
     def tp_rank(self) -> int:
         return self.rank % self.tp
+
+    @property
+    def data_parallel(self) -> bool:
+        """True when the tensor-parallel groups serve different sequences (dp > 1)."""
+        return self.dp > 1
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel group (0 when dp == 1: all groups are one replica set)."""
+        return self.rank // self.tp if self.dp > 1 else 0
 
     @property
     def moe_tp(self) -> int:
@@ -113,8 +146,8 @@ class Mesh:
     def gather_vocab(self, logits: torch.Tensor, vocab: int) -> torch.Tensor:
         return self.comm.gather_vocab(logits, vocab)
 
-    def routed_experts(self, x: torch.Tensor, gate, experts_op, weights) -> torch.Tensor:
-        return self.comm.routed_experts(self, x, gate, experts_op, weights)
+    def routed_experts(self, x: torch.Tensor, gate, experts_op, weights, layer: int = 0) -> torch.Tensor:
+        return self.comm.routed_experts(self, x, gate, experts_op, weights, layer)
 
 
 SINGLE = Mesh()   # one process: every slice is the whole, every collective the identity

@@ -286,9 +286,9 @@ class Experts(nn.Module):
 class MoE(nn.Module):
     """DeepSeekMoE: sum_k w_k expert_k(x) over the routed top-k, plus the always-on shared experts."""
 
-    def __init__(self, ops: Ops, cfg: ModelConfig, fmt: str, dtype: torch.dtype, mesh: Mesh = SINGLE):
+    def __init__(self, ops: Ops, cfg: ModelConfig, fmt: str, dtype: torch.dtype, mesh: Mesh = SINGLE, layer: int = 0):
         super().__init__()
-        self.ops, self.mesh = ops, mesh
+        self.ops, self.mesh, self.layer = ops, mesh, layer   # layer: where the ranks meet (data-parallel attention)
         self.gate = Gate(ops, cfg, dtype)
         self.experts = Experts(ops, cfg, fmt, dtype, mesh)
         self.shared_experts = (MLP(ops, cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, fmt, dtype,
@@ -296,11 +296,17 @@ class MoE(nn.Module):
 
     def forward(self, x):
         if self.mesh.distributed:   # experts live on many ranks: route tokens to them and back
-            y = self.mesh.routed_experts(x, self.gate, self.ops.moe_experts, self.experts.weights)
+            y = self.mesh.routed_experts(x, self.gate, self.ops.moe_experts, self.experts.weights, self.layer)
         else:
             weights, ids = self.gate(x)                                             # [T, k], [T, k]
             y = self.ops.moe_experts(x, weights, ids, self.experts.weights)
         return y if self.shared_experts is None else y + self.shared_experts(x)
+
+    def join(self, most: int, dim: int, device) -> None:
+        """Data-parallel attention: this group has no rows for the layer the other groups are at; join
+        its exchange with none (their tokens may need the experts held here)."""
+        empty = torch.zeros(0, dim, dtype=self.gate.weight.dtype, device=device)
+        self.mesh.comm.join_routed_experts(self.mesh, empty, most, self.gate, self.ops.moe_experts, self.experts.weights)
 
 
 class Block(nn.Module):
@@ -309,7 +315,7 @@ class Block(nn.Module):
     def __init__(self, ops: Ops, cfg: ModelConfig, layer: int, fmt: str, dtype: torch.dtype, mesh: Mesh = SINGLE):
         super().__init__()
         self.self_attn = MLA(ops, cfg, fmt, dtype, mesh)
-        self.mlp = MoE(ops, cfg, fmt, dtype, mesh) if cfg.is_moe_layer(layer) else MLP(
+        self.mlp = MoE(ops, cfg, fmt, dtype, mesh, layer) if cfg.is_moe_layer(layer) else MLP(
             ops, cfg.hidden_size, cfg.intermediate_size, fmt, dtype, mesh)
         self.input_layernorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps, dtype)
@@ -447,6 +453,16 @@ class DeepseekV3(nn.Module):
     def mtp_hidden(self, next_ids, prev_hidden, batch: Batch, caches: list[torch.Tensor]) -> torch.Tensor:
         rope = self.rope_tables(batch.input_ids.device)
         return self.mtp.hidden(next_ids, prev_hidden, batch, caches[self.cfg.num_hidden_layers], rope)
+
+    def join_other_groups(self) -> None:
+        """Data-parallel attention (mesh.dp > 1): this group's forwards for the step are done; join the
+        MoE layers the other groups still run, with zero rows, until every group is done. Every rank
+        calls it at the end of every engine step, so groups with fewer (or no) forwards stay in step."""
+        moe = {m.layer: m for m in self.modules() if isinstance(m, MoE)}
+        device = self.model.embed_tokens.weight.device
+        while (at := self.mesh.comm.next_exchange()) is not None:
+            layer, most = at
+            moe[layer].join(most, self.cfg.hidden_size, device)
 
     def set_act_scale_fmt(self, fmt: str | None) -> None:
         """How every quantised projection's FP8 activation scales are rounded (QuantWeight.act_scale_fmt):

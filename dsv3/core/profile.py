@@ -32,6 +32,7 @@ class KVCache:
 class Parallel:
     tp: int = 1
     ep: int = 1
+    dp: int = 1      # data-parallel attention groups (dp x tp = the world size); see dsv3.core.layout
 
 
 @dataclass(frozen=True)
@@ -67,10 +68,10 @@ class Profile:
 _CHOICES = {"dtype": DTYPES, "weight_format": ("auto",) + WEIGHT_FORMATS, "kv_cache.dtype": CACHE_DTYPES,
             "speculative.method": ("none", "mtp"), "speculative.policy": ("adaptive", "always")}
 _MIN = {"kv_cache.block_size": 1, "kv_cache.max_tokens": 1, "max_batch_tokens": 1, "parallel.tp": 1,
-        "parallel.ep": 1, "speculative.num_draft_tokens": 1}
+        "parallel.ep": 1, "parallel.dp": 1, "speculative.num_draft_tokens": 1}
 # Upper bounds: far above what runs, low enough that a typo fails here instead of in an allocation.
 _MAX = {"kv_cache.block_size": 2**12, "kv_cache.max_tokens": 2**31 - 1,   # cache slots are int32
-        "max_batch_tokens": 2**20, "parallel.tp": 1024, "parallel.ep": 1024,
+        "max_batch_tokens": 2**20, "parallel.tp": 1024, "parallel.ep": 1024, "parallel.dp": 1024,
         "speculative.num_draft_tokens": 16}       # one MTP module drafts recursively; acceptance falls per draft
 _HINT = {"kv_cache.max_tokens": "; set it with --max-cache-tokens (`dsv3-run plan` says how many tokens fit)",
          "speculative.num_draft_tokens": " (--num-draft-tokens); DeepSeek-V3 drafts 1 or 2 well"}

@@ -63,14 +63,23 @@ def setup(profile, registry, backend_name: str, device: torch.device) -> tuple[M
     WORLD_SIZE, 1 included, so one GPU exercises the collective path): joins the default process
     group (or reuses one already made), builds the tensor-parallel groups, and seeds torch's global
     generator alike on every rank (unseeded sampling then agrees across ranks)."""
-    world, tp, ep = world_size(), profile.parallel.tp, profile.parallel.ep
+    world, tp, ep, dp = world_size(), profile.parallel.tp, profile.parallel.ep, profile.parallel.dp
     if world == 1 and "RANK" not in os.environ:   # plain `python` / `dsv3-run`: no process group
-        if tp > 1 or ep > 1:
-            raise ProfileError(f"{profile.source}: parallel = {{tp: {tp}, ep: {ep}}} needs several processes; launch "
-                               f"with torchrun --nproc-per-node N --no-python dsv3-run ... (N a multiple of "
-                               f"{max(tp, ep)})")
+        if tp > 1 or ep > 1 or dp > 1:
+            raise ProfileError(f"{profile.source}: parallel = {{tp: {tp}, ep: {ep}, dp: {dp}}} needs several processes; "
+                               f"launch with torchrun --nproc-per-node N --no-python dsv3-run ... (N a multiple of "
+                               f"{max(tp, ep, dp)})")
         return SINGLE, device
-    if tp == 1 and ep == 1:   # not set: split everything across all ranks, as the official demo does
+    if dp > 1:   # data-parallel attention: dp groups of tp ranks; routed experts over all ranks unless set
+        if tp == 1 and world % dp == 0:
+            tp = world // dp
+        if ep == 1:
+            ep = world
+        if dp * tp != world:
+            raise ProfileError(f"{profile.source}: parallel = {{dp: {dp}, tp: {tp}}} on {world} processes: dp x tp "
+                               f"must equal the number of processes (WORLD_SIZE = {world}); each of the dp groups "
+                               f"is tp ranks (e.g. dp: {world}, tp: 1, or dp: {max(world // 2, 1)}, tp: 2)")
+    elif tp == 1 and ep == 1:   # not set: split everything across all ranks, as the official demo does
         tp = ep = world
     if world % tp or world % ep:
         raise ProfileError(f"{profile.source}: parallel = {{tp: {tp}, ep: {ep}}} on {world} processes: tp and ep "
@@ -102,11 +111,12 @@ def setup(profile, registry, backend_name: str, device: torch.device) -> tuple[M
             group = dist.new_group(list(range(first, first + tp)), timeout=limit)
             if first <= rank < first + tp:
                 tp_group = group
-    mesh = process_mesh(world, rank, tp, ep, tp_group=tp_group, world_group=dist.group.WORLD)
+    mesh = process_mesh(world, rank, tp, ep, tp_group=tp_group, world_group=dist.group.WORLD, dp=dp,
+                        device=device if collective != "gloo" else "cpu")
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(device)
     mesh.comm.call("broadcast of the sampling seed", dist.broadcast, seed, 0)
     torch.manual_seed(int(seed))
-    if rank == 0 and world > 1 and profile.parallel.tp == profile.parallel.ep == 1:
+    if rank == 0 and world > 1 and profile.parallel.tp == profile.parallel.ep == profile.parallel.dp == 1:
         print(f"dsv3: {world} processes, parallel = {{tp: {tp}, ep: {ep}}} (set parallel in the profile, or "
-              f"--tp/--ep, to choose)", file=sys.stderr)
+              f"--tp/--ep/--dp, to choose)", file=sys.stderr)
     return mesh, device

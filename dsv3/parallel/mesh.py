@@ -3,12 +3,17 @@
 The layout itself (which slice a rank holds) is dsv3.core.layout.Mesh, frozen and all the model
 needs; `ProcessGroups` is the `comm` such a mesh carries under torchrun, and `process_mesh` builds one.
 
-Every rank runs the same schedule over the same tokens, and every collective returns identical
-bits on every rank, so hidden states between layers (and the logits) are identical everywhere and
-ranks sample the same tokens. A failed or timed-out collective raises DistributedError naming the
+Without data-parallel attention every rank runs the same schedule over the same tokens, and every
+collective returns identical bits on every rank, so hidden states between layers (and the logits)
+are identical everywhere and ranks sample the same tokens. With it (dp > 1) that holds inside each
+tensor-parallel group; the groups run their own schedules and meet only in the MoE layers, agreeing
+before each one on its index and the largest group's rows (`agree_exchange`), so that a group with
+fewer forwards in a step joins the others' layers with zero rows (`next_exchange`). A failed or timed-out collective raises DistributedError naming the
 rank and the collective; nothing hangs past the process group's timeout.
 """
 from __future__ import annotations
+
+import json
 
 import torch
 import torch.distributed as dist
@@ -44,11 +49,13 @@ class ProcessGroups:
     decode, CUDA graphs); bigger ones dispatch with all_to_all (uneven splits)."""
     distributed = True
 
-    def __init__(self, world: int, rank: int, tp: int, tp_group, world_group, sync_free_max_tokens: int = 256):
+    def __init__(self, world: int, rank: int, tp: int, tp_group, world_group, sync_free_max_tokens: int = 256,
+                 device: torch.device | str = "cpu"):
         self.world, self.rank, self.tp = world, rank, tp     # the mesh's, for messages and the vocab gather
         self.tp_group = tp_group          # this rank's tensor-parallel group; None when tp == 1 < world
         self.world_group = world_group    # all ranks (the default group)
         self.sync_free_max_tokens = sync_free_max_tokens
+        self.device = torch.device(device)   # where the small agreement tensors live (NCCL: the rank's GPU)
 
     @property
     def tensor_parallel(self) -> bool:
@@ -91,13 +98,14 @@ class ProcessGroups:
         self.call("all_gather of the logits", _all_gather, out, local.contiguous(), group=self.tp_group)
         return out.view(self.tp, -1, per).permute(1, 0, 2).reshape(logits.shape[0], -1)[:, :vocab]
 
-    def gather_rows(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        """Row shards of sizes[r] rows on rank r (over all ranks) -> all rows, in rank order, everywhere."""
+    def gather_rows(self, x: torch.Tensor, sizes: list[int], within_group: bool = False) -> torch.Tensor:
+        """Row shards of sizes[r] rows on rank r (over all ranks, or with within_group over this rank's
+        tensor-parallel group) -> all rows, in rank order, everywhere."""
         most = max(sizes)
         padded = x if x.shape[0] == most else torch.cat((x, x.new_zeros(most - x.shape[0], *x.shape[1:])))
-        out = x.new_empty(self.world * most, *x.shape[1:])
+        out = x.new_empty(len(sizes) * most, *x.shape[1:])
         self.call("all_gather of the MoE outputs", _all_gather, wire(out), wire(padded.contiguous()),
-                   group=self.world_group)
+                   group=self.tp_group if within_group else self.world_group)
         if all(s == most for s in sizes):
             return out
         return torch.cat([out[r * most: r * most + s] for r, s in enumerate(sizes)])
@@ -109,11 +117,63 @@ class ProcessGroups:
                    group=self.world_group)
         return out
 
-    def routed_experts(self, mesh: Mesh, x: torch.Tensor, gate, experts_op, weights) -> torch.Tensor:
+    def routed_experts(self, mesh: Mesh, x: torch.Tensor, gate, experts_op, weights, layer: int = 0) -> torch.Tensor:
         """The routed-expert part of a MoE layer across ranks; see dsv3.parallel.moe."""
-        return moe.routed_experts(mesh, self, x, gate, experts_op, weights)
+        return moe.routed_experts(mesh, self, x, gate, experts_op, weights, layer)
+
+    # -- data-parallel attention: the groups meet in the MoE layers ----------------------------------
+    def _agree(self, tokens: int, layer: int) -> tuple[int, int]:
+        """One all_reduce (max) of [rows, layer, -layer] over all ranks -> (most rows, the layer); ranks
+        with rows must all be at the same layer (ranks without send -1), or the schedules broke."""
+        mine = [tokens, layer, -layer] if tokens else [0, -1, -(2**40)]
+        v = torch.tensor(mine, dtype=torch.int64, device=self.device)
+        self.call("all_reduce of the MoE layer agreement", dist.all_reduce, v, op=dist.ReduceOp.MAX,
+                  group=self.world_group)
+        most, high, low = v.tolist()
+        if most and high != -low:
+            raise DistributedError(f"rank {self.rank}/{self.world}: data-parallel groups reached different MoE layers "
+                                   f"at once ({-low} and {high}); their step schedules diverged (a bug: report it)")
+        return most, high
+
+    def agree_exchange(self, tokens: int, layer: int) -> int:
+        """A group with `tokens` rows at MoE layer `layer`: the most rows any group brings to it."""
+        most, at = self._agree(tokens, layer)
+        if tokens and at != layer:
+            raise DistributedError(f"rank {self.rank}/{self.world}: at MoE layer {layer}, but another group is at {at}")
+        return most
+
+    def next_exchange(self) -> tuple[int, int] | None:
+        """A group with no rows for now: (layer, most rows) of the MoE layer others are at, or None once
+        every group is done (all sent no rows)."""
+        most, layer = self._agree(0, -1)
+        return (layer, most) if most else None
+
+    def join_routed_experts(self, mesh: Mesh, x_empty: torch.Tensor, most: int, gate, experts_op, weights) -> None:
+        """Join one MoE layer's exchange with zero rows (x_empty [0, D]); `most` as next_exchange said."""
+        moe.exchange_across_groups(mesh, self, x_empty, most, gate, experts_op, weights)
+
+    def gather_json(self, obj) -> list:
+        """Every rank's `obj` (JSON-able), in rank order, on every rank: sizes, then the UTF-8 bytes
+        (all_gather of uint8 tensors; nothing is unpickled)."""
+        data = torch.tensor(list(json.dumps(obj).encode()), dtype=torch.uint8, device=self.device)
+        sizes = torch.zeros(self.world, dtype=torch.int64, device=self.device)
+        self.call("all_gather of result sizes", _all_gather, sizes, torch.tensor([data.numel()], device=self.device),
+                  group=self.world_group)
+        most = int(sizes.max())
+        out = torch.zeros(self.world * most, dtype=torch.uint8, device=self.device)
+        self.call("all_gather of results", _all_gather, out,
+                  torch.nn.functional.pad(data, (0, most - data.numel())), group=self.world_group)
+        return [json.loads(bytes(out[r * most: r * most + n].tolist()).decode())
+                for r, n in enumerate(sizes.tolist())]
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any (one all_reduce of one integer)."""
+        v = torch.tensor([int(flag)], dtype=torch.int64, device=self.device)
+        self.call("all_reduce of the work flags", dist.all_reduce, v, op=dist.ReduceOp.MAX, group=self.world_group)
+        return bool(v.item())
 
 
-def process_mesh(world: int, rank: int, tp: int, ep: int, tp_group, world_group) -> Mesh:
+def process_mesh(world: int, rank: int, tp: int, ep: int, tp_group, world_group, dp: int = 1,
+                 device: torch.device | str = "cpu") -> Mesh:
     """The mesh of a torchrun rank: its layout, with collectives over the given process groups."""
-    return Mesh(world, rank, tp, ep, comm=ProcessGroups(world, rank, tp, tp_group, world_group))
+    return Mesh(world, rank, tp, ep, dp, comm=ProcessGroups(world, rank, tp, tp_group, world_group, device=device))

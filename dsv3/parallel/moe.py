@@ -15,6 +15,17 @@ Two ways to sum the partials, chosen by tokens per rank (a Python int: no host s
   again), sums them, and an all_gather rebuilds [T, D] everywhere. The split sizes must be known on
   the host: one small all_to_all of counts and one device-to-host copy per layer, amortised over
   the batch. Gate and expert work are not repeated on any rank.
+
+Data-parallel attention (mesh.dp > 1): each tensor-parallel group holds its own tokens, T_g rows,
+so the groups first agree, per MoE layer, on the largest T_g (one all_reduce of three integers,
+which also carries the layer: a group with no tokens for this forward, or done with its step,
+joins the layer other groups are at with zero rows, since its experts may be the ones their
+tokens need; see DeepseekV3.join_other_groups). Then, by that agreed size:
+
+- Sync-free: each group's rows padded to the agreed size are all-gathered, every rank routes and
+  runs its experts over all groups' rows, one all_reduce sums them, and each group keeps its own.
+- Dispatch / combine: as above, with the group's rows sharded over its tp ranks (not the world),
+  and the all_gather over the group only.
 """
 from __future__ import annotations
 
@@ -28,13 +39,42 @@ def split_sizes(n: int, parts: int) -> list[int]:
     return [n // parts + (i < n % parts) for i in range(parts)]
 
 
-def routed_experts(mesh, comm, x: torch.Tensor, gate, experts_op, weights: ExpertWeights) -> torch.Tensor:
+def routed_experts(mesh, comm, x: torch.Tensor, gate, experts_op, weights: ExpertWeights,
+                   layer: int = 0) -> torch.Tensor:
     """x [T, D], identical on every rank -> sum_k w_k expert_k(x) [T, D], identical on every rank.
-    mesh: the layout (dsv3.core.layout.Mesh); comm: its process-group collectives."""
+    Under data-parallel attention x is this group's rows (T differs by group; T = 0 when the group
+    only joins) and so is the result. mesh: the layout (dsv3.core.layout.Mesh); comm: its
+    process-group collectives; layer: the MoE layer's index (the groups check they agree on it)."""
+    if mesh.data_parallel:
+        most = comm.agree_exchange(x.shape[0], layer)
+        return exchange_across_groups(mesh, comm, x, most, gate, experts_op, weights)
     sizes = split_sizes(x.shape[0], mesh.world)
     if sizes[0] <= comm.sync_free_max_tokens:
         return _sync_free(comm, x, gate, experts_op, weights)
-    return _dispatch_combine(mesh, comm, x, sizes, gate, experts_op, weights)
+    xs = x[sum(sizes[:mesh.rank]): sum(sizes[:mesh.rank + 1])]             # [Ts, D] this rank's token shard
+    return comm.gather_rows(_dispatch_combine(mesh, comm, xs, gate, experts_op, weights), sizes)
+
+
+def exchange_across_groups(mesh, comm, x, most: int, gate, experts_op, weights) -> torch.Tensor:
+    """Data-parallel attention: this group's rows x [T_g, D] (T_g <= most, the largest over groups,
+    already agreed) -> their routed-expert outputs [T_g, D]."""
+    if most <= comm.sync_free_max_tokens:
+        return _sync_free_groups(mesh, comm, x, most, gate, experts_op, weights)
+    sizes = split_sizes(x.shape[0], mesh.tp)                                # the group's rows over its tp ranks
+    j = mesh.tp_rank
+    ys = _dispatch_combine(mesh, comm, x[sum(sizes[:j]): sum(sizes[:j + 1])], gate, experts_op, weights)
+    return comm.gather_rows(ys, sizes, within_group=True) if mesh.tp > 1 else ys
+
+
+def _sync_free_groups(mesh, comm, x, most, gate, experts_op, weights):
+    padded = torch.nn.functional.pad(x, (0, 0, 0, most - x.shape[0]))      # [most, D]; zero rows add 0
+    everyone = comm.gather_rows(padded, [most] * mesh.world)              # [W * most, D], rank-major
+    # one copy per group (its tp ranks hold the same rows): ranks 0, tp, 2 tp, ...
+    groups = everyone.view(mesh.world, most, -1)[:: mesh.tp].reshape(mesh.dp * most, -1)
+    topk_w, topk_ids = gate(groups)                                       # routed alike on every rank
+    y = comm.world_reduce(experts_op(groups, topk_w, topk_ids, weights))  # [dp * most, D]
+    start = mesh.dp_rank * most
+    return y[start: start + x.shape[0]]
 
 
 def _sync_free(comm, x, gate, experts_op, weights):
@@ -43,14 +83,18 @@ def _sync_free(comm, x, gate, experts_op, weights):
     return comm.world_reduce(y)
 
 
-def _dispatch_combine(mesh, comm, x, sizes, gate, experts_op, weights):
-    world, rank = mesh.world, mesh.rank
-    start = sum(sizes[:rank])
-    xs = x[start: start + sizes[rank]]                           # [Ts, D] this rank's token shard
-    topk_w, topk_ids = gate(xs)                                  # [Ts, k]
+def _dispatch_combine(mesh, comm, xs, gate, experts_op, weights):
+    """This rank's token shard xs [Ts, D] (Ts may be 0) -> its routed-expert outputs [Ts, D]."""
+    world = mesh.world
+    if xs.shape[0]:
+        topk_w, topk_ids = gate(xs)                              # [Ts, k]
+    else:                                                        # nothing to route; still join the exchange
+        k = gate.spec.top_k
+        topk_w = torch.zeros(0, k, dtype=torch.float32, device=xs.device)
+        topk_ids = torch.zeros(0, k, dtype=torch.long, device=xs.device)
     per_group = weights.gate.data.shape[0]                       # experts per expert group (E / ep)
     # destinations: expert group g is held (sliced W/ep ways) by ranks g*W/ep .. (g+1)*W/ep - 1
-    visits = torch.zeros(xs.shape[0], mesh.ep, dtype=torch.bool, device=x.device)
+    visits = torch.zeros(xs.shape[0], mesh.ep, dtype=torch.bool, device=xs.device)
     visits.scatter_(1, topk_ids // per_group, True)              # [Ts, ep] groups each token visits
     dest = visits.repeat_interleave(mesh.moe_tp, dim=1)          # [Ts, W] ranks each token goes to
     to_rank, token = dest.t().nonzero(as_tuple=True)             # routes sorted by rank, then token
@@ -68,5 +112,5 @@ def _dispatch_combine(mesh, comm, x, sizes, gate, experts_op, weights):
 
     # combine: partial outputs back to the token's owner, summed there in float32
     back = comm.all_to_all(y, recv_sizes, send_sizes, "all_to_all of MoE combine")   # [N, D]
-    ys = torch.zeros(xs.shape, dtype=torch.float32, device=x.device).index_add_(0, token, back.float())
-    return comm.gather_rows(ys.to(x.dtype), sizes)
+    ys = torch.zeros(xs.shape, dtype=torch.float32, device=xs.device).index_add_(0, token, back.float())
+    return ys.to(xs.dtype)

@@ -20,9 +20,13 @@ from dsv3.core.weights import BLOCK
 BLOCK_FORMATS = ("fp8-block", "fp8-fnuz")
 
 
-def layout_problems(cfg: ModelConfig, world: int, tp: int, ep: int, checkpoint_format: str = "dense") -> list[str]:
-    """Why tp x ep cannot run this model on `world` ranks (empty if it can)."""
+def layout_problems(cfg: ModelConfig, world: int, tp: int, ep: int, checkpoint_format: str = "dense",
+                    dp: int = 1) -> list[str]:
+    """Why tp x ep (x dp) cannot run this model on `world` ranks (empty if it can)."""
     problems = []
+    if dp > 1 and dp * tp != world:
+        problems.append(f"parallel.dp = {dp} x parallel.tp = {tp} must equal the world size {world} (each of the dp "
+                        f"attention groups is tp ranks)")
     if world % tp:
         problems.append(f"parallel.tp = {tp} does not divide the world size {world}")
     if world % ep:
@@ -79,9 +83,10 @@ def layout_problems(cfg: ModelConfig, world: int, tp: int, ep: int, checkpoint_f
 
 def check_layout(cfg: ModelConfig, mesh: Mesh, checkpoint_format: str, source: str) -> None:
     """Raise a ProfileError naming every reason `mesh` cannot hold this model."""
-    problems = layout_problems(cfg, mesh.world, mesh.tp, mesh.ep, checkpoint_format)
+    problems = layout_problems(cfg, mesh.world, mesh.tp, mesh.ep, checkpoint_format, mesh.dp)
     if problems:
-        raise ProfileError(f"{source}: parallel = {{tp: {mesh.tp}, ep: {mesh.ep}}} on {mesh.world} ranks cannot "
+        dp = f", dp: {mesh.dp}" if mesh.dp > 1 else ""
+        raise ProfileError(f"{source}: parallel = {{tp: {mesh.tp}, ep: {mesh.ep}{dp}}} on {mesh.world} ranks cannot "
                            f"run this model: " + "; ".join(problems))
 
 
