@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One multi-GPU device call (nvidia-h200-x2 / -x4 / -x8), N = the GPUs visible. Results land in $OUT.
 #   check        `dsv3-run check --backend cuda` on GPU 0 (the conformance suite, single GPU)
-#   correctness  small FP8 model, NCCL at tp=N, ep=N, tp x ep against one process, logits + greedy tokens
+#   correctness  small FP8 model, NCCL at tp=N, ep=N, tp x ep, dp=N (+ ep=N), dp x tp against one process,
+#                logits + greedy tokens
 #   demo         the trained demo model converted to bf16 (real logit margins), same layouts, greedy equality
 #   scaling      full-width DeepSeek-V3, 8 layers, random FP8 weights: decode/prefill on 1 and N GPUs
 #   bash benchmarks/gpu_multi_session.sh [check|correctness|demo|scaling|all]...   (default all)
@@ -15,13 +16,16 @@ stamp() { echo "== $(date +%T) $*"; }
 { nvidia-smi -L; git rev-parse --short HEAD 2>/dev/null
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"; } 2>&1 | tee "$OUT/env.txt"
 run_n() { local n=$1; shift; timeout 150 torchrun --nproc-per-node "$n" --no-python python3 benchmarks/multi_gpu.py "$@"; }
-layouts() {   # tp ep pairs for N GPUs: tp=N, ep=N, both, and (N >= 4) tp=2 x ep=N
-  echo "$N 1"; echo "1 $N"; echo "$N $N"; [[ $N -ge 4 ]] && echo "2 $N"; true
+layouts() {   # tp ep dp for N GPUs: tp=N, ep=N, both, (N >= 4) tp=2 x ep=N; data-parallel attention dp=N with
+              # ep=N, and (N >= 4) dp=N/2 x tp=2 with ep=N
+  echo "$N 1 1"; echo "1 $N 1"; echo "$N $N 1"; [[ $N -ge 4 ]] && echo "2 $N 1"
+  echo "1 $N $N"; [[ $N -ge 4 ]] && echo "2 $N $((N / 2))"; true
 }
 check_layouts() {   # dir, extra args...
   local d=$1; shift
   stamp single; timeout 150 python3 benchmarks/multi_gpu.py check --dir "$d" "$@"
-  layouts | while read -r tp ep; do stamp "ws$N tp$tp ep$ep"; run_n "$N" check --dir "$d" --tp "$tp" --ep "$ep" "$@"; done
+  layouts | while read -r tp ep dp; do
+    stamp "ws$N tp$tp ep$ep dp$dp"; run_n "$N" check --dir "$d" --tp "$tp" --ep "$ep" --dp "$dp" "$@"; done
   stamp compare
 }
 for what in ${@:-all}; do

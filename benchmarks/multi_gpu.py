@@ -71,7 +71,7 @@ def check(args) -> None:
         dist.init_process_group("nccl" if gpu else "gloo")
         atexit.register(dist.destroy_process_group)
         dist.barrier(device_ids=[local] if gpu else None)
-    over = {"parallel.tp": args.tp, "parallel.ep": args.ep} if "RANK" in os.environ else {}
+    over = {"parallel.tp": args.tp, "parallel.ep": args.ep, "parallel.dp": args.dp} if "RANK" in os.environ else {}
     if args.dtype:
         over["dtype"] = args.dtype
     llm = LLM(ckpt, profile=args.profile, **over)
@@ -80,7 +80,8 @@ def check(args) -> None:
     tokens, _ = llm.generate_ids(ids, max_new_tokens=32, ignore_eos=True)
     if rank() == 0:
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        name = f"ws{world}_tp{args.tp}_ep{args.ep}" if "RANK" in os.environ else "single"
+        dp = f"_dp{args.dp}" if args.dp > 1 else ""
+        name = f"ws{world}_tp{args.tp}_ep{args.ep}{dp}" if "RANK" in os.environ else "single"
         torch.save({"logits": logits, "tokens": tokens}, Path(args.dir) / f"{name}.pt")
         print(f"saved {name}")
 
@@ -199,6 +200,7 @@ def main() -> None:
     c.add_argument("--dir", required=True)
     c.add_argument("--tp", type=int, default=1)
     c.add_argument("--ep", type=int, default=1)
+    c.add_argument("--dp", type=int, default=1, help="data-parallel attention groups (dp x tp = world)")
     c.add_argument("--profile", default="cuda-fp8", help="cpu runs this check on gloo (a dry run of the script)")
     c.add_argument("--model", help="check this checkpoint instead of the small random one (e.g. the demo model)")
     c.add_argument("--dtype", help="activation dtype override (float32: layouts differ only by reduction order)")

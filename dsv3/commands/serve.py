@@ -156,6 +156,11 @@ def _serve_in_thread(args, llm):
     from dsv3.serve.app import ServedModel
     from dsv3.serve.server import make_server
     engine = llm.engine
+    if llm.mesh.data_parallel:
+        # rank 0 would have to route each request to one group and gather its tokens back; until then,
+        # refuse rather than run every group on every request (correct, but no faster than dp = 1)
+        raise Dsv3Error(f"dsv3-run serve with parallel.dp = {llm.mesh.dp} is not built yet (issue 23): serve with "
+                        f"dp = 1 (--tp / --ep layouts), or generate offline under torchrun with --dp")
     if not args.no_warmup:         # every rank: the warm-up's collectives run in lockstep
         began = time.perf_counter()
         steps = engine.warm_up()
