@@ -9,10 +9,15 @@ weights      exact: the model is built on the meta device with the layout's Mesh
 latent cache exact: (layers + MTP) x (kv_lora_rank + qk_rope_head_dim [+ index_head_dim: V3.2's indexer
              keys share the latent cache's rows]) x cache dtype bytes per token,
              on every rank: MLA caches one latent per token shared by all heads, so tensor
-             parallelism cannot split it.
-activations  an estimate for one step of max_batch_tokens tokens: the residual stream, the largest of
-             attention (naive prefill, fused attention kernel: scores not materialised), MoE (uniform
-             routing, dispatch buffers) and dense MLP, and the logits of up to LOGIT_ROWS rows.
+             parallelism cannot split it. With dp = 1 the tensor-parallel groups are replicas: every
+             rank holds every sequence's cache, and the system's distinct cache is one rank's. With
+             data-parallel attention (dp > 1, dp x tp = W) each group serves its own sequences from
+             its own cache: the system holds dp ranks' worth of distinct tokens (distinct_tokens).
+activations  an estimate for one step of max_batch_tokens tokens (per group under dp > 1): the residual
+             stream, the largest of attention (naive prefill, fused attention kernel: scores not
+             materialised), MoE (uniform routing, dispatch buffers; under dp > 1 every group's tokens
+             meet at each rank's experts, so dp x max_batch_tokens of them) and dense MLP, and the
+             logits of up to LOGIT_ROWS rows.
 reserve      a fixed allowance for the CUDA/HIP context, collective-library buffers and allocator slack.
 """
 from __future__ import annotations
@@ -47,6 +52,7 @@ class RankMemory:
     absorbed: int = 0       # the absorbed MLA weights (W_UK, W_UV per layer) made from kv_b after loading
     mtp_copies: int = 0     # bytes of the MTP layer's embedding + head on this rank (not in `weights` if shared)
     shared: bool = False    # whether `weights` counts them once, shared with the main model's
+    dp: int = 1             # data-parallel attention groups: each holds its own sequences' cache
 
     @property
     def cache(self) -> int:
@@ -59,6 +65,12 @@ class RankMemory:
     def tokens_that_fit(self, gpu_bytes: int) -> int:
         """Latent-cache tokens the rest of the GPU would hold (0 if weights and activations do not fit)."""
         return max(gpu_bytes - self.weights - self.absorbed - self.activations - self.reserve, 0) // self.cache_per_token
+
+    def distinct_tokens(self, gpu_bytes: int, block_size: int = 1) -> int:
+        """Latent-cache tokens the whole system holds, each counted once: one rank's (in whole cache
+        blocks) times dp. A group's tp ranks hold the same latents (tensor parallelism splits heads,
+        not the latent), and with dp = 1 all groups are replicas of one another."""
+        return self.tokens_that_fit(gpu_bytes) // block_size * block_size * self.dp
 
 
 def _meta_model(cfg: ModelConfig, weight_format: str, dtype: torch.dtype, with_mtp: bool, mesh: Mesh):
@@ -112,12 +124,13 @@ def activation_bytes(cfg: ModelConfig, mesh: Mesh, dtype: torch.dtype, tokens: i
                               + cfg.index_n_heads * cfg.index_head_dim)
                      + t * cfg.index_topk * 8                            # chosen slots, int64
                      + min(t, SCORE_ROWS) * cfg.max_position_embeddings * 4)   # one run of scores, longest context
-    routes = math.ceil(t * cfg.num_experts_per_tok / mesh.ep)               # (token, expert) pairs held here
+    exchanged = t * mesh.dp          # data-parallel attention: every group's tokens meet at this rank's experts
+    routes = math.ceil(exchanged * cfg.num_experts_per_tok / mesh.ep)       # (token, expert) pairs held here
     inter = cfg.moe_intermediate_size // mesh.moe_tp
     moe = (routes * (3 * inter + d) * a                      # gathered x, gate, up, silu*up per route
-           + t * d * 4                                       # float32 accumulation of the expert outputs
-           + 3 * t * d * a                                   # dispatch, receive and combine buffers
-           + t * cfg.n_routed_experts * 4)                   # router scores
+           + exchanged * d * 4                               # float32 accumulation of the expert outputs
+           + 3 * exchanged * d * a                           # dispatch, receive and combine buffers
+           + exchanged * cfg.n_routed_experts * 4)           # router scores
     mlp = 3 * t * (cfg.intermediate_size // mesh.tp) * a
     rows = min(t, LOGIT_ROWS)
     logits = rows * cfg.vocab_size * 4 + rows * -(-cfg.vocab_size // mesh.tp) * 4   # gathered + local, float32
@@ -141,17 +154,77 @@ def candidates(tp: int, ep: int) -> list[int]:
     return [n for n in (2**i for i in range(int(math.log2(MAX_GPUS)) + 1)) if n % step == 0] or [step]
 
 
+def dp_layout(world: int, dp: int, tp: int = 1, ep: int = 1) -> tuple[int, int]:
+    """(tp, ep) that parallel.dp = dp runs with on `world` ranks, as dsv3.parallel.launch.setup chooses
+    them: tp not set (1) becomes world / dp, ep not set (1) becomes world (whole experts per rank)."""
+    if tp == 1 and dp > 0 and world % dp == 0:
+        tp = world // dp
+    return tp, (world if ep == 1 else ep)
+
+
+def dp_problems(cfg: ModelConfig, world: int, tp: int, ep: int, dp: int, checkpoint_format: str) -> list[str]:
+    """Why dp groups of tp ranks (experts over ep) cannot run this model on `world` ranks (empty if they can)."""
+    if dp > 1 and world % dp:
+        return [f"parallel.dp = {dp} does not divide the world size {world}"]
+    return layout_problems(cfg, world, tp, ep, checkpoint_format, dp)
+
+
 def rank_memory(cfg: ModelConfig, world: int, tp: int, ep: int, weight_format: str, dtype: torch.dtype,
                 cache_dtype: torch.dtype, cache_tokens: int, batch_tokens: int, with_mtp: bool,
-                shared: bool = False) -> RankMemory:
-    """shared: the MTP embedding and head will share the main model's storage (counted once)."""
-    mesh = Mesh(world, 0, tp, ep)    # layout only: no process group
+                shared: bool = False, dp: int = 1) -> RankMemory:
+    """shared: the MTP embedding and head will share the main model's storage (counted once).
+    dp: data-parallel attention groups (dp x tp = world; the weights depend on tp and ep only, the
+    activations on dp too, and each rank's cache serves its own group's sequences)."""
+    mesh = Mesh(world, 0, tp, ep, dp=dp)    # layout only: no process group
     copies = mtp_copy_bytes(cfg, weight_format, dtype, mesh) if with_mtp else 0
     shared = shared and with_mtp
     return RankMemory(world, tp, ep, weight_bytes(cfg, weight_format, dtype, with_mtp, mesh) - copies * shared,
                       cache_bytes_per_token(cfg, with_mtp, cache_dtype), cache_tokens,
                       activation_bytes(cfg, mesh, dtype, batch_tokens),
-                      absorbed=absorbed_bytes(cfg, dtype, with_mtp, mesh), mtp_copies=copies, shared=shared)
+                      absorbed=absorbed_bytes(cfg, dtype, with_mtp, mesh), mtp_copies=copies, shared=shared, dp=dp)
+
+
+@dataclass(frozen=True)
+class LayoutOption:
+    """One row of `dsv3-run plan`'s comparison of layouts on a fixed number of GPUs."""
+    dp: int
+    tp: int
+    ep: int
+    memory: RankMemory | None       # None when the layout cannot run this model (see problems)
+    problems: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        if self.dp == 1:
+            return f"tp={self.tp}, ep={self.ep} (dp=1)"
+        if self.tp == 1:
+            return f"dp={self.dp}, ep={self.ep}, tp=1"
+        return f"dp={self.dp} x tp={self.tp}, ep={self.ep}"
+
+    def batch(self, gpu_bytes: int, context: int, block_size: int, max_batch_tokens: int) -> int:
+        """The most sequences of `context` tokens the whole system decodes at once: per group what one
+        rank's cache holds (every rank of a group holds every one of its sequences), at most
+        max_batch_tokens per step, times dp (dp = 1: one group's worth, the others are replicas)."""
+        per_rank = self.memory.distinct_tokens(gpu_bytes, block_size) // self.dp
+        return min(per_rank // (-(-context // block_size) * block_size), max_batch_tokens) * self.dp
+
+
+def compare_layouts(cfg: ModelConfig, world: int, weight_format: str, dtype: torch.dtype, cache_dtype: torch.dtype,
+                    batch_tokens: int, with_mtp: bool, checkpoint_format: str, shared: bool = False,
+                    base: tuple[int, int] | None = None, ep: int | None = None) -> list[LayoutOption]:
+    """The ways to run `world` GPUs: base (tp, ep) with dp = 1 (default: default_layout), then
+    dp = d groups of tp = world / d ranks for every divisor d > 1, the routed experts over `ep`
+    (default: world, whole experts per rank). Layouts the model cannot take carry their problems."""
+    base = base or default_layout(cfg, world, checkpoint_format)
+    layouts = ([(1, *base)] if base else []) + [
+        (d, world // d, ep or world) for d in range(2, world + 1) if world % d == 0]
+    options = []
+    for dp, tp, ep_ in layouts:
+        problems = dp_problems(cfg, world, tp, ep_, dp, checkpoint_format)
+        options.append(LayoutOption(dp, tp, ep_, None if problems else rank_memory(
+            cfg, world, tp, ep_, weight_format, dtype, cache_dtype, 0, batch_tokens, with_mtp, shared, dp),
+            tuple(problems)))
+    return options
 
 
 # -- before loading: refuse what this device cannot hold, naming the key that makes it large ----------
@@ -202,7 +275,7 @@ def check_fits(cfg: ModelConfig, profile, device: torch.device, weight_format: s
     if available is None:
         return
     mesh = mesh or Mesh()
-    layout = Mesh(mesh.world, mesh.rank, mesh.tp, mesh.ep)      # the layout only: no process group
+    layout = Mesh(mesh.world, mesh.rank, mesh.tp, mesh.ep, dp=mesh.dp)   # the layout only: no process group
     dtype = getattr(torch, profile.dtype)
     kv = profile.kv_cache
     cache_dtype = dtype if kv.dtype == "auto" else getattr(torch, kv.dtype)
