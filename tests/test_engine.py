@@ -108,6 +108,20 @@ def test_batched_sampler_distribution_and_seeds():
     assert len(set(draws.tolist())) > 1
 
 
+def test_a_zero_probability_token_is_never_drawn_even_by_the_largest_uniform(monkeypatch):
+    """The exponential race argmax p / -log(u) needs u < 1: with u == 1.0 a token of probability 0 (masked
+    by a grammar, cut by top-p) won as 0/0 = NaN (seen as 'the grammar refused token 140, which its
+    bitmask allowed' about once in four runs of the required-tool-call test)."""
+    from dsv3.core import sampling
+    largest = torch.full((1, 4), 2**32 - 1, dtype=torch.int64)
+    u = sampling.unit_interval(largest)
+    assert bool((u > 0).all() and (u < 1).all() and (-u.log() > 0).all())
+    assert 0 < sampling.unit_interval(torch.zeros(1, dtype=torch.int64)).item() < 1
+    rows = SamplingBatch([SamplingParams(temperature=1.0)], [5], [0], "cpu")
+    monkeypatch.setattr(rows, "uniform", lambda stream, width: sampling.unit_interval(largest[:, :width]))
+    assert rows.choose(torch.tensor([[0.0, 0.7, 0.0, 0.3]]), stream=0).item() in (1, 3)
+
+
 def test_bad_sampling_values_are_clear():
     for kwargs, key in (({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
                         ({"max_new_tokens": 0}, "max_new_tokens"), ({"top_k": -2}, "top_k")):

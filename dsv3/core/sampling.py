@@ -199,7 +199,7 @@ class SamplingBatch:
         key = _mix(key ^ ((self.position * 4 + stream) & _M32))                  # [R]
         index = torch.arange(width, device=self.device, dtype=torch.int64)
         h = _mix((key[:, None] + index[None, :] * 0x9E3779B9) & _M32)            # [R, width]
-        return ((h >> 8).float() + 0.5) / 2**24
+        return unit_interval(h)
 
     def choose(self, probs: torch.Tensor, stream: int) -> torch.Tensor:
         """One token per row drawn from probs [R, V] (the exponential race: argmax p / E, E ~ Exp(1))."""
@@ -300,6 +300,13 @@ class LogitsProcessing:
 
 
 _M32 = 0xFFFFFFFF
+
+
+def unit_interval(h: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes -> float32 uniforms strictly inside (0, 1): the top 23 bits, centred. (24 bits would
+    round the largest, 2^24 - 0.5, up to exactly 1.0 in float32: then -log(u) = 0 and the exponential
+    race divides by zero, and a token of probability 0 (masked by a grammar, cut by top-p) won as NaN.)"""
+    return ((h >> 9).float() + 0.5) / 2**23
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
