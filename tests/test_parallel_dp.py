@@ -205,19 +205,3 @@ def test_dp_without_torchrun_is_an_error(tmp_path, monkeypatch):
     with pytest.raises(ProfileError, match="dp: 2.*torchrun --nproc-per-node"):
         LLM(path, profile=_profile(1, 1, 2))
 
-
-def test_serve_under_dp_is_refused_with_the_reason(tmp_path):
-    """Serving does not route requests to groups yet: every rank says so and exits, nothing hangs."""
-    import subprocess
-    import sys
-    path, _ = make_checkpoint(tmp_path / "ckpt", CONFIG_2, seed=3)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DSV3_DIST_TIMEOUT": "30"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           "--no-python", str(Path(sys.executable).parent / "dsv3-run"), "serve", "--model", str(path), "--dp", "2",
-           "--port", str(_free_port())]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0
-    assert "serve with parallel.dp = 2 is not built yet" in done.stderr, done.stderr[-2000:]
-    # torchrun prints its own ChildFailedError traceback; none of ours (no frame inside the package)
-    assert "dsv3/commands" not in done.stderr and "dsv3/serve" not in done.stderr, done.stderr[-2000:]
-    assert done.stderr.count("exitcode  : 2") == 2, done.stderr[-2000:]

@@ -1,6 +1,7 @@
 """`dsv3-run serve` under torchrun (2 gloo processes, tp 2 x ep 2): rank 0 serves HTTP, rank 1 steps in
 lockstep; answers equal one process's, sampled requests agree across ranks (no hang), and SIGTERM to
-torchrun drains the running stream and ends both ranks."""
+torchrun drains the running stream and ends both ranks. And with data-parallel attention (--dp 2): requests
+spread over both groups, group 1's tokens reach rank 0, answers equal one process's."""
 import http.client
 import json
 import os
@@ -77,6 +78,72 @@ def test_parallel_server_matches_one_process_and_drains(tmp_path):
         events = [json.loads(x[6:]) for x in resp.read().decode().split("\n\n") if x.startswith("data: {")]
         assert events[-1]["choices"][0]["finish_reason"] == "length", "".join(lines)
         proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_data_parallel_server_routes_requests_to_every_group(tmp_path):
+    """--dp 2 (tp 1, ep 2): rank 0 sends each request to the group with the fewest cache blocks assigned;
+    group 1's tokens come back to rank 0 after each step. Answers (greedy and seeded) equal one
+    process's, both groups get requests, a lone request leaves the other group idle, SIGTERM drains."""
+    path, _ = make_checkpoint(tmp_path / "ckpt", tiny_config(), seed=45, std=0.3)
+    prompts = ["def add(a, b):", "hello world", "Beautiful is better", "import os", "class A:", "x = 1"]
+    ref = LLM(path, backend="cpu")
+    want = [ref.generate_ids([ref.tokenizer.encode(p)], max_new_tokens=4 + i, ignore_eos=True)[1][0]
+            for i, p in enumerate(prompts)]
+    seeded = ref.generate_ids([ref.tokenizer.encode("hello")], max_new_tokens=6, ignore_eos=True, temperature=1.0,
+                              seed=1234)[1][0]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DSV3_DIST_TIMEOUT": "60"}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "--no-python", "dsv3-run", "serve", "--model", str(path), "--backend", "cpu", "--dp", "2",
+           "--port", "0", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                            start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "http://127.0.0.1:" in line:
+                break
+        else:
+            pytest.fail("the server did not start:\n" + "".join(lines))
+        port = int(line.split("http://127.0.0.1:")[1].split()[0])
+        threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+        # a lone request first: group 1 has nothing and must still step with group 0
+        status, body = _post(port, {"prompt": prompts[0], "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+        assert status == 200 and body["choices"][0]["text"] == want[0], "".join(lines)
+        results = [None] * len(prompts)
+
+        def ask(i):
+            results[i] = _post(port, {"prompt": prompts[i], "max_tokens": 4 + i, "temperature": 0, "ignore_eos": True})
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert [r[1]["choices"][0]["text"] for r in results] == want, "".join(lines)
+        assert [r[1]["usage"]["completion_tokens"] for r in results] == [4 + i for i in range(len(prompts))]
+        status, body = _post(port, {"prompt": "hello", "max_tokens": 6, "temperature": 1.0, "seed": 1234,
+                                    "ignore_eos": True})
+        assert status == 200 and body["choices"][0]["text"] == seeded
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/metrics")
+        metrics = conn.getresponse().read().decode()
+        placed = {g: float(line.split()[-1]) for line in metrics.splitlines()
+                  for g in ("0", "1") if line.startswith(f'dsv3_data_parallel_requests_total{{group="{g}"}}')}
+        assert placed.get("0", 0) >= 2 and placed.get("1", 0) >= 2, placed
+
+        resp = _post(port, {"prompt": "hello", "max_tokens": 200, "temperature": 0, "stream": True,
+                            "ignore_eos": True}, stream=True)
+        assert resp.readline().startswith(b"data: ")
+        proc.send_signal(signal.SIGTERM)
+        events = [json.loads(x[6:]) for x in resp.read().decode().split("\n\n") if x.startswith("data: {")]
+        assert events[-1]["choices"][0]["finish_reason"] == "length", "".join(lines)
+        proc.wait(timeout=60)                          # torchrun itself exits 1 on the signal it passed on
+        assert "the engine stopped" not in "".join(lines) and "DistributedError" not in "".join(lines), "".join(lines)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -156,11 +156,6 @@ def _serve_in_thread(args, llm):
     from dsv3.serve.app import ServedModel
     from dsv3.serve.server import make_server
     engine = llm.engine
-    if llm.mesh.data_parallel:
-        # rank 0 would have to route each request to one group and gather its tokens back; until then,
-        # refuse rather than run every group on every request (correct, but no faster than dp = 1)
-        raise Dsv3Error(f"dsv3-run serve with parallel.dp = {llm.mesh.dp} is not built yet (issue 23): serve with "
-                        f"dp = 1 (--tp / --ep layouts), or generate offline under torchrun with --dp")
     if not args.no_warmup:         # every rank: the warm-up's collectives run in lockstep
         began = time.perf_counter()
         steps = engine.warm_up()
@@ -169,10 +164,10 @@ def _serve_in_thread(args, llm):
     if llm.mesh.rank != 0:
         # Under torchrun only rank 0 serves HTTP; the others step in lockstep with it. torchrun passes
         # SIGTERM to every rank: these ranks ignore it and end when rank 0, having drained, says so.
-        from dsv3.serve.worker import follow
+        from dsv3.serve.worker import follow, follow_group
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
-        follow(engine, llm.mesh)
+        (follow_group if llm.mesh.data_parallel else follow)(engine, llm.mesh)
         return None, None
     server, _ = make_server(llm, _options(args, llm.path), args.log_level, args.drain_timeout)
     return server, ServedModel.of(llm)

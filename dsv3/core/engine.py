@@ -128,6 +128,19 @@ class Engine:
         first is scheduled; the others wait on it and, in the step that computes its prompt, are
         sampled from the same logits row and fork: its full cache blocks shared, the partial last
         one copied. So the prompt is computed once however many choices there are."""
+        seqs = self._sequences(prompt_ids, params)
+        self.scheduler.add(seqs[0])
+        seqs[0].followers = seqs[1:]
+        for f in seqs[1:]:
+            f.leader = seqs[0]
+        return seqs
+
+    def check_request(self, prompt_ids: list[int], params: list[SamplingParams]) -> None:
+        """Raise the RequestError add_choices would raise, adding nothing (a data-parallel server's rank
+        0 checks requests it sends to another group's engine, which has the same limits)."""
+        self._sequences(prompt_ids, params, draw_seeds=False)
+
+    def _sequences(self, prompt_ids: list[int], params: list[SamplingParams], draw_seeds: bool = True) -> list[Sequence]:
         if not prompt_ids:
             raise RequestError("empty prompt: give at least one token")
         if len(prompt_ids) >= self.max_context:
@@ -146,7 +159,8 @@ class Engine:
                     raise RequestError(f"{key}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
             # Unseeded requests draw their key from torch's global generator, which a parallel launch seeds
             # alike on every rank, so the ranks sample alike.
-            seed = p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()))
+            seed = p.seed if p.seed is not None or not draw_seeds else int(torch.randint(0, 2**62, ()))
+            seed = 0 if seed is None else seed
             seq = Sequence(list(prompt_ids), len(prompt_ids), p, seed=seed)
             if p.grammar is not None:
                 if self.tokenizer is None:
@@ -155,10 +169,6 @@ class Engine:
                 cfg = self.model.cfg
                 seq.grammar = compiler_for(self.tokenizer, vocab, tuple(cfg.eos_token_ids)).matcher(p.grammar)
             seqs.append(seq)
-        self.scheduler.add(seqs[0])
-        seqs[0].followers = seqs[1:]
-        for f in seqs[1:]:
-            f.leader = seqs[0]
         return seqs
 
     def has_work(self) -> bool:

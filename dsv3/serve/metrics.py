@@ -60,6 +60,8 @@ class Metrics:
         self.preemptions = Counter("dsv3_preemptions", "Requests preempted for cache space", registry=r)
         self.requests = Counter("dsv3_requests", "Finished requests by outcome", ["outcome"], registry=r)
         self.http_errors = Counter("dsv3_http_errors", "Requests answered with an error", ["status"], registry=r)
+        self.placed = Counter("dsv3_data_parallel_requests", "Requests sent to each data-parallel attention group "
+                              "(parallel.dp > 1)", ["group"], registry=r)
         self.ttft = Histogram("dsv3_time_to_first_token_seconds", "Arrival to first output token", buckets=_LATENCY,
                               registry=r)
         self.itl = Histogram(

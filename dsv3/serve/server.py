@@ -9,7 +9,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from dsv3.serve.app import ServeOptions, ServedModel, create_app
-from dsv3.serve.worker import EngineWorker
+from dsv3.serve.worker import DataParallelWorker, EngineWorker
 
 
 def _timed_h11(header_timeout: float) -> type:
@@ -55,7 +55,9 @@ def make_server(llm, options: ServeOptions, log_level: str = "info", drain_timeo
     given `worker` (an EngineProcess) and `model`, through an engine in its own process. The worker
     starts with the app's lifespan."""
     if worker is None:
-        worker, model = EngineWorker(llm.engine, mesh=getattr(llm, "mesh", None)), ServedModel.of(llm)
+        mesh = getattr(llm, "mesh", None)
+        kind = DataParallelWorker if mesh is not None and mesh.data_parallel else EngineWorker
+        worker, model = kind(llm.engine, mesh=mesh), ServedModel.of(llm)
     app = create_app(model, worker, options)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=drain_timeout,
                             lifespan="on", access_log=log_level == "debug",

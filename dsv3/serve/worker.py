@@ -10,6 +10,10 @@ steps. Rank 0 serves HTTP; before each step it broadcasts the commands it applie
 resolved seeds, aborts, stop), and the other ranks (`follow`) apply the same ones to their own
 engine and step with it, so the schedules stay identical. While idle, rank 0 broadcasts an empty
 list every few seconds so the other ranks' collectives never reach the distributed timeout.
+
+Data-parallel attention (parallel.dp > 1): the groups hold different sequences, so rank 0 routes each
+request to one group (DataParallelWorker), the other groups' first ranks add them (`follow_group`), every
+rank steps while any group has work, and the other groups' progress comes back to rank 0 after each step.
 """
 from __future__ import annotations
 
@@ -71,6 +75,7 @@ class Handle:
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.sent_prompt_logprobs = False
+        self.request_id: int | None = None   # a data-parallel server's id for it (DataParallelWorker)
 
     def _send(self, event) -> None:
         self.deliver([(self, event)])
@@ -259,11 +264,15 @@ class EngineWorker:
             outputs = self.engine.step()
         finally:
             self.step_clock.value = 0.0
+        self._deliver([(out.seq.id, Progress.of(out)) for out in outputs])
+
+    def _deliver(self, progress: list[tuple[int, "Progress"]]) -> None:
+        """Turn one step's progress (request key -> Progress) into the handles' events, sent once."""
         now = time.monotonic()
         itl = self.metrics.step_itl             # flushed into the histogram by after_step
         new_tokens, sends = 0, []             # [(handle, event)], handed over once per step
-        for out in outputs:
-            h = self._active.get(out.seq.id)
+        for key, out in progress:
+            h = self._active.get(key)
             if h is None:
                 continue
             n = len(out.new_tokens)
@@ -277,25 +286,26 @@ class EngineWorker:
                     if n > 1:                   # several tokens at once after speculative verification
                         itl.observe(0.0, n - 1)     # arrive with the first: no gap
                 h.last_token_at = now
-            s = out.seq
             if out.error is not None:
-                del self._active[s.id]
+                del self._active[key]
+                self._finished(h)
                 self.metrics.requests.labels("error").inc()
                 sends.append((h, Failed(
                     500, f"internal error while generating this request ({out.error}); it was dropped, the "
                          f"server serves on", "server_error")))
                 continue
             logprobs = ([[t, *e] for t, e in zip(out.new_tokens, out.new_logprobs)]
-                        if s.params.logprobs is not None else None)    # [token, logprob, top ids, top logprobs]
-            prompt_logprobs = s.prompt_logprobs if s.params.prompt_logprobs is not None else None
+                        if h.params.logprobs is not None else None)    # [token, logprob, top ids, top logprobs]
+            prompt_logprobs = out.prompt_logprobs if h.params.prompt_logprobs is not None else None
             if h.sent_prompt_logprobs:
                 prompt_logprobs = None
             if out.finished:
-                del self._active[s.id]
-                self.metrics.requests.labels(s.finish_reason).inc()
+                del self._active[key]
+                self.metrics.requests.labels(out.finish_reason).inc()
                 self.metrics.e2e.observe(now - h.arrival)
-                ev = Delta(out.delta, n, s.finish_reason, s.prompt_len, len(s.output_ids), s.num_prefix_cached,
-                           logprobs, prompt_logprobs)
+                self._finished(h)
+                ev = Delta(out.delta, n, out.finish_reason, out.prompt_tokens, out.completion_tokens,
+                           out.cached_tokens, logprobs, prompt_logprobs)
             elif out.delta or n:
                 ev = Delta(out.delta, n, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
             else:
@@ -305,6 +315,44 @@ class EngineWorker:
         if sends:
             sends[0][0].deliver(sends)       # every handle of one worker delivers the same way
         self.metrics.after_step(self.engine, new_tokens)
+
+    def _finished(self, h: Handle) -> None:
+        """A request ended (hook for the data-parallel worker's load accounting)."""
+
+
+@dataclass
+class Progress:
+    """What one step did to one sequence, as the handles need it: built from a StepOutput here, or
+    from the JSON a data-parallel group sends rank 0 (`wire` / `from_wire`)."""
+    delta: str
+    new_tokens: list[int]
+    new_logprobs: list
+    finished: bool
+    error: str | None
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    prompt_logprobs: list | None
+
+    @classmethod
+    def of(cls, out) -> "Progress":
+        s = out.seq
+        return cls(out.delta, out.new_tokens, out.new_logprobs, out.finished, out.error, s.finish_reason,
+                   s.prompt_len, len(s.output_ids), s.num_prefix_cached,
+                   s.prompt_logprobs if s.params.prompt_logprobs is not None else None)
+
+    def wire(self) -> list:
+        return [self.delta, self.new_tokens, self.new_logprobs, self.finished, self.error, self.finish_reason,
+                self.prompt_tokens, self.completion_tokens, self.cached_tokens, self.prompt_logprobs]
+
+    @classmethod
+    def from_wire(cls, v: list) -> "Progress":
+        p = cls(*v)
+        p.new_logprobs = [tuple(e) for e in p.new_logprobs]
+        if p.prompt_logprobs is not None:
+            p.prompt_logprobs = [None if e is None else tuple(e) for e in p.prompt_logprobs]
+        return p
 
 
 def broadcast(mesh, replay: list | None) -> list:
@@ -332,5 +380,161 @@ def follow(engine: Engine, mesh) -> None:
         if engine.has_work():
             engine.step()
             seqs = {k: s for k, s in seqs.items() if not s.finished}
+        elif stopping:
+            return
+
+
+class DataParallelWorker(EngineWorker):
+    """Rank 0 of a server with data-parallel attention (parallel.dp > 1): each request goes to one group
+    (the one with the fewest cache blocks assigned, its prompt plus max_tokens per choice), which alone
+    adds and runs it; rank 0 runs group 0's engine itself. Every rank steps in lockstep while any group
+    has work (Engine.step is a collective there), and after each step the other groups send rank 0 their
+    sequences' progress (`Progress.wire`, JSON over all_gather), which becomes the handles' events as for
+    group 0's own. Requests are keyed by a server-wide id, since sequence ids are per engine."""
+
+    def __init__(self, engine: Engine, metrics: Metrics | None = None, mesh=None, step_clock=None):
+        super().__init__(engine, metrics, mesh, step_clock)
+        self._next_id = 0
+        self._load = [0] * mesh.dp               # cache blocks assigned per group
+        self._placed: dict[int, tuple[int, int]] = {}   # request id -> (group, blocks)
+        self._local: dict[int, int] = {}         # group 0's sequence id -> request id
+
+    def _loop(self) -> None:
+        eng = self.engine
+        while True:
+            busy = eng.has_work() or bool(self._placed)
+            try:
+                command = (self._commands.get_nowait() if busy
+                           else self._commands.get(timeout=0.0 if self._stopping else HEARTBEAT_S))
+                self._apply(command)
+                while True:
+                    self._apply(self._commands.get_nowait())
+            except queue.Empty:
+                pass
+            replay, self._replay = self._replay, []
+            broadcast(self.mesh, replay)
+            if self.mesh.comm.any_rank(eng.has_work()):
+                self._step()
+            else:
+                self.metrics.observe_queues(eng)
+                if self._stopping:
+                    return
+
+    def _apply(self, command) -> None:
+        kind, h = command
+        if kind != "add":
+            if kind == "abort":
+                self._abort(h)
+            else:
+                super()._apply(command)
+            return
+        handles = [x for x in h if not x.aborted]
+        if not handles:
+            return
+        for x in handles:
+            if not x.params.greedy and x.params.seed is None:    # the group's tp ranks sample alike
+                x.params = dataclasses.replace(x.params, seed=secrets.randbits(62))
+        prompt, params = handles[0].prompt_ids, [x.params for x in handles]
+        eng = self.engine
+        group = min(range(len(self._load)), key=lambda g: self._load[g])
+        ids = list(range(self._next_id, self._next_id + len(handles)))
+        try:
+            if group == 0:
+                seqs = eng.add_choices(prompt, params)
+                self._local.update({s.id: i for s, i in zip(seqs, ids)})
+            else:
+                eng.check_request(prompt, params)        # the other groups' limits are the same
+        except QueueFullError as e:
+            return self._refuse(handles, Failed(503, f"the server is overloaded: {e}", "server_error", "overloaded"))
+        except RequestError as e:
+            return self._refuse(handles, Failed(400, str(e)))
+        self._next_id += len(handles)
+        for x, i in zip(handles, ids):
+            blocks = eng.cache.blocks_needed(min(len(prompt) + x.params.max_new_tokens, eng.max_context))
+            x.request_id = i
+            self._active[i] = x
+            self._placed[i] = (group, blocks)
+            self._load[group] += blocks
+            x._send(Accepted())
+        self.metrics.placed.labels(str(group)).inc(len(handles))
+        self._replay.append(("add", group, ids, prompt, params))
+
+    def _refuse(self, handles, failed: Failed) -> None:
+        for x in handles:
+            x._send(failed)
+
+    def _abort(self, h: Handle) -> None:
+        h.aborted = True
+        i = getattr(h, "request_id", None)
+        if i is None or self._active.pop(i, None) is None:
+            return
+        group, _ = self._placed[i]
+        self._finished(h)
+        if group == 0:
+            seq = next((s for s in list(self.engine.running) + list(self.engine.waiting)
+                        if self._local.get(s.id) == i), None)
+            if seq is not None and not seq.finished:
+                self.engine.release(seq)
+        self._replay.append(("abort", group, i))
+        self.metrics.requests.labels("aborted").inc()
+
+    def _finished(self, h: Handle) -> None:
+        group, blocks = self._placed.pop(h.request_id)
+        self._load[group] -= blocks
+
+    def _step(self) -> None:
+        self.step_clock.value = time.time()
+        try:
+            outputs = self.engine.step()
+            reports = self.mesh.comm.gather_json({})      # every other group's progress this step
+        finally:
+            self.step_clock.value = 0.0
+        progress = [(self._local.get(out.seq.id, -1), Progress.of(out)) for out in outputs]
+        for out in outputs:
+            if out.finished:
+                self._local.pop(out.seq.id, None)
+        for report in reports:
+            for i, why in report.get("refused", []):
+                h = self._active.pop(i, None)
+                if h is not None:
+                    self._finished(h)
+                    h._send(Failed(*why))
+            progress += [(i, Progress.from_wire(v)) for i, v in report.get("progress", [])]
+        self._deliver(progress)
+
+
+def follow_group(engine: Engine, mesh) -> None:
+    """Ranks > 0 of a data-parallel server: add the requests rank 0 sends this rank's group, step in
+    lockstep with every rank while any has work, and (the group's first rank) send rank 0 the
+    progress of the group's sequences after each step."""
+    seqs: dict[int, int] = {}                  # sequence id -> request id
+    by_request: dict[int, object] = {}
+    refused, stopping = [], False
+    report = mesh.tp_rank == 0
+    while True:
+        for entry in broadcast(mesh, None):
+            if entry[0] == "add" and entry[1] == mesh.dp_rank:
+                try:
+                    for i, s in zip(entry[2], engine.add_choices(entry[3], entry[4])):
+                        seqs[s.id], by_request[i] = i, s
+                except QueueFullError as e:
+                    refused += [[i, [503, f"the server is overloaded: {e}", "server_error", "overloaded"]]
+                                for i in entry[2]]
+                except RequestError as e:
+                    refused += [[i, [400, str(e)]] for i in entry[2]]
+            elif entry[0] == "abort" and entry[1] == mesh.dp_rank:
+                s = by_request.pop(entry[2], None)
+                if s is not None and not s.finished:
+                    engine.release(s)
+            elif entry[0] == "stop":
+                stopping = True
+        if mesh.comm.any_rank(engine.has_work() or bool(refused)):
+            outputs = engine.step()
+            progress = [[seqs[o.seq.id], Progress.of(o).wire()] for o in outputs if o.seq.id in seqs]
+            mesh.comm.gather_json({"progress": progress, "refused": refused} if report else {})
+            refused = []
+            for o in outputs:
+                if o.finished:
+                    by_request.pop(seqs.pop(o.seq.id, -1), None)
         elif stopping:
             return
