@@ -94,10 +94,13 @@ def _worker(rank, world, port, job, out_dir, timeout_s, fault):
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
 
 
-def _spawn(world, tmp_path, job, timeout_s=60.0, fault=None, limit=150):
+def _spawn(world, tmp_path, job, timeout_s=60.0, fault=None, limit=150, worker=None):
+    """`world` spawned ranks each running worker(rank, world, port, job, out_dir, timeout_s, fault) (default
+    _worker), which saves its result as rank{r}.pt; -> (results, exit codes). A rank still running after
+    `limit` seconds fails the test as a hang."""
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, job, str(tmp_path), timeout_s, fault))
+    procs = [ctx.Process(target=worker or _worker, args=(r, world, port, job, str(tmp_path), timeout_s, fault))
              for r in range(world)]
     for p in procs:
         p.start()

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from dsv3 import LLM
 from dsv3.core.config import ModelConfig
@@ -25,7 +24,8 @@ from dsv3.core.profile import load_profile, with_overrides
 from dsv3.parallel.sharding import layout_problems
 
 from helpers import make_checkpoint, random_prompts, rel_err, tiny_config
-from test_parallel import ALL_TO_ALL, CONFIG_2, CONFIG_4, SYNC_FREE, _env, _free_port
+from test_parallel import ALL_TO_ALL, CONFIG_2, CONFIG_4, SYNC_FREE, _env
+from test_parallel import _spawn as spawn_ranks
 
 LENGTHS = [37, 5, 20, 9, 3]               # 5 prompts: 2 on one group and 3 on the other at dp = 2
 NEW = 9
@@ -68,7 +68,7 @@ def _run_mtp(path, tp, ep, dp, prompts):
     return {"greedy": ids, "drafts": sum(llm.engine.stats.spec.proposed)}
 
 
-def _worker(rank, world, port, job, out_dir, timeout_s):
+def _worker(rank, world, port, job, out_dir, timeout_s, fault=None):
     os.environ.update(_env(rank, world, port, timeout_s))
     torch.set_num_threads(1)
     result = {}
@@ -92,22 +92,7 @@ def _worker(rank, world, port, job, out_dir, timeout_s):
 
 
 def _spawn(world, tmp_path, job, timeout_s=60.0, limit=240):
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, job, str(tmp_path), timeout_s)) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + limit
-    for p in procs:
-        p.join(max(deadline - time.monotonic(), 0))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert not hung, f"ranks {hung} still running after {limit} s: a hang"
-    return [torch.load(tmp_path / f"rank{r}.pt") if (tmp_path / f"rank{r}.pt").exists() else None
-            for r in range(world)], [p.exitcode for p in procs]
+    return spawn_ranks(world, tmp_path, job, timeout_s=timeout_s, limit=limit, worker=_worker)
 
 
 def _single(path, prompts, seed):

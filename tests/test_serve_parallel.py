@@ -33,29 +33,34 @@ def _post(port, body, stream=False):
     return resp if stream else (resp.status, json.loads(resp.read()))
 
 
+def _start(path, *layout):
+    """`dsv3-run serve` on 2 gloo ranks under torchrun -> (process, port, its output lines so far and to come)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DSV3_DIST_TIMEOUT": "60"}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "--no-python", "dsv3-run", "serve", "--model", str(path), "--backend", "cpu", *layout,
+           "--port", "0", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                            start_new_session=True)
+    lines = []
+    for line in proc.stdout:                       # rank 0 prints the URL once it listens
+        lines.append(line)
+        if "http://127.0.0.1:" in line:
+            break
+    else:
+        proc.wait()
+        pytest.fail("the server did not start:\n" + "".join(lines))
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    return proc, int(line.split("http://127.0.0.1:")[1].split()[0]), lines
+
+
 def test_parallel_server_matches_one_process_and_drains(tmp_path):
     path, _ = make_checkpoint(tmp_path / "ckpt", tiny_config(), seed=44, std=0.3)
     prompts = ["def add(a, b):", "hello world", "Beautiful is better"]
     ref = LLM(path, backend="cpu")
     want = [ref.generate_ids([ref.tokenizer.encode(p)], max_new_tokens=10, ignore_eos=True)[1][0] for p in prompts]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DSV3_DIST_TIMEOUT": "60"}
-    bindir = os.path.dirname(sys.executable)
-    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           "--no-python", "dsv3-run", "serve", "--model", str(path), "--backend", "cpu", "--tp", "2", "--ep", "2",
-           "--port", "0", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-                            start_new_session=True)
-    lines = []
+    proc, port, lines = _start(path, "--tp", "2", "--ep", "2")
     try:
-        for line in proc.stdout:                       # rank 0 prints the URL once it listens
-            lines.append(line)
-            if "http://127.0.0.1:" in line:
-                break
-        else:
-            pytest.fail("the server did not start:\n" + "".join(lines))
-        port = int(line.split("http://127.0.0.1:")[1].split()[0])
-        threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
 
         results = [None] * len(prompts)
 
@@ -95,23 +100,8 @@ def test_data_parallel_server_routes_requests_to_every_group(tmp_path):
             for i, p in enumerate(prompts)]
     seeded = ref.generate_ids([ref.tokenizer.encode("hello")], max_new_tokens=6, ignore_eos=True, temperature=1.0,
                               seed=1234)[1][0]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DSV3_DIST_TIMEOUT": "60"}
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           "--no-python", "dsv3-run", "serve", "--model", str(path), "--backend", "cpu", "--dp", "2",
-           "--port", "0", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-                            start_new_session=True)
-    lines = []
+    proc, port, lines = _start(path, "--dp", "2")
     try:
-        for line in proc.stdout:
-            lines.append(line)
-            if "http://127.0.0.1:" in line:
-                break
-        else:
-            pytest.fail("the server did not start:\n" + "".join(lines))
-        port = int(line.split("http://127.0.0.1:")[1].split()[0])
-        threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
         # a lone request first: group 1 has nothing and must still step with group 0
         status, body = _post(port, {"prompt": prompts[0], "max_tokens": 4, "temperature": 0, "ignore_eos": True})
         assert status == 200 and body["choices"][0]["text"] == want[0], "".join(lines)
