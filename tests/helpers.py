@@ -204,3 +204,27 @@ def hand_built_mtp_logits(oracle, weights: dict, n_layers: int, ids: list[int], 
         y = oracle.model.layers[block](x[None], attention_mask=mask, position_ids=positions, position_embeddings=rope)
         y = y[0] if isinstance(y, tuple) else y
         return rms(y[0], w("shared_head.norm.weight")) @ w("shared_head.head.weight").T
+
+
+def assert_cache_matches_a_fresh_pass(llm, cache, seq) -> None:
+    """seq's rows in `cache` (every main layer and the MTP layer, positions 0 .. seq.num_cached - 1) equal
+    a recomputation of its tokens through a fresh cache of the same block size with `llm`'s model: main
+    layers over the tokens, the MTP layer over the next tokens with the true hidden states. What an
+    engine's cache must hold after speculative steps with rejections, drafting or not in between."""
+    from dsv3.core.batch import Batch, Chunk
+    from dsv3.core.cache import LatentCache
+    n, bs, width = seq.num_cached, cache.block_size, llm.config.latent_dim
+    fresh = LatentCache(llm.model.num_cache_layers, -(-(n + 1) // bs) + 1, bs, width, torch.float32, "cpu")
+    blocks = fresh.allocator.allocate(fresh.blocks_needed(n + 1))
+    with torch.inference_mode():
+        b = Batch.build([Chunk(seq.token_ids[:n], 0, blocks)], bs, "cpu")
+        hidden = llm.model(b, fresh.layers)
+        m = Batch.build([Chunk(seq.token_ids[1:n + 1], 0, blocks)], bs, "cpu")
+        llm.model.mtp_hidden(m.input_ids, hidden, m, fresh.layers)
+
+    def slots(table):
+        return torch.tensor([table[i // bs] * bs + i % bs for i in range(n)])
+    for layer in range(llm.model.num_cache_layers):
+        ours = cache.layers[layer].view(-1, width)[slots(seq.blocks)]
+        theirs = fresh.layers[layer].view(-1, width)[slots(blocks)]
+        assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5), f"cache layer {layer}"

@@ -5,12 +5,10 @@ import pytest
 import torch
 
 from dsv3 import LLM
-from dsv3.core.batch import Batch, Chunk
-from dsv3.core.cache import LatentCache
 from dsv3.core.sampling import SamplingBatch, SamplingParams
 from dsv3.core.speculative import MTPDrafter, verify
 
-from helpers import make_checkpoint, random_prompts, tiny_config
+from helpers import assert_cache_matches_a_fresh_pass, make_checkpoint, random_prompts, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -126,25 +124,8 @@ def test_cache_rollback_matches_plain_decoding(ckpt, monkeypatch):
     for _ in range(6):
         eng.step()
     assert not seq.finished and sum(eng.stats.spec.accepted) < sum(eng.stats.spec.proposed)
-    n = seq.num_cached
     assert seq.token_ids == prompt + want[0][: len(seq.output_ids)]
-
-    def slots(blocks, count):
-        return torch.tensor([blocks[i // 4] * 4 + i % 4 for i in range(count)])
-
-    # the same tokens through a fresh cache without speculation: main layers over positions 0..n-1,
-    # the MTP layer over slots 0..n-1 with the true hidden states
-    cache = LatentCache(plain.model.num_cache_layers, 32, 4, plain.config.latent_dim, torch.float32, "cpu")
-    blocks = cache.allocator.allocate(cache.blocks_needed(n + 1))
-    with torch.inference_mode():
-        b = Batch.build([Chunk(seq.token_ids[:n], 0, blocks)], 4, "cpu")
-        hidden = plain.model(b, cache.layers)
-        m = Batch.build([Chunk(seq.token_ids[1:n + 1], 0, blocks)], 4, "cpu")
-        plain.model.mtp_hidden(m.input_ids, hidden, m, cache.layers)
-    for layer in range(plain.model.num_cache_layers):
-        ours = spec.cache.layers[layer].view(-1, plain.config.latent_dim)[slots(seq.blocks, n)]
-        theirs = cache.layers[layer].view(-1, plain.config.latent_dim)[slots(blocks, n)]
-        assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5), f"cache layer {layer}"
+    assert_cache_matches_a_fresh_pass(plain, spec.cache, seq)
 
 
 def test_warm_up_of_a_speculative_engine_changes_nothing(ckpt):

@@ -6,12 +6,10 @@ import pytest
 import torch
 
 from dsv3 import LLM
-from dsv3.core.batch import Batch, Chunk
-from dsv3.core.cache import LatentCache
 from dsv3.core.sampling import SamplingParams
 from dsv3.core.speculative import DraftPolicy, MTPDrafter
 
-from helpers import make_checkpoint, random_prompts, tiny_config
+from helpers import assert_cache_matches_a_fresh_pass, make_checkpoint, random_prompts, tiny_config
 
 
 def cost_model(k: int):
@@ -187,21 +185,6 @@ def test_switching_drafting_on_and_off_keeps_greedy_output_and_caches(ckpt, monk
     assert 0 < sum(eng.stats.spec.accepted) < sum(eng.stats.spec.proposed)
     for seq, w in zip(seqs, want):
         assert not seq.finished and seq.output_ids == w[: len(seq.output_ids)]
-        n = seq.num_cached
-        # main layers over positions 0..n-1 and the MTP layer over slots 0..n-1 (true hidden states)
-        # through a fresh cache: what the engine's cache holds, drafting or not in between
-        cache = LatentCache(plain.model.num_cache_layers, 32, 4, plain.config.latent_dim, torch.float32, "cpu")
-        blocks = cache.allocator.allocate(cache.blocks_needed(n + 1))
-        with torch.inference_mode():
-            b = Batch.build([Chunk(seq.token_ids[:n], 0, blocks)], 4, "cpu")
-            hidden = plain.model(b, cache.layers)
-            m = Batch.build([Chunk(seq.token_ids[1:n + 1], 0, blocks)], 4, "cpu")
-            plain.model.mtp_hidden(m.input_ids, hidden, m, cache.layers)
-        slots = torch.tensor([seq.blocks[i // 4] * 4 + i % 4 for i in range(n)])
-        theirs_slots = torch.tensor([blocks[i // 4] * 4 + i % 4 for i in range(n)])
-        for layer in range(plain.model.num_cache_layers):
-            ours = spec.cache.layers[layer].view(-1, plain.config.latent_dim)[slots]
-            theirs = cache.layers[layer].view(-1, plain.config.latent_dim)[theirs_slots]
-            assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5), f"cache layer {layer}"
+        assert_cache_matches_a_fresh_pass(plain, spec.cache, seq)   # drafting or not in between
     eng.run_to_completion()
     assert [s.output_ids for s in seqs] == want
