@@ -228,3 +228,22 @@ def assert_cache_matches_a_fresh_pass(llm, cache, seq) -> None:
         ours = cache.layers[layer].view(-1, width)[slots(seq.blocks)]
         theirs = fresh.layers[layer].view(-1, width)[slots(blocks)]
         assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5), f"cache layer {layer}"
+
+
+def oracle_drafts(monkeypatch, reference: dict, wrong_rate: float, rng) -> None:
+    """Make the MTP drafter propose the true greedy continuation (reference: prompt tuple -> output ids),
+    corrupted at `wrong_rate` (rng: a random.Random; vocab 96): exercises full acceptance, partial
+    acceptance and rejection deterministically against a known answer."""
+    from dsv3.core.speculative import MTPDrafter
+
+    def propose(work, rows, logits, draft):
+        tokens = []
+        for seq, *_ in work:
+            truth = reference[tuple(seq.token_ids[: seq.prompt_len])]
+            j = len(seq.output_ids) + draft
+            tok = truth[j] if j < len(truth) else 5
+            if rng.random() < wrong_rate:
+                tok = (tok + 1 + rng.randrange(90)) % 96
+            tokens.append(tok)
+        return torch.tensor(tokens, device=logits.device), None
+    monkeypatch.setattr(MTPDrafter, "_propose", staticmethod(propose))

@@ -33,6 +33,20 @@ def _post(port, body, stream=False):
     return resp if stream else (resp.status, json.loads(resp.read()))
 
 
+def _post_at_once(port, bodies):
+    """The bodies posted concurrently, one thread each -> their (status, json) in order."""
+    results = [None] * len(bodies)
+
+    def ask(i):
+        results[i] = _post(port, bodies[i])
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
 def _start(path, *layout):
     """`dsv3-run serve` on 2 gloo ranks under torchrun -> (process, port, its output lines so far and to come)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DSV3_DIST_TIMEOUT": "60"}
@@ -62,15 +76,8 @@ def test_parallel_server_matches_one_process_and_drains(tmp_path):
     proc, port, lines = _start(path, "--tp", "2", "--ep", "2")
     try:
 
-        results = [None] * len(prompts)
-
-        def ask(i):
-            results[i] = _post(port, {"prompt": prompts[i], "max_tokens": 10, "temperature": 0, "ignore_eos": True})
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        results = _post_at_once(port, [{"prompt": p, "max_tokens": 10, "temperature": 0, "ignore_eos": True}
+                                       for p in prompts])
         assert [r[1]["choices"][0]["text"] for r in results] == want, "".join(lines)
         # unseeded sampling: rank 0 draws the seed and sends it, so both ranks sample the same token
         status, body = _post(port, {"prompt": "hello", "max_tokens": 6, "temperature": 1.0, "ignore_eos": True})
@@ -105,15 +112,8 @@ def test_data_parallel_server_routes_requests_to_every_group(tmp_path):
         # a lone request first: group 1 has nothing and must still step with group 0
         status, body = _post(port, {"prompt": prompts[0], "max_tokens": 4, "temperature": 0, "ignore_eos": True})
         assert status == 200 and body["choices"][0]["text"] == want[0], "".join(lines)
-        results = [None] * len(prompts)
-
-        def ask(i):
-            results[i] = _post(port, {"prompt": prompts[i], "max_tokens": 4 + i, "temperature": 0, "ignore_eos": True})
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        results = _post_at_once(port, [{"prompt": p, "max_tokens": 4 + i, "temperature": 0, "ignore_eos": True}
+                                       for i, p in enumerate(prompts)])
         assert [r[1]["choices"][0]["text"] for r in results] == want, "".join(lines)
         assert [r[1]["usage"]["completion_tokens"] for r in results] == [4 + i for i in range(len(prompts))]
         status, body = _post(port, {"prompt": "hello", "max_tokens": 6, "temperature": 1.0, "seed": 1234,

@@ -6,31 +6,15 @@ import torch
 
 from dsv3 import LLM
 from dsv3.core.sampling import SamplingBatch, SamplingParams
-from dsv3.core.speculative import MTPDrafter, verify
+from dsv3.core.speculative import verify
 
-from helpers import assert_cache_matches_a_fresh_pass, make_checkpoint, random_prompts, tiny_config
+from helpers import assert_cache_matches_a_fresh_pass, make_checkpoint, oracle_drafts, random_prompts, tiny_config
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     path, _ = make_checkpoint(tmp_path_factory.mktemp("m") / "tiny", tiny_config(vocab_size=96), seed=3, std=0.3)
     return path
-
-
-def _oracle_drafts(monkeypatch, reference: dict, wrong_rate: float, rng: random.Random):
-    """Make the drafter propose the true greedy continuation, corrupted at `wrong_rate`: exercises
-    full acceptance, partial acceptance and rejection deterministically against a known answer."""
-    def propose(work, rows, logits, draft):
-        tokens = []
-        for seq, *_ in work:
-            truth = reference[tuple(seq.token_ids[: seq.prompt_len])]
-            j = len(seq.output_ids) + draft
-            tok = truth[j] if j < len(truth) else 5
-            if rng.random() < wrong_rate:
-                tok = (tok + 1 + rng.randrange(90)) % 96
-            tokens.append(tok)
-        return torch.tensor(tokens, device=logits.device), None
-    monkeypatch.setattr(MTPDrafter, "_propose", staticmethod(propose))
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -46,7 +30,7 @@ def test_greedy_speculation_equals_plain_decoding(ckpt, monkeypatch, k):
         got, _ = spec.generate_ids(batch, max_new_tokens=13, ignore_eos=True)   # the real (random) MTP drafts
         assert got == want
         reference = {tuple(p): w for p, w in zip(batch, want)}
-        _oracle_drafts(monkeypatch, reference, wrong_rate=0.3, rng=random.Random(seed))
+        oracle_drafts(monkeypatch, reference, wrong_rate=0.3, rng=random.Random(seed))
         spec.engine.stats.spec.__init__()
         got, _ = spec.generate_ids(batch, max_new_tokens=13, ignore_eos=True)
         monkeypatch.undo()
@@ -118,7 +102,7 @@ def test_cache_rollback_matches_plain_decoding(ckpt, monkeypatch):
                                        "speculative.num_draft_tokens": 3, "speculative.policy": "always"})
     prompt = random_prompts(96, [6], random.randrange(2**31))[0]
     want, _ = plain.generate_ids([prompt], max_new_tokens=30, ignore_eos=True)
-    _oracle_drafts(monkeypatch, {tuple(prompt): want[0]}, wrong_rate=0.4, rng=random.Random(1))
+    oracle_drafts(monkeypatch, {tuple(prompt): want[0]}, wrong_rate=0.4, rng=random.Random(1))
     eng = spec.engine
     seq = eng.add(prompt, SamplingParams(max_new_tokens=30, ignore_eos=True))
     for _ in range(6):

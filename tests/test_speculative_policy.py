@@ -7,9 +7,9 @@ import torch
 
 from dsv3 import LLM
 from dsv3.core.sampling import SamplingParams
-from dsv3.core.speculative import DraftPolicy, MTPDrafter
+from dsv3.core.speculative import DraftPolicy
 
-from helpers import assert_cache_matches_a_fresh_pass, make_checkpoint, random_prompts, tiny_config
+from helpers import assert_cache_matches_a_fresh_pass, make_checkpoint, oracle_drafts, random_prompts, tiny_config
 
 
 def cost_model(k: int):
@@ -149,18 +149,6 @@ def ckpt(tmp_path_factory):
     return path
 
 
-def _oracle(monkeypatch, reference, wrong_rate, rng):
-    def propose(work, rows, logits, draft):
-        tokens = []
-        for seq, *_ in work:
-            truth = reference[tuple(seq.token_ids[: seq.prompt_len])]
-            j = len(seq.output_ids) + draft
-            tok = truth[j] if j < len(truth) else 5
-            tokens.append((tok + 1 + rng.randrange(90)) % 96 if rng.random() < wrong_rate else tok)
-        return torch.tensor(tokens, device=logits.device), None
-    monkeypatch.setattr(MTPDrafter, "_propose", staticmethod(propose))
-
-
 @pytest.mark.parametrize("k", [1, 3])
 def test_switching_drafting_on_and_off_keeps_greedy_output_and_caches(ckpt, monkeypatch, k):
     seed = random.randrange(2**31)
@@ -174,7 +162,7 @@ def test_switching_drafting_on_and_off_keeps_greedy_output_and_caches(ckpt, monk
         got, _ = spec.generate_ids(prompts, max_new_tokens=24, ignore_eos=True)       # the real MTP drafts
         assert got == want, (policy, seed)
     # oracle drafts, some wrong, while the coin turns drafting on and off; then the caches
-    _oracle(monkeypatch, {tuple(p): w for p, w in zip(prompts, want)}, 0.3, random.Random(seed))
+    oracle_drafts(monkeypatch, {tuple(p): w for p, w in zip(prompts, want)}, 0.3, random.Random(seed))
     eng = spec.engine
     eng.policy = Scripted(k, seed + 1)
     eng.stats.spec.__init__()
