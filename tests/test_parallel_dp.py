@@ -24,7 +24,7 @@ from dsv3.core.profile import load_profile, with_overrides
 from dsv3.parallel.sharding import layout_problems
 
 from helpers import make_checkpoint, random_prompts, rel_err, tiny_config
-from test_parallel import ALL_TO_ALL, CONFIG_2, CONFIG_4, SYNC_FREE, _env
+from test_parallel import ALL_TO_ALL, CONFIG_2, CONFIG_4, SYNC_FREE, _env, _free_port
 from test_parallel import _spawn as spawn_ranks
 
 LENGTHS = [37, 5, 20, 9, 3]               # 5 prompts: 2 on one group and 3 on the other at dp = 2
@@ -190,3 +190,26 @@ def test_dp_without_torchrun_is_an_error(tmp_path, monkeypatch):
     with pytest.raises(ProfileError, match="dp: 2.*torchrun --nproc-per-node"):
         LLM(path, profile=_profile(1, 1, 2))
 
+
+
+def test_cli_input_file_under_torchrun_with_dp(tmp_path):
+    """`torchrun ... dsv3-run --input-file prompts.txt --dp 2`: the prompts split over the two groups, rank 0
+    prints every completion in order, as one process prints them; rank 1 prints nothing."""
+    import subprocess
+    import sys
+    path, _ = make_checkpoint(tmp_path / "ckpt", CONFIG_2, seed=random.randrange(2**31))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def add(a, b):\nhello world\nimport os\n")
+    args = ["--model", str(path), "--input-file", str(prompts), "--max-new-tokens", "6"]
+    dsv3_run = str(Path(sys.executable).parent / "dsv3-run")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DSV3_DIST_TIMEOUT": "60"}
+    alone = subprocess.run([dsv3_run, *args], env=env, capture_output=True, text=True, timeout=120)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    logs = tmp_path / "logs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "--log-dir", str(logs), "--tee", "1", "--no-python", dsv3_run, *args, "--dp", "2"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(alone.stdout.split("\n")) == 4                 # 3 lines (form feeds and the like are not line ends)
+    rank0, rank1 = (next(logs.rglob(f"attempt_0/{r}/stdout.log")).read_text() for r in (0, 1))
+    assert rank0 == alone.stdout and rank1 == ""

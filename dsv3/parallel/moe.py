@@ -22,8 +22,9 @@ which also carries the layer: a group with no tokens for this forward, or done w
 joins the layer other groups are at with zero rows, since its experts may be the ones their
 tokens need; see DeepseekV3.join_other_groups). Then, by that agreed size:
 
-- Sync-free: each group's rows padded to the agreed size are all-gathered, every rank routes and
-  runs its experts over all groups' rows, one all_reduce sums them, and each group keeps its own.
+- Sync-free: each group's rows padded to the agreed size are all-gathered (each of the group's tp
+  ranks sends 1/tp of them), every rank routes and runs its experts over all groups' rows, one
+  all_reduce sums them, and each group keeps its own.
 - Dispatch / combine: as above, with the group's rows sharded over its tp ranks (not the world),
   and the all_gather over the group only.
 """
@@ -67,13 +68,15 @@ def exchange_across_groups(mesh, comm, x, most: int, gate, experts_op, weights) 
 
 
 def _sync_free_groups(mesh, comm, x, most, gate, experts_op, weights):
-    padded = torch.nn.functional.pad(x, (0, 0, 0, most - x.shape[0]))      # [most, D]; zero rows add 0
-    everyone = comm.gather_rows(padded, [most] * mesh.world)              # [W * most, D], rank-major
-    # one copy per group (its tp ranks hold the same rows): ranks 0, tp, 2 tp, ...
-    groups = everyone.view(mesh.world, most, -1)[:: mesh.tp].reshape(mesh.dp * most, -1)
+    # each group's rows padded to the agreed size (a multiple of tp; zero rows add 0), and since a group's
+    # tp ranks hold the same rows, each sends its 1/tp of them: the gather is every group's rows once
+    per = -(-most // mesh.tp)
+    padded = torch.nn.functional.pad(x, (0, 0, 0, per * mesh.tp - x.shape[0]))          # [tp * per, D]
+    j = mesh.tp_rank
+    groups = comm.gather_rows(padded[j * per: (j + 1) * per], [per] * mesh.world)    # [dp * tp * per, D]
     topk_w, topk_ids = gate(groups)                                       # routed alike on every rank
-    y = comm.world_reduce(experts_op(groups, topk_w, topk_ids, weights))  # [dp * most, D]
-    start = mesh.dp_rank * most
+    y = comm.world_reduce(experts_op(groups, topk_w, topk_ids, weights))  # [dp * tp * per, D]
+    start = mesh.dp_rank * mesh.tp * per
     return y[start: start + x.shape[0]]
 
 
