@@ -6,19 +6,29 @@ import threading
 import time
 
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from dsv3.serve.app import ServeOptions, ServedModel, create_app
 from dsv3.serve.worker import DataParallelWorker, EngineWorker
 
 
-def _timed_h11(header_timeout: float) -> type:
-    """uvicorn's h11 protocol, closing a connection whose request headers have not all arrived
-    `header_timeout` s after it opened (or after its previous response): a client that opens
+def http_protocol():
+    """uvicorn's HTTP/1.1 protocol class: httptools' (the C parser of Node's llhttp) when installed, as
+    uvicorn's own `auto` picks, else the pure-Python h11."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+        return HttpToolsProtocol
+    except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+        return H11Protocol
+
+
+def _timed_http(header_timeout: float) -> type:
+    """uvicorn's HTTP protocol (http_protocol), closing a connection whose request headers have not all
+    arrived `header_timeout` s after it opened (or after its previous response): a client that opens
     sockets and trickles bytes would otherwise hold them for ever. Idle keep-alive connections are
     closed by uvicorn's own keep-alive timeout; slow bodies by the app (ServeOptions.body_timeout_s)."""
 
-    class TimedH11Protocol(H11Protocol):
+    class TimedProtocol(http_protocol()):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._arm_header_timer()
@@ -35,7 +45,7 @@ def _timed_h11(header_timeout: float) -> type:
             if self.cycle is armed_at and not self.transport.is_closing():
                 self.transport.close()
 
-    return TimedH11Protocol
+    return TimedProtocol
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -61,7 +71,7 @@ def make_server(llm, options: ServeOptions, log_level: str = "info", drain_timeo
     app = create_app(model, worker, options)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=drain_timeout,
                             lifespan="on", access_log=log_level == "debug",
-                            http=_timed_h11(options.header_timeout_s))
+                            http=_timed_http(options.header_timeout_s))
     server = uvicorn.Server(config)
     if hasattr(worker, "on_exit"):      # an engine process that dies stops the server (which drains)
         worker.on_exit = lambda: setattr(server, "should_exit", True)
