@@ -159,8 +159,12 @@ class Engine:
                     raise RequestError(f"{key}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
             # Unseeded requests draw their key from torch's global generator, which a parallel launch seeds
             # alike on every rank, so the ranks sample alike.
-            seed = p.seed if p.seed is not None or not draw_seeds else int(torch.randint(0, 2**62, ()))
-            seed = 0 if seed is None else seed
+            if p.seed is not None:
+                seed = p.seed
+            elif draw_seeds:
+                seed = int(torch.randint(0, 2**62, ()))
+            else:
+                seed = 0          # check_request: the sequence is thrown away
             seq = Sequence(list(prompt_ids), len(prompt_ids), p, seed=seed)
             if p.grammar is not None:
                 if self.tokenizer is None:

@@ -66,9 +66,6 @@ class _Local:
     def routed_experts(self, mesh, x, gate, experts_op, weights, layer):
         raise AssertionError("one process holds every expert: the model calls moe_experts directly")
 
-    def any_rank(self, flag):
-        return flag
-
 
 LOCAL = _Local()
 

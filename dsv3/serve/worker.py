@@ -60,6 +60,13 @@ class Failed:
     code: str | None = None
 
 
+def refusal(e: QueueFullError | RequestError) -> Failed:
+    """The answer to a request the engine would not add: 503 when its queue is full, else 400."""
+    if isinstance(e, QueueFullError):
+        return Failed(503, f"the server is overloaded: {e}", "server_error", "overloaded")
+    return Failed(400, str(e))
+
+
 class Handle:
     """One request as the event loop sees it: an event queue the engine thread fills."""
 
@@ -223,19 +230,14 @@ class EngineWorker:
             handles = [x for x in h if not x.aborted]
             if not handles:
                 return
-            for x in handles:
-                if self.mesh is not None and not x.params.greedy and x.params.seed is None:
-                    # every rank must sample alike: draw the seed here and send it with the request
-                    x.params = dataclasses.replace(x.params, seed=secrets.randbits(62))
+            self._draw_seeds(handles)
             failed = None
             try:
                 prompt = handles[0].prompt_ids
                 seqs = ([self.engine.add(prompt, handles[0].params)] if len(handles) == 1
                         else self.engine.add_choices(prompt, [x.params for x in handles]))
-            except QueueFullError as e:
-                failed = Failed(503, f"the server is overloaded: {e}", "server_error", "overloaded")
-            except RequestError as e:
-                failed = Failed(400, str(e))
+            except (QueueFullError, RequestError) as e:
+                failed = refusal(e)
             except Exception as e:  # noqa: BLE001 - this request alone is refused; the engine goes on
                 log.exception("engine.add failed")
                 failed = Failed(500, f"internal error admitting the request ({type(e).__name__}: {e})", "server_error")
@@ -255,6 +257,13 @@ class EngineWorker:
                 self.engine.release(h.seq)
                 self._replay.append(("abort", h.seq.id))
                 self.metrics.requests.labels("aborted").inc()
+
+    def _draw_seeds(self, handles: list[Handle]) -> None:
+        """Parallel: every rank (or a data-parallel group's ranks) must sample alike, so an unseeded
+        sampled request gets its seed drawn here and sent with it."""
+        for x in handles:
+            if self.mesh is not None and not x.params.greedy and x.params.seed is None:
+                x.params = dataclasses.replace(x.params, seed=secrets.randbits(62))
 
     def _step(self) -> None:
         self.step_clock.value = time.time()
@@ -413,7 +422,7 @@ class DataParallelWorker(EngineWorker):
                 pass
             replay, self._replay = self._replay, []
             broadcast(self.mesh, replay)
-            if self.mesh.comm.any_rank(eng.has_work()):
+            if eng.world_has_work():
                 self._step()
             else:
                 self.metrics.observe_queues(eng)
@@ -431,23 +440,21 @@ class DataParallelWorker(EngineWorker):
         handles = [x for x in h if not x.aborted]
         if not handles:
             return
-        for x in handles:
-            if not x.params.greedy and x.params.seed is None:    # the group's tp ranks sample alike
-                x.params = dataclasses.replace(x.params, seed=secrets.randbits(62))
+        self._draw_seeds(handles)
         prompt, params = handles[0].prompt_ids, [x.params for x in handles]
         eng = self.engine
         group = min(range(len(self._load)), key=lambda g: self._load[g])
         ids = list(range(self._next_id, self._next_id + len(handles)))
         try:
             if group == 0:
-                seqs = eng.add_choices(prompt, params)
-                self._local.update({s.id: i for s, i in zip(seqs, ids)})
+                for x, s, i in zip(handles, eng.add_choices(prompt, params), ids):
+                    x.seq, self._local[s.id] = s, i
             else:
                 eng.check_request(prompt, params)        # the other groups' limits are the same
-        except QueueFullError as e:
-            return self._refuse(handles, Failed(503, f"the server is overloaded: {e}", "server_error", "overloaded"))
-        except RequestError as e:
-            return self._refuse(handles, Failed(400, str(e)))
+        except (QueueFullError, RequestError) as e:
+            for x in handles:
+                x._send(refusal(e))
+            return
         self._next_id += len(handles)
         for x, i in zip(handles, ids):
             blocks = eng.cache.blocks_needed(min(len(prompt) + x.params.max_new_tokens, eng.max_context))
@@ -459,22 +466,15 @@ class DataParallelWorker(EngineWorker):
         self.metrics.placed.labels(str(group)).inc(len(handles))
         self._replay.append(("add", group, ids, prompt, params))
 
-    def _refuse(self, handles, failed: Failed) -> None:
-        for x in handles:
-            x._send(failed)
-
     def _abort(self, h: Handle) -> None:
         h.aborted = True
-        i = getattr(h, "request_id", None)
+        i = h.request_id
         if i is None or self._active.pop(i, None) is None:
             return
         group, _ = self._placed[i]
         self._finished(h)
-        if group == 0:
-            seq = next((s for s in list(self.engine.running) + list(self.engine.waiting)
-                        if self._local.get(s.id) == i), None)
-            if seq is not None and not seq.finished:
-                self.engine.release(seq)
+        if h.seq is not None and not h.seq.finished:     # group 0's own
+            self.engine.release(h.seq)
         self._replay.append(("abort", group, i))
         self.metrics.requests.labels("aborted").inc()
 
@@ -517,11 +517,8 @@ def follow_group(engine: Engine, mesh) -> None:
                 try:
                     for i, s in zip(entry[2], engine.add_choices(entry[3], entry[4])):
                         seqs[s.id], by_request[i] = i, s
-                except QueueFullError as e:
-                    refused += [[i, [503, f"the server is overloaded: {e}", "server_error", "overloaded"]]
-                                for i in entry[2]]
-                except RequestError as e:
-                    refused += [[i, [400, str(e)]] for i in entry[2]]
+                except (QueueFullError, RequestError) as e:
+                    refused += [[i, list(dataclasses.astuple(refusal(e)))] for i in entry[2]]
             elif entry[0] == "abort" and entry[1] == mesh.dp_rank:
                 s = by_request.pop(entry[2], None)
                 if s is not None and not s.finished:
