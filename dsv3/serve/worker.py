@@ -215,7 +215,7 @@ class EngineWorker:
 
     def _fail_all(self, message: str) -> None:
         for h in list(self._active.values()):
-            if not h.seq.finished:
+            if h.seq is not None and not h.seq.finished:   # None: another data-parallel group runs it
                 self.engine.release(h.seq)
             h._send(Failed(500, message, "server_error"))
             self.metrics.requests.labels("error").inc()
