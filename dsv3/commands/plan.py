@@ -74,7 +74,7 @@ def run(args) -> int:
     from dsv3.core.loader import Checkpoint, checkpoint_format, has_mtp, mtp_copies_alike
     from dsv3.core.profile import select_profile
     from dsv3.parallel import memory
-    from dsv3.parallel.sharding import layout_problems
+    from dsv3.parallel.sharding import dp_layout, layout_problems
     from dsv3.plugins.manager import create_registry
 
     gpu = parse_size(args.gpu_memory)
@@ -104,7 +104,7 @@ def run(args) -> int:
         raise Dsv3Error(f"--gpus {args.gpus}: must be at least 1")
     if dp > 1:   # data-parallel attention: one world size, dp x tp (tp, ep as torchrun would set them)
         world = args.gpus or dp * tp
-        tp, ep = memory.dp_layout(world, dp, tp, ep)
+        tp, ep = dp_layout(world, dp, tp, ep)
         problems = memory.dp_problems(cfg, world, tp, ep, dp, ckpt_format)
         if problems:
             raise Dsv3Error(f"parallel = {{tp: {tp}, ep: {ep}, dp: {dp}}} on {world} GPUs cannot run this model: "

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from dsv3.core.errors import ProfileError
 from dsv3.parallel.mesh import SINGLE, Mesh, process_mesh
+from dsv3.parallel.sharding import dp_layout
 
 TIMEOUT_ENV = "DSV3_DIST_TIMEOUT"
 
@@ -71,10 +72,7 @@ def setup(profile, registry, backend_name: str, device: torch.device) -> tuple[M
                                f"{max(tp, ep, dp)})")
         return SINGLE, device
     if dp > 1:   # data-parallel attention: dp groups of tp ranks; routed experts over all ranks unless set
-        if tp == 1 and world % dp == 0:
-            tp = world // dp
-        if ep == 1:
-            ep = world
+        tp, ep = dp_layout(world, dp, tp, ep)
         if dp * tp != world:
             raise ProfileError(f"{profile.source}: parallel = {{dp: {dp}, tp: {tp}}} on {world} processes: dp x tp "
                                f"must equal the number of processes (WORLD_SIZE = {world}); each of the dp groups "

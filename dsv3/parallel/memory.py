@@ -154,14 +154,6 @@ def candidates(tp: int, ep: int) -> list[int]:
     return [n for n in (2**i for i in range(int(math.log2(MAX_GPUS)) + 1)) if n % step == 0] or [step]
 
 
-def dp_layout(world: int, dp: int, tp: int = 1, ep: int = 1) -> tuple[int, int]:
-    """(tp, ep) that parallel.dp = dp runs with on `world` ranks, as dsv3.parallel.launch.setup chooses
-    them: tp not set (1) becomes world / dp, ep not set (1) becomes world (whole experts per rank)."""
-    if tp == 1 and dp > 0 and world % dp == 0:
-        tp = world // dp
-    return tp, (world if ep == 1 else ep)
-
-
 def dp_problems(cfg: ModelConfig, world: int, tp: int, ep: int, dp: int, checkpoint_format: str) -> list[str]:
     """Why dp groups of tp ranks (experts over ep) cannot run this model on `world` ranks (empty if they can)."""
     if dp > 1 and world % dp:

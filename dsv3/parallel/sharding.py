@@ -20,6 +20,15 @@ from dsv3.core.weights import BLOCK
 BLOCK_FORMATS = ("fp8-block", "fp8-fnuz")
 
 
+def dp_layout(world: int, dp: int, tp: int = 1, ep: int = 1) -> tuple[int, int]:
+    """(tp, ep) that parallel.dp = dp runs with on `world` ranks: tp not set (1) becomes world / dp,
+    ep not set (1) becomes world (whole experts per rank). dsv3.parallel.launch.setup and the planner
+    both take them from here."""
+    if tp == 1 and dp > 0 and world % dp == 0:
+        tp = world // dp
+    return tp, (world if ep == 1 else ep)
+
+
 def layout_problems(cfg: ModelConfig, world: int, tp: int, ep: int, checkpoint_format: str = "dense",
                     dp: int = 1) -> list[str]:
     """Why tp x ep (x dp) cannot run this model on `world` ranks (empty if it can)."""
