@@ -195,16 +195,7 @@ class EngineWorker:
         while not (self._stopping and not eng.has_work()):
             # Block for commands only when idle (waking for the heartbeat when parallel); between
             # steps, take whatever has arrived.
-            try:
-                if eng.has_work():
-                    command = self._commands.get_nowait()
-                else:
-                    command = self._commands.get(timeout=HEARTBEAT_S if self.mesh else None)
-                self._apply(command)
-                while True:
-                    self._apply(self._commands.get_nowait())
-            except queue.Empty:
-                pass
+            self._apply_commands(wait=not eng.has_work(), timeout=HEARTBEAT_S if self.mesh else None)
             if self.mesh is not None:
                 replay, self._replay = self._replay, []
                 broadcast(self.mesh, replay)
@@ -212,6 +203,17 @@ class EngineWorker:
                 self._step()
             else:
                 self.metrics.observe_queues(eng)
+
+    def _apply_commands(self, wait: bool, timeout: float | None = None) -> None:
+        """Apply the commands queued by now; with `wait`, first wait for one up to `timeout` seconds
+        (None: for ever)."""
+        try:
+            command = self._commands.get(timeout=timeout) if wait else self._commands.get_nowait()
+            self._apply(command)
+            while True:
+                self._apply(self._commands.get_nowait())
+        except queue.Empty:
+            pass
 
     def _fail_all(self, message: str) -> None:
         for h in list(self._active.values()):
@@ -411,15 +413,8 @@ class DataParallelWorker(EngineWorker):
     def _loop(self) -> None:
         eng = self.engine
         while True:
-            busy = eng.has_work() or bool(self._placed)
-            try:
-                command = (self._commands.get_nowait() if busy
-                           else self._commands.get(timeout=0.0 if self._stopping else HEARTBEAT_S))
-                self._apply(command)
-                while True:
-                    self._apply(self._commands.get_nowait())
-            except queue.Empty:
-                pass
+            busy = eng.has_work() or bool(self._placed) or self._stopping
+            self._apply_commands(wait=not busy, timeout=HEARTBEAT_S)
             replay, self._replay = self._replay, []
             broadcast(self.mesh, replay)
             if eng.world_has_work():
