@@ -6,6 +6,10 @@
 #                          oracle drafts stay the target's own tokens only with batch-invariant kernels)
 #   speculative-default    the same with the default, batch-dependent kernels (step-time ratios only)
 #   gpu-tests              verify-sized GEMMs and MoE inside graphs; speculative greedy at every batch and k
+#   pdl-tests              issue 16: the GPU tests but the 30-GB speculative ones, the PDL chain test among them,
+#                          and `dsv3-run check --backend cuda`, with programmatic dependent launch on
+#   pdl-bench              issue 16: `bench --part e2e` at depth 61, batch 1/8/64, context 1024, PDL on (profiled)
+#                          and off (DSV3_PDL=0), one after the other
 #   run: DSV3_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_round.sh [step ...]   (carry .whl: the
 #        serving stack the device image lacks)
 set -u
@@ -38,7 +42,15 @@ for what in ${@:-serve speculative gpu-tests}; do
       timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py \
         -k "test_linear or verify_sizes or every_batch_and_k"
       } 2>&1 | tail -30 > "$OUT/gpu_tests.txt" ;;
-    *) echo "unknown step $what (serve speculative speculative-default gpu-tests)"; exit 2 ;;
+    pdl-tests) { stamp "GPU tests, PDL on"
+      timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py -k "not speculative"
+      stamp "check --backend cuda"; timeout 150 python3 -m dsv3.commands.main check --backend cuda
+      } 2>&1 | tail -40 > "$OUT/pdl_tests.txt" ;;
+    pdl-bench) for on in 1 0; do { stamp "bench e2e depth 61, DSV3_PDL=$on"
+      DSV3_PDL=$on timeout 200 python3 -m dsv3.commands.main bench --part e2e --batches ${PDL_BATCHES:-1,8,64} \
+        --contexts 1024 --prefill "" $([[ $on == 0 ]] && echo --no-profile) --out "$OUT/bench_e2e_pdl$on.md"
+      } 2>&1 | tail -60 > "$OUT/bench_e2e_pdl${on}_log.txt"; done ;;
+    *) echo "unknown step $what (serve speculative speculative-default gpu-tests pdl-tests pdl-bench)"; exit 2 ;;
   esac
 done
 stamp done

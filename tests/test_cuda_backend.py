@@ -268,3 +268,48 @@ def test_speculative_greedy_with_oracle_drafts_at_every_batch_and_k(invariant_wi
     failures = oracle_speculation_failures(model, cache, runner, prompts, new, ks, 8192, monkeypatch)
     assert runner.replays > 0 and 32 in runner.graphs, "verify chunks of 17..32 tokens should replay bucket 32"
     assert not failures, "\n".join(failures)
+
+
+def test_dependent_launch_chain_equals_stream_order():
+    """Programmatic dependent launch (dsv3.backends.triton.pdl): on sm_90 the op table launches its decode
+    kernels with it. A chain in which every kernel reads the one before it (norm -> split-K GEMM at one
+    row -> rope -> the router -> the fused MoE -> ...), replayed in a CUDA graph, gives bit for bit what the
+    same kernels give launched plainly: a kernel passing its wait early, or writing before it, would race."""
+    from dataclasses import replace
+    from dsv3.backends.nvidia.ops import cuda_target
+    from dsv3.backends.triton.ops import make_ops
+    target = cuda_target()
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90")
+    assert target.pdl, "sm_90 with this Triton: the cuda op table should launch with PDL"
+    with_pdl, plain = make_ops(target), make_ops(replace(target, pdl=False))
+    g = torch.Generator(device=DEV).manual_seed(int.from_bytes(os.urandom(4), "little"))
+    ws = [quantize_fp8_block(torch.randn(n, k, device=DEV, generator=g) * 0.05) for n, k in
+          [(1536, 7168), (7168, 1536), (576, 7168), (7168, 576)]]
+    norm_w = torch.rand(7168, device=DEV, dtype=BF, generator=g) + 0.5
+    spec = GateSpec(8, 8, 4, True, 2.5)
+    gw = torch.randn(256, 7168, device=DEV, dtype=BF, generator=g) * 0.02
+    gb = torch.randn(256, device=DEV, generator=g) * 0.01
+    def stack(n, k, e=256):
+        qs = [quantize_fp8_block(torch.randn(n, k, device=DEV, generator=g) * 0.05) for _ in range(e)]
+        return QuantWeight(torch.stack([q.data for q in qs]), torch.stack([q.scale for q in qs]), "fp8-block")
+    ex = ExpertWeights(stack(256, 7168), stack(256, 7168), stack(7168, 256), 0)
+    pos = torch.arange(1, device=DEV)
+    cos, sin = torch.rand(4, 32, device=DEV, generator=g), torch.rand(4, 32, device=DEV, generator=g)
+
+    def chain(ops, x):
+        res = x
+        for i in range(6):
+            h, res = ops["add_rms_norm"](x, res, norm_w, 1e-6)
+            for w in ws:
+                h = ops["linear"](h, w)
+            h = ops["rope"](h.view(1, 112, 64), pos, cos, sin).view(1, 7168)
+            wts, ids = ops["moe_gate"](h, gw, gb, spec)
+            x = ops["moe_experts"](h, wts, ids, ex) + 0.5 * h
+        return x
+
+    x0 = torch.randn(1, 7168, device=DEV, dtype=BF, generator=g)
+    want = chain(plain, x0)
+    got = _replayed(lambda x: chain(with_pdl, x), x0)
+    assert torch.isfinite(want).all() and want.abs().max() > 0
+    assert torch.equal(got, want)

@@ -40,9 +40,22 @@ def test_every_kernel_compiles(results, target):
     assert all(r["binary"] == binary and r["bytes"] > 0 for r in rows)
 
 
+def test_dependent_launch_kernels_wait_first(results):
+    """On sm_90 the decode-path kernels are built for programmatic dependent launch: the launch attribute is
+    set and the PTX waits on the previous grid; the FP8 GEMM and the router prefetch their weights to L2."""
+    rows = [r for r in results["cuda:90"] if r["pdl"]]
+    names = {r["fn"] for r in rows}
+    assert {"fp8_gemm_kernel", "rms_norm_kernel", "moe_gemm_kernel", "mla_decode_kernel", "moe_gate_kernel"} <= names
+    assert all(r["launch_pdl"] and r["grid_wait"] >= 1 for r in rows), [r["kernel"] for r in rows]
+    assert all(r["l2_prefetch"] >= 1 for r in rows if r["fn"] in ("fp8_gemm_kernel", "moe_gate_kernel"))
+    assert not any(r["pdl"] or r["grid_wait"] for t in TARGETS[1:] for r in results[t])   # AMD: none
+
+
 def _jit_functions() -> set[str]:
     names = set()
     for path in KERNEL_DIR.glob("*.py"):
+        if path.name == "pdl.py":     # device functions the kernels call (wait, L2 prefetch), not kernels
+            continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.FunctionDef) and any(
                     ast.unparse(d).startswith("triton.jit") for d in node.decorator_list):

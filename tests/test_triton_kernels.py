@@ -329,7 +329,7 @@ def test_moe_align_pads_and_drops(k):
     sorted_ids = torch.full((max_blocks * bm,), -7, dtype=torch.int32)
     block_expert = torch.full((max_blocks,), -7, dtype=torch.int32)
     k.moe.moe_align_kernel[(e,)](ids.reshape(-1), sorted_ids, block_expert, n, 0, max_blocks,
-                                 E=e, BLOCK_M=bm, BLOCK_E=8, CHUNK=16)
+                                 E=e, BLOCK_M=bm, BLOCK_E=8, CHUNK=16, PDL=False)
     # flat rows [0, 2, 2, 9, 4, 0, 2, 2]: expert 0 -> rows 0, 5; expert 2 -> 1, 2, 6, 7; expert 4 -> 4
     assert block_expert.tolist() == [0, 2, 4, -1, -1, -1, -1][:max_blocks]
     assert sorted_ids[:12].tolist() == [0, 5, n, n, 1, 2, 6, 7, 4, n, n, n]

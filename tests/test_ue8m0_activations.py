@@ -58,8 +58,8 @@ def test_triton_op_table_uses_power_of_two_activation_scales(tmp_path, monkeypat
         seen["act_quant"] += 1
         return q, s
 
-    def spy_gemm(a, a_scale, w, w_scale, out_dtype, cfg, ue8m0=False, fp8_max=448.0):
-        y = fp8_gemm(a, a_scale, w, w_scale, out_dtype, cfg, ue8m0=ue8m0, fp8_max=fp8_max)
+    def spy_gemm(a, a_scale, w, w_scale, out_dtype, cfg, ue8m0=False, fp8_max=448.0, **kw):
+        y = fp8_gemm(a, a_scale, w, w_scale, out_dtype, cfg, ue8m0=ue8m0, fp8_max=fp8_max, **kw)
         if a_scale is not None:
             assert power_of_two(a_scale)
             seen["gemm_outside"] += 1

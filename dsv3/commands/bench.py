@@ -621,6 +621,10 @@ def run(args) -> int:
     head = (f"dsv3-run bench on {props.name} ({props.multi_processor_count} SMs, "
             f"{props.total_memory / 2 ** 30:.0f} GiB), torch {torch.__version__}, triton {triton.__version__}, "
             f"backend {spec.name}, commit {commit}")
+    if spec.name == "cuda":
+        from dsv3.backends.triton import pdl
+        head += (", programmatic dependent launch " + ("on" if pdl.available() else "off") +
+                 f" ({pdl.PDL_ENV}=0 turns it off)")
     print(head, flush=True)
     ceil = measure_ceilings()
     print(ceil.line(), flush=True)

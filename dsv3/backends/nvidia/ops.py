@@ -33,9 +33,11 @@ def cublas_linear(x, w):
 
 def cuda_target():
     import torch
+    from dsv3.backends.triton import pdl
     from dsv3.backends.triton.tuning import Target, batch_invariant_requested
     sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
-    return Target("cuda", torch.float8_e4m3fn, num_sms=sms, batch_invariant=batch_invariant_requested())
+    return Target("cuda", torch.float8_e4m3fn, num_sms=sms, batch_invariant=batch_invariant_requested(),
+                  pdl=pdl.available())
 
 
 

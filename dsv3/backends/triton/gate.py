@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv3.backends.triton import pdl
 from dsv3.backends.triton.counters import tile_counters
 
 
@@ -24,7 +25,7 @@ def moe_gate_kernel(x_ptr, w_ptr, bias_ptr, part_ptr, count_ptr, wout_ptr, iout_
                     E: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr,
                     NORM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
                     BLOCK_D: tl.constexpr, ROUTE_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_EG: tl.constexpr,
-                    BLOCK_K: tl.constexpr, SPLITS: tl.constexpr):
+                    BLOCK_K: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
     EPG: tl.constexpr = E // N_GROUP
     pid_t, pid_e, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     # 1. partial logits part[s, t, e] over this split's slice of D
@@ -34,6 +35,12 @@ def moe_gate_kernel(x_ptr, w_ptr, bias_ptr, part_ptr, count_ptr, wout_ptr, iout_
     tmask, emask = tok < T, e < E
     acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
     d_end = tl.minimum(s * d_per_split + d_per_split, D)
+    if PDL:   # the gate matrix is no kernel's output: its lines (64 bf16 each) head for L2 before the wait
+        line = tl.arange(0, BLOCK_D // 64) * 64
+        rows = w_ptr + tl.minimum(e, E - 1)[:, None] * stride_w
+        for d0 in range(s * d_per_split, d_end, BLOCK_D):
+            pdl.prefetch_l2(rows + tl.minimum(d0 + line, D - 1)[None, :])
+    pdl.start(PDL)
     for d0 in range(s * d_per_split, d_end, BLOCK_D):
         dm = d0 + d < d_end
         xs = tl.load(x_ptr + tok[:, None] * stride_x + d0 + d[None, :], mask=tmask[:, None] & dm[None, :], other=0.0)
@@ -114,7 +121,7 @@ def gate_config(t: int, e: int, d: int, num_sms: int) -> tuple[int, int, int, in
     return block_t, block_e, block_d, splits, route_t, 2 if route_t == 1 else 4
 
 
-def moe_gate(x, weight, bias, spec, num_sms: int = 132, batch_invariant: bool = False):
+def moe_gate(x, weight, bias, spec, num_sms: int = 132, batch_invariant: bool = False, launch_pdl: bool = False):
     t, d = x.shape
     e = weight.shape[0]
     weights = torch.empty((t, spec.top_k), dtype=torch.float32, device=x.device)
@@ -137,5 +144,6 @@ def moe_gate(x, weight, bias, spec, num_sms: int = 132, batch_invariant: bool = 
         E=e, N_GROUP=spec.n_group, TOPK_GROUP=spec.topk_group, TOP_K=spec.top_k, NORM=bool(spec.norm_topk_prob),
         HAS_BIAS=bias is not None, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=block_d, ROUTE_T=route_t,
         BLOCK_G=triton.next_power_of_2(spec.n_group), BLOCK_EG=triton.next_power_of_2(e // spec.n_group),
-        BLOCK_K=max(2, triton.next_power_of_2(spec.top_k)), SPLITS=splits, num_warps=warps, num_stages=3)
+        BLOCK_K=max(2, triton.next_power_of_2(spec.top_k)), SPLITS=splits, **pdl.launch_options(launch_pdl),
+        num_warps=warps, num_stages=3)
     return weights, ids

@@ -10,13 +10,18 @@ Small M (decode) is bound by reading w once: the grid is split along K so every 
 bytes even when there are only a few output tiles. The splits of a tile write fp32 partials; the last
 one to arrive (dsv3.backends.triton.counters) sums them in split order and writes the output, so a
 split-K GEMM is one launch and its result does not depend on timing.
+
+With programmatic dependent launch (PDL, dsv3.backends.triton.pdl) each program first asks L2 for
+the weight lines of its first PREFETCH K steps (the weights are no kernel's output), then waits for
+the kernel that produced `a`: the weight stream starts while that kernel drains.
 """
 import torch
 import triton
 import triton.language as tl
 
+from dsv3.backends.triton import pdl
 from dsv3.backends.triton.counters import tile_counters
-from dsv3.backends.triton.tuning import GemmConfig
+from dsv3.backends.triton.tuning import GemmConfig, gemm_prefetch_steps
 
 BLOCK_K = 128
 
@@ -26,7 +31,7 @@ def fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, ws_ptr, count_ptr, M, N
                     stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
                     QUANT_A: tl.constexpr, UE8M0: tl.constexpr, FP8_MAX: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    GROUP_M: tl.constexpr, SPLIT: tl.constexpr):
+                    GROUP_M: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
     pid, pid_k = tl.program_id(0), tl.program_id(1)
     # grouped order: GROUP_M row tiles share each column tile of w while it is in L2
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -45,6 +50,12 @@ def fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, ws_ptr, count_ptr, M, N
     bs_cols = bs_ptr + (offs_n // 128) * stride_bsn
     k_first = pid_k * k_steps_per_split
     k_last = tl.minimum(k_first + k_steps_per_split, tl.cdiv(K, BLOCK_K))
+    if PDL:
+        # one 128-byte line per output column and K step (BLOCK_K fp8 bytes); masked columns repeat the last
+        lines = b_ptr + tl.minimum(offs_n, N - 1) * stride_bn                                   # [BN]
+        for kb in range(k_first, tl.minimum(k_last, k_first + PREFETCH)):
+            pdl.prefetch_l2(lines + kb * BLOCK_K)
+    pdl.start(PDL)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(k_first, k_last):
         k = kb * BLOCK_K + offs_k
@@ -79,7 +90,8 @@ def fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, ws_ptr, count_ptr, M, N
 
 
 def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_scale: torch.Tensor,
-             out_dtype: torch.dtype, cfg: GemmConfig, ue8m0: bool = False, fp8_max: float = 448.0) -> torch.Tensor:
+             out_dtype: torch.dtype, cfg: GemmConfig, ue8m0: bool = False, fp8_max: float = 448.0,
+             launch_pdl: bool = False) -> torch.Tensor:
     """a [M, K] (fp8 with a_scale, or raw with a_scale None: quantised in-kernel), w [N, K] fp8 -> [M, N]."""
     m, k = a.shape
     n = w.shape[0]
@@ -99,5 +111,6 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_s
         a.stride(0), 0 if quant_a else a_scale.stride(0), w.stride(0), w_scale.stride(0), n,
         QUANT_A=quant_a, UE8M0=ue8m0, FP8_MAX=fp8_max,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=BLOCK_K, GROUP_M=cfg.group_m, SPLIT=split > 1,
+        PREFETCH=gemm_prefetch_steps(n, k, per_split, cfg) if launch_pdl else 0, **pdl.launch_options(launch_pdl),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.extra)
     return out

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv3.backends.triton import pdl
 from dsv3.backends.triton.tuning import Target, mla_decode_config, mla_decode_splits, mla_prefill_config
 
 LOG2E = 1.4426950408889634
@@ -30,11 +31,12 @@ def mla_decode_kernel(ql_ptr, qr_ptr, cache_ptr, bt_ptr, lens_ptr, o_ptr, lse_pt
                       stride_ot, stride_oh, stride_os, stride_lt, stride_lh, splits,
                       C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
                       PAGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                      DIRECT: tl.constexpr, STAGES: tl.constexpr):
+                      DIRECT: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
     # Everything is computed transposed (keys / latent channels as rows, heads as columns) so that
     # the cache tile is the A operand of both products and q is the B operand kept in shared
     # memory: with heads as rows, q [BLOCK_H, 512] would sit in registers beside the
     # [BLOCK_H, 512] fp32 accumulator and spill (ptxas: 255 registers + 1 KB stack at BLOCK_H 64).
+    pdl.start(PDL)
     hb, t, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     c = tl.arange(0, BLOCK_C)
@@ -101,7 +103,8 @@ def mla_decode_kernel(ql_ptr, qr_ptr, cache_ptr, bt_ptr, lens_ptr, o_ptr, lse_pt
 @triton.jit
 def mla_decode_combine_kernel(o_part_ptr, lse_ptr, out_ptr, H, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
                               stride_ot, stride_oh, S, C: tl.constexpr, BLOCK_S: tl.constexpr,
-                              BLOCK_C: tl.constexpr):
+                              BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+    pdl.start(PDL)
     t, h = tl.program_id(0), tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
     c = tl.arange(0, BLOCK_C)
@@ -147,12 +150,12 @@ def mla_decode(target: Target, q_latent, q_rope, cache, block_table, context_len
         block_table.stride(0), *so, *sl, splits,
         C=c, R=r, BLOCK_C=triton.next_power_of_2(c), BLOCK_R=max(16, triton.next_power_of_2(r)), PAGE=page,
         BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, DIRECT=direct, STAGES=cfg.num_stages,
-        num_warps=cfg.num_warps, **cfg.extra)
+        **pdl.launch_options(target.pdl), num_warps=cfg.num_warps, **cfg.extra)
     if not direct:
         mla_decode_combine_kernel[(t, nh)](
             o, lse, out, nh, o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1), splits, C=c, BLOCK_S=max(2, triton.next_power_of_2(splits)),
-            BLOCK_C=triton.next_power_of_2(c), num_warps=4)
+            BLOCK_C=triton.next_power_of_2(c), **pdl.launch_options(target.pdl), num_warps=4)
     return out
 
 

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv3.backends.triton import pdl
 from dsv3.backends.triton.quant import act_quant
 from dsv3.backends.triton.tuning import Target, moe_config
 from dsv3.core.quant import FP8_MAX
@@ -28,7 +29,9 @@ TOKEN_CHUNK = 4096  # tokens per pass in prefill: bounds the [T*k, D] routed-row
 # mid-serving on first use: 0.5-0.75 s on H100): left unspecialised, as is the MoE GEMM's row count
 @triton.jit(do_not_specialize=["N", "max_blocks"])
 def moe_align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, N, first_expert, max_blocks,
-                     E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr):
+                     E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
+                     PDL: tl.constexpr):
+    pdl.start(PDL)
     e = tl.program_id(0)
     bins = tl.arange(0, BLOCK_E)                      # BLOCK_E > E: bin E collects routes held elsewhere
     counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
@@ -70,7 +73,8 @@ def moe_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, b2_ptr, b2s_ptr, out_ptr, outs
                     stride_am, stride_asm, stride_be, stride_bn, stride_bse, stride_bsn,
                     stride_om, stride_osm,
                     GATED: tl.constexpr, UE8M0: tl.constexpr, FP8_MAX: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    pdl.start(PDL)   # which expert a block of rows belongs to is the align kernel's output
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
     rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))   # flat routed rows (t*k + j)
@@ -119,7 +123,8 @@ def moe_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, b2_ptr, b2s_ptr, out_ptr, outs
 
 @triton.jit
 def moe_sum_kernel(rows_ptr, ids_ptr, out_ptr, D, first_expert, num_local, stride_r, stride_o,
-                   TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+                   TOP_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.start(PDL)
     t = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < D
@@ -152,12 +157,13 @@ def _moe_chunk(target: Target, x, topk_weights, topk_ids, experts, ue8m0):
     bm = cfg.block_m
     max_blocks = triton.cdiv(n_rows, bm) + min(num_e, n_rows)
     ids = topk_ids.reshape(-1).contiguous()
+    launch = pdl.launch_options(target.pdl)
     sorted_ids = torch.empty(max_blocks * bm, dtype=torch.int32, device=x.device)
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=x.device)
     moe_align_kernel[(num_e,)](ids, sorted_ids, block_expert, n_rows, experts.first_expert, max_blocks,
                                E=num_e, BLOCK_M=bm, BLOCK_E=triton.next_power_of_2(num_e + 1),
-                               CHUNK=min(1024, max(16, triton.next_power_of_2(n_rows))), num_warps=4)
-    xq, xs = act_quant(x, fp8, ue8m0)
+                               CHUNK=min(1024, max(16, triton.next_power_of_2(n_rows))), **launch, num_warps=4)
+    xq, xs = act_quant(x, fp8, ue8m0, launch_pdl=target.pdl)
     # gate + up -> fp8 h [T*k, I] and its scales [T*k, I/128]
     h = torch.empty((n_rows, inter), dtype=fp8, device=x.device)
     hs = torch.empty((n_rows, triton.cdiv(inter, 128)), dtype=torch.float32, device=x.device)
@@ -166,7 +172,7 @@ def _moe_chunk(target: Target, x, topk_weights, topk_ids, experts, ue8m0):
         xq, xs, gate.data, gate.scale, up.data, up.scale, h, hs, sorted_ids, block_expert, topk_weights,
         inter, d, n_rows, k, xq.stride(0), xs.stride(0), gate.data.stride(0), gate.data.stride(1),
         gate.scale.stride(0), gate.scale.stride(1), h.stride(0), hs.stride(0),
-        GATED=True, UE8M0=ue8m0, FP8_MAX=fmax, BLOCK_M=bm, BLOCK_N=cfg.block_n_up, BLOCK_K=128,
+        GATED=True, UE8M0=ue8m0, FP8_MAX=fmax, BLOCK_M=bm, BLOCK_N=cfg.block_n_up, BLOCK_K=128, **launch,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.extra)
     # down, weighted -> routed rows [T*k, D] in x's dtype
     routed = torch.empty((n_rows, d), dtype=x.dtype, device=x.device)
@@ -175,10 +181,10 @@ def _moe_chunk(target: Target, x, topk_weights, topk_ids, experts, ue8m0):
         h, hs, down.data, down.scale, down.data, down.scale, routed, hs, sorted_ids, block_expert, weights,
         d, inter, n_rows, 1, h.stride(0), hs.stride(0), down.data.stride(0), down.data.stride(1),
         down.scale.stride(0), down.scale.stride(1), routed.stride(0), 0,
-        GATED=False, UE8M0=ue8m0, FP8_MAX=fmax, BLOCK_M=bm, BLOCK_N=cfg.block_n_down, BLOCK_K=128,
+        GATED=False, UE8M0=ue8m0, FP8_MAX=fmax, BLOCK_M=bm, BLOCK_N=cfg.block_n_down, BLOCK_K=128, **launch,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.extra)
     out = torch.empty_like(x)
     block = min(1024, triton.next_power_of_2(d))
     moe_sum_kernel[(t, triton.cdiv(d, block))](routed, ids, out, d, experts.first_expert, num_e, routed.stride(0),
-                                              out.stride(0), TOP_K=k, BLOCK=block, num_warps=4)
+                                              out.stride(0), TOP_K=k, BLOCK=block, **launch, num_warps=4)
     return out

@@ -9,10 +9,13 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv3.backends.triton import pdl
+
 
 @triton.jit
 def rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, D, stride_x, stride_r, stride_y, stride_h, eps,
-                    HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr):
+                    HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    pdl.start(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_D)
     mask = offs < D
@@ -27,7 +30,7 @@ def rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, D, stride_x, stride_r, st
     tl.store(y_ptr + row * stride_y + offs, (x * inv * w).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(x, residual, weight, eps):
+def _launch(x, residual, weight, eps, launch_pdl):
     x = x if x.stride(-1) == 1 else x.contiguous()
     t, d = x.shape
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -38,14 +41,14 @@ def _launch(x, residual, weight, eps):
     if t:
         rms_norm_kernel[(t,)](x, residual if residual is not None else x, weight, y, h, d, x.stride(0),
                               residual.stride(0) if residual is not None else 0, y.stride(0), h.stride(0), eps,
-                              HAS_RESIDUAL=residual is not None, BLOCK_D=block,
+                              HAS_RESIDUAL=residual is not None, BLOCK_D=block, **pdl.launch_options(launch_pdl),
                               num_warps=min(16, max(1, block // 512)))
     return y, h
 
 
-def rms_norm(x, weight, eps):
-    return _launch(x, None, weight, eps)[0]
+def rms_norm(x, weight, eps, launch_pdl=False):
+    return _launch(x, None, weight, eps, launch_pdl)[0]
 
 
-def add_rms_norm(x, residual, weight, eps):
-    return _launch(x, residual, weight, eps)
+def add_rms_norm(x, residual, weight, eps, launch_pdl=False):
+    return _launch(x, residual, weight, eps, launch_pdl)

@@ -5,6 +5,8 @@ NVIDIA backend adds its cuBLAS dispatch for large-M FP8 GEMMs on top (dsv3.backe
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
@@ -29,10 +31,10 @@ def triton_linear(target: Target, x: torch.Tensor, w: QuantWeight) -> torch.Tens
     fmax, ue8m0 = FP8_MAX[w.data.dtype], w.ue8m0_acts
     if m <= QUANT_IN_GEMM_MAX_M or target.batch_invariant:   # quantised inside the GEMM: one launch
         y = fp8_gemm(x2 if x2.stride(-1) == 1 else x2.contiguous(), None, w.data, w.scale, x.dtype, cfg,
-                     ue8m0=ue8m0, fp8_max=fmax)
+                     ue8m0=ue8m0, fp8_max=fmax, launch_pdl=target.pdl)
     else:
-        xq, xs = act_quant(x2, w.data.dtype, ue8m0)
-        y = fp8_gemm(xq, xs, w.data, w.scale, x.dtype, cfg, fp8_max=fmax)
+        xq, xs = act_quant(x2, w.data.dtype, ue8m0, launch_pdl=target.pdl)
+        y = fp8_gemm(xq, xs, w.data, w.scale, x.dtype, cfg, fp8_max=fmax, launch_pdl=target.pdl)
     return y.view(*shape[:-1], n)
 
 
@@ -49,7 +51,7 @@ def make_ops(target: Target, fp8_linear=None) -> dict:
                          f"convert the checkpoint to fp8-block or dense")
 
     def quantize_act(x, dtype, ue8m0):
-        return act_quant(x, dtype, ue8m0)
+        return act_quant(x, dtype, ue8m0, launch_pdl=target.pdl)
 
     # The fused MoE is built for FP8 experts. Unquantised ones (the cuda-bf16 profile) get the
     # reference's per-expert loop, chosen when the model is built (dsv3.plugins.manager.plan_ops),
@@ -61,17 +63,18 @@ def make_ops(target: Target, fp8_linear=None) -> dict:
     return {
         # a row gather at copy bandwidth: torch's embedding kernel is already at the floor
         "embedding": F.embedding,
-        "rms_norm": norm.rms_norm,
-        "add_rms_norm": norm.add_rms_norm,
-        "rope": elementwise.rope,
+        "rms_norm": partial(norm.rms_norm, launch_pdl=target.pdl),
+        "add_rms_norm": partial(norm.add_rms_norm, launch_pdl=target.pdl),
+        "rope": partial(elementwise.rope, launch_pdl=target.pdl),
         "linear": linear,
-        "silu_mul": elementwise.silu_mul,
+        "silu_mul": partial(elementwise.silu_mul, launch_pdl=target.pdl),
         "quantize_act": quantize_act,
-        "write_latent_cache": elementwise.write_latent_cache,
+        "write_latent_cache": partial(elementwise.write_latent_cache, launch_pdl=target.pdl),
         "mla_prefill": lambda q, k, v, cu_q, cu_k, scale: mla.mla_prefill(target, q, k, v, cu_q, cu_k, scale),
         "mla_decode": lambda ql, qr, cache, bt, lens, scale: mla.mla_decode(target, ql, qr, cache, bt, lens, scale),
         "moe_gate": lambda x, weight, bias, spec: gate.moe_gate(x, weight, bias, spec, num_sms=target.num_sms,
-                                                                  batch_invariant=target.batch_invariant),
+                                                                  batch_invariant=target.batch_invariant,
+                                                                  launch_pdl=target.pdl),
         "moe_experts": moe_experts,
         # DeepSeek Sparse Attention (V3.2): dsv3.backends.triton.dsa
         "write_index_cache": dsa.write_index_cache,

@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv3.backends.triton import pdl
 from dsv3.core.quant import FP8_MAX
 
 GROUP = 128
@@ -15,7 +16,9 @@ GROUP = 128
 
 @triton.jit
 def act_quant_kernel(x_ptr, q_ptr, s_ptr, K, num_groups, stride_x, stride_q, stride_sr, stride_sg,
-                     FP8_MAX: tl.constexpr, UE8M0: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr):
+                     FP8_MAX: tl.constexpr, UE8M0: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr,
+                     PDL: tl.constexpr):
+    pdl.start(PDL)
     row = tl.program_id(0)
     g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)                     # [GROUPS] group index
     col = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]                 # [GROUPS, GROUP]
@@ -30,7 +33,7 @@ def act_quant_kernel(x_ptr, q_ptr, s_ptr, K, num_groups, stride_x, stride_q, str
 
 
 def act_quant(x: torch.Tensor, fp8_dtype: torch.dtype, ue8m0: bool = False, groups: int = 8,
-              scale_column_major: bool = False):
+              scale_column_major: bool = False, launch_pdl: bool = False):
     """scale_column_major: the scales as a [T, ng] view of [ng, T4] storage (T4 = T rounded up to
     4), the layout cuBLAS's 1x128 block-scaled GEMM reads."""
     if x.stride(-1) != 1:
@@ -47,5 +50,6 @@ def act_quant(x: torch.Tensor, fp8_dtype: torch.dtype, ue8m0: bool = False, grou
     groups = min(groups, triton.next_power_of_2(ng))
     act_quant_kernel[(t, triton.cdiv(ng, groups))](
         x, q, s, k, ng, x.stride(0), q.stride(0), s.stride(0), s.stride(1),
-        FP8_MAX=FP8_MAX[fp8_dtype], UE8M0=ue8m0, GROUP=GROUP, GROUPS=groups, num_warps=4)
+        FP8_MAX=FP8_MAX[fp8_dtype], UE8M0=ue8m0, GROUP=GROUP, GROUPS=groups, **pdl.launch_options(launch_pdl),
+        num_warps=4)
     return q, s

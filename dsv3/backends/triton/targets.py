@@ -46,9 +46,17 @@ def kernel_specs(t: tuning.Target):
     fmax = FP8_MAX[t.fp8_dtype]
     specs = []
 
+    pdl_on = t.name == "cuda"   # compiled as launched on Hopper: with grid dependency control; AMD has none
+
     def add(label, kern, names, types, consts, num_warps=4, num_stages=3, extra=None):
-        specs.append((label, kern, _sig(names, types, consts), consts,
-                      {"num_warps": num_warps, "num_stages": num_stages, **(extra or {})}))
+        opts = {"num_warps": num_warps, "num_stages": num_stages, **(extra or {})}
+        if "PDL" in kern.arg_names:
+            names, consts = names + " PDL", consts | {"PDL": pdl_on}
+            if pdl_on:
+                opts["launch_pdl"] = True
+        if "PREFETCH" in kern.arg_names:
+            names, consts = names + " PREFETCH", consts | {"PREFETCH": 3 if pdl_on else 0}
+        specs.append((label, kern, _sig(names, types, consts), consts, opts))
 
     add("act_quant", quant.act_quant_kernel, "x_ptr q_ptr s_ptr K num_groups stride_x stride_q stride_sr stride_sg "
         "FP8_MAX UE8M0 GROUP GROUPS", {"x_ptr": "*bf16", "q_ptr": "*" + f8, "s_ptr": "*fp32"},
@@ -171,8 +179,11 @@ def compile_all(targets=DEFAULT_TARGETS) -> list[dict]:
                 src = triton.compiler.ASTSource(fn=kern, signature=sig, constexprs=consts)
                 art = triton.compile(src, target=gpu, options=opts)
                 binary = "cubin" if gpu.backend == "cuda" else "hsaco"
+                ptx = art.asm.get("ptx", "")
                 row.update(ok=binary in art.asm, binary=binary, bytes=len(art.asm.get(binary, b"")),
-                           shared=art.metadata.shared)
+                           shared=art.metadata.shared, pdl=consts.get("PDL", False),
+                           launch_pdl=bool(getattr(art.metadata, "launch_pdl", False)),
+                           grid_wait=ptx.count("griddepcontrol.wait"), l2_prefetch=ptx.count("prefetch.global.L2"))
             except Exception as e:  # noqa: BLE001 - reported per kernel, the caller decides
                 row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
             row["seconds"] = round(time.perf_counter() - t0, 2)

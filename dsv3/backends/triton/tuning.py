@@ -37,6 +37,8 @@ class Target:
     # alone or in any batch, and MTP verification reproduces plain decoding exactly; large batches
     # and prefill run slower (no cuBLAS, small tiles).
     batch_invariant: bool = False
+    # Programmatic dependent launch for the kernels that support it (dsv3.backends.triton.pdl): sm_90+ only
+    pdl: bool = False
 
     @property
     def is_amd(self) -> bool:
@@ -100,6 +102,17 @@ def gemm_config(target: Target, m: int, n: int, k: int) -> GemmConfig:
     # large M: split K only when the output tiles leave SMs idle (kv_a: N = 576 is 5 column tiles)
     tiles = triton.cdiv(m, 128) * triton.cdiv(n, 128)
     return GemmConfig(128, 128, _split_for(target, tiles, k_steps, 1, 8), 8, 8, 3)
+
+
+# Weights up to this size are pulled into L2 whole by a PDL-launched GEMM before it waits for its input
+# (H100 / H200 L2: 50 MB; the small V3 shapes q_a 11 MB, kv_a 4 MB, shared expert 15 MB fit with room
+# for the running kernel's data); larger ones prefetch the pipeline's first num_stages K steps.
+PREFETCH_WHOLE_BYTES = 16 << 20
+
+
+def gemm_prefetch_steps(n: int, k: int, k_steps_per_split: int, cfg: GemmConfig) -> int:
+    """K steps of its weight slice a PDL-launched GEMM program prefetches before waiting for its input."""
+    return k_steps_per_split if n * k <= PREFETCH_WHOLE_BYTES else min(cfg.num_stages, k_steps_per_split)
 
 
 # Activations up to this many rows are quantised inside the GEMM (one launch instead of two). Measured
