@@ -8,6 +8,7 @@
 #   gpu-tests              verify-sized GEMMs and MoE inside graphs; speculative greedy at every batch and k
 #   pdl-tests              issue 16: the GPU tests but the 30-GB speculative ones, the PDL chain test among them,
 #                          and `dsv3-run check --backend cuda`, with programmatic dependent launch on
+#   probe                  issue 16: benchmarks/pdl_gemv_probe.py (one-row GEMMs, PDL variants) and ncu of q_a / kv_a
 #   pdl-bench              issue 16: `bench --part e2e` at depth 61, batch 1/8/64, context 1024, PDL on (profiled)
 #                          and off (DSV3_PDL=0), one after the other
 #   run: DSV3_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_round.sh [step ...]   (carry .whl: the
@@ -43,14 +44,22 @@ for what in ${@:-serve speculative gpu-tests}; do
         -k "test_linear or verify_sizes or every_batch_and_k"
       } 2>&1 | tail -30 > "$OUT/gpu_tests.txt" ;;
     pdl-tests) { stamp "GPU tests, PDL on"
-      timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py -k "not speculative"
-      stamp "check --backend cuda"; timeout 150 python3 -m dsv3.commands.main check --backend cuda
-      } 2>&1 | tail -40 > "$OUT/pdl_tests.txt" ;;
+      timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py -k "not speculative"
+      } 2>&1 | tail -30 > "$OUT/gpu_tests_pdl.txt"
+      { stamp "check --backend cuda"; timeout 90 python3 -m dsv3.commands.main check --backend cuda
+      } 2>&1 | tail -12 > "$OUT/check_cuda.txt" ;;
+    probe) { stamp "one-row GEMMs and a layer-like chain, plain / PDL + prefetch / PDL"
+      timeout 150 python3 benchmarks/pdl_gemv_probe.py
+      for shape in q_a kv_a; do stamp "ncu $shape M=1"
+        timeout 60 ncu --clock-control none -k regex:fp8_gemm --launch-skip 2 --launch-count 1 --section SpeedOfLight \
+          --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
+          --section SchedulerStats python3 benchmarks/pdl_gemv_probe.py --ncu "$shape"; done
+      } 2>&1 | grep -v "^==PROF==" | tail -230 > "$OUT/probe.txt" ;;
     pdl-bench) for on in 1 0; do { stamp "bench e2e depth 61, DSV3_PDL=$on"
-      DSV3_PDL=$on timeout 200 python3 -m dsv3.commands.main bench --part e2e --batches ${PDL_BATCHES:-1,8,64} \
+      DSV3_PDL=$on timeout 170 python3 -m dsv3.commands.main bench --part e2e --batches ${PDL_BATCHES:-1,8,64} \
         --contexts 1024 --prefill "" $([[ $on == 0 ]] && echo --no-profile) --out "$OUT/bench_e2e_pdl$on.md"
       } 2>&1 | tail -60 > "$OUT/bench_e2e_pdl${on}_log.txt"; done ;;
-    *) echo "unknown step $what (serve speculative speculative-default gpu-tests pdl-tests pdl-bench)"; exit 2 ;;
+    *) echo "unknown step $what (serve speculative speculative-default gpu-tests pdl-tests pdl-bench probe)"; exit 2 ;;
   esac
 done
 stamp done

@@ -41,6 +41,25 @@ def test_the_harness_covers_every_op_in_every_format_and_reports_zero_for_the_re
     assert all(r.passed and r.error == 0 for r in results), format_table(results)
 
 
+def test_formats_an_op_leaves_to_the_reference_are_not_put_to_it():
+    """A moe_experts marked for FP8 only (the Triton backends' fused MoE) is never called with dense experts:
+    the model runs the reference's loop for those (plugins.manager.plan_ops), so check does not count them
+    against the backend; its FP8 cases still run."""
+    from dsv3.core.ops import for_weight_formats
+    seen = []
+
+    @for_weight_formats("fp8-block")
+    def fp8_only(x, w, ids, experts):
+        seen.append(experts.gate.format)
+        assert experts.gate.format == "fp8-block", "called with a format it does not handle"
+        return reference.moe_experts(x, w, ids, experts)
+    results = check_ops({"moe_experts": fp8_only}, CheckSetting(CPU, torch.float32, ("dense", "fp8-block")),
+                        real_shapes=False)
+    assert results and all(r.passed for r in results), format_table(results)
+    assert seen and set(seen) == {"fp8-block"}
+    assert not any(" dense" in r.shape for r in results)
+
+
 @pytest.mark.parametrize("op", ["rms_norm", "rope", "linear", "silu_mul", "mla_prefill", "mla_decode", "moe_experts"])
 def test_the_harness_error_is_the_max_difference_over_the_max_of_the_reference(op):
     """An op whose outputs are all off by a factor 1 + d is reported with error d, and fails."""
