@@ -9,6 +9,7 @@
 #   pdl-tests              issue 16: the GPU tests but the 30-GB speculative ones, the PDL chain test among them,
 #                          and `dsv3-run check --backend cuda`, with programmatic dependent launch on
 #   probe                  issue 16: benchmarks/pdl_gemv_probe.py (one-row GEMMs, PDL variants) and ncu of q_a / kv_a
+#   sweep                  issue 16: benchmarks/decode_tuning_sweep.py (mla_decode splits, MoE tiles at T = 1 / 8)
 #   pdl-bench              issue 16: `bench --part e2e` at depth 61, batch 1/8/64, context 1024, PDL on (profiled)
 #                          and off (DSV3_PDL=0), one after the other
 #   run: DSV3_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_round.sh [step ...]   (carry .whl: the
@@ -49,17 +50,20 @@ for what in ${@:-serve speculative gpu-tests}; do
       { stamp "check --backend cuda"; timeout 90 python3 -m dsv3.commands.main check --backend cuda
       } 2>&1 | tail -12 > "$OUT/check_cuda.txt" ;;
     probe) { stamp "one-row GEMMs and a layer-like chain, plain / PDL + prefetch / PDL"
-      timeout 150 python3 benchmarks/pdl_gemv_probe.py
-      for shape in q_a kv_a; do stamp "ncu $shape M=1"
+      timeout 150 python3 benchmarks/pdl_gemv_probe.py; } 2>&1 | tail -30 > "$OUT/probe_table.txt"
+      [[ ${PROBE_NCU:-1} == 1 ]] && { for shape in q_a kv_a; do stamp "ncu $shape M=1"
         timeout 60 ncu --clock-control none -k regex:fp8_gemm --launch-skip 2 --launch-count 1 --section SpeedOfLight \
           --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
           --section SchedulerStats python3 benchmarks/pdl_gemv_probe.py --ncu "$shape"; done
       } 2>&1 | grep -v "^==PROF==" | tail -230 > "$OUT/probe.txt" ;;
+    sweep) { stamp "decode tuning sweep: mla_decode splits, fused MoE tiles"
+      timeout 300 python3 benchmarks/decode_tuning_sweep.py --out "$OUT/decode_sweep.md"; } 2>&1 | tail -20 \
+      > "$OUT/decode_sweep_log.txt" ;;
     pdl-bench) for on in 1 0; do { stamp "bench e2e depth 61, DSV3_PDL=$on"
       DSV3_PDL=$on timeout 170 python3 -m dsv3.commands.main bench --part e2e --batches ${PDL_BATCHES:-1,8,64} \
         --contexts 1024 --prefill "" $([[ $on == 0 ]] && echo --no-profile) --out "$OUT/bench_e2e_pdl$on.md"
       } 2>&1 | tail -60 > "$OUT/bench_e2e_pdl${on}_log.txt"; done ;;
-    *) echo "unknown step $what (serve speculative speculative-default gpu-tests pdl-tests pdl-bench probe)"; exit 2 ;;
+    *) echo "unknown step $what (serve speculative speculative-default gpu-tests pdl-tests pdl-bench probe sweep)"; exit 2 ;;
   esac
 done
 stamp done

@@ -271,18 +271,23 @@ def test_speculative_greedy_with_oracle_drafts_at_every_batch_and_k(invariant_wi
 
 
 def test_dependent_launch_chain_equals_stream_order():
-    """Programmatic dependent launch (dsv3.backends.triton.pdl): on sm_90 the op table launches its decode
-    kernels with it. A chain in which every kernel reads the one before it (norm -> split-K GEMM at one
+    """Programmatic dependent launch (dsv3.backends.triton.pdl, opt-in with DSV3_PDL=1): on sm_90 the op table
+    can launch its decode kernels with it. A chain in which every kernel reads the one before it (norm -> split-K GEMM at one
     row -> rope -> the router -> the fused MoE -> ...), replayed in a CUDA graph, gives bit for bit what the
     same kernels give launched plainly: a kernel passing its wait early, or writing before it, would race."""
     from dataclasses import replace
     from dsv3.backends.nvidia.ops import cuda_target
     from dsv3.backends.triton.ops import make_ops
-    target = cuda_target()
+    from dsv3.backends.triton import pdl
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm_90")
-    assert target.pdl, "sm_90 with this Triton: the cuda op table should launch with PDL"
-    with_pdl, plain = make_ops(target), make_ops(replace(target, pdl=False))
+    os.environ[pdl.PDL_ENV] = "1"
+    try:
+        assert pdl.available(), "sm_90 with this Triton: DSV3_PDL=1 should turn dependent launch on"
+    finally:
+        del os.environ[pdl.PDL_ENV]
+    target = cuda_target()
+    with_pdl, plain = make_ops(replace(target, pdl=True)), make_ops(replace(target, pdl=False))
     g = torch.Generator(device=DEV).manual_seed(int.from_bytes(os.urandom(4), "little"))
     ws = [quantize_fp8_block(torch.randn(n, k, device=DEV, generator=g) * 0.05) for n, k in
           [(1536, 7168), (7168, 1536), (576, 7168), (7168, 576)]]

@@ -624,7 +624,7 @@ def run(args) -> int:
     if spec.name == "cuda":
         from dsv3.backends.triton import pdl
         head += (", programmatic dependent launch " + ("on" if pdl.available() else "off") +
-                 f" ({pdl.PDL_ENV}=0 turns it off)")
+                 f" ({pdl.PDL_ENV}=1 asks for it)")
     print(head, flush=True)
     ceil = measure_ceilings()
     print(ceil.line(), flush=True)

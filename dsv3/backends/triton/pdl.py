@@ -14,8 +14,12 @@ Every kernel launched with `launch_pdl=True` (`launch_options(True)`) keeps two 
 Kernels launched without the attribute (cuBLAS, torch's own) wait for full completion as usual, and a
 PDL kernel after one of them starts when it completes. CUDA graph capture keeps the programmatic edges.
 
-Off for AMD (no grid dependency control), in the interpreter, below sm_90, and with DSV3_PDL=0 (for
-A/B timing: the same `dsv3-run bench` with DSV3_PDL=0; its header says which).
+Opt-in (DSV3_PDL=1), because on one H200 it did not pay (benchmarks/results/h200-session5.md, `bench
+--depth 61`, context 1024, same session): batch 1 18.26 ms with it against 18.14 without, batch 8 50.53
+against 47.91, batch 64 154.9 against 150.6. ncu on the one-row GEMMs shows why there was little to win:
+they are latency chains inside each program (~2 resident programs per SM, an instruction issued every
+~3 cycles, DRAM 11% busy), which starting earlier does not shorten. Never on for AMD (no grid dependency
+control), in the interpreter, or below sm_90. `dsv3-run bench` says in its header which way it ran.
 """
 from __future__ import annotations
 
@@ -28,9 +32,9 @@ PDL_ENV = "DSV3_PDL"
 
 
 def available() -> bool:
-    """PDL on the current CUDA device: sm_90+, compiled (not interpreted), this Triton has grid dependency control."""
+    """PDL asked for (DSV3_PDL=1) and possible: sm_90+, compiled (not interpreted), a Triton with grid dependency control."""
     import torch
-    if os.environ.get(PDL_ENV, "1") == "0" or os.environ.get("TRITON_INTERPRET", "") == "1":
+    if os.environ.get(PDL_ENV, "0") != "1" or os.environ.get("TRITON_INTERPRET", "") == "1":
         return False
     if not torch.cuda.is_available() or torch.version.hip is not None:
         return False
