@@ -9,6 +9,7 @@
 #   pdl-tests              issue 16: the GPU tests but the 30-GB speculative ones, the PDL chain test among them,
 #                          and `dsv3-run check --backend cuda`, with programmatic dependent launch on
 #   probe                  issue 16: benchmarks/pdl_gemv_probe.py (one-row GEMMs, PDL variants) and ncu of q_a / kv_a
+#   bench-e2e              issue 16: `bench --part e2e` at depth 61, batch 1/8/64, contexts 1024 and 4096, profiled
 #   sweep                  issue 16: benchmarks/decode_tuning_sweep.py (mla_decode splits, MoE tiles at T = 1 / 8)
 #   pdl-bench              issue 16: `bench --part e2e` at depth 61, batch 1/8/64, context 1024, PDL on (profiled)
 #                          and off (DSV3_PDL=0), one after the other
@@ -56,6 +57,9 @@ for what in ${@:-serve speculative gpu-tests}; do
           --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
           --section SchedulerStats python3 benchmarks/pdl_gemv_probe.py --ncu "$shape"; done
       } 2>&1 | grep -v "^==PROF==" | tail -230 > "$OUT/probe.txt" ;;
+    bench-e2e) { stamp "bench e2e depth 61, default kernels"
+      timeout 300 python3 -m dsv3.commands.main bench --part e2e --batches ${E2E_BATCHES:-1,8,64} --contexts 1024,4096 \
+        --prefill "" --out "$OUT/bench_e2e.md"; } 2>&1 | tail -60 > "$OUT/bench_e2e_log.txt" ;;
     sweep) { stamp "decode tuning sweep: mla_decode splits, fused MoE tiles"
       timeout 300 python3 benchmarks/decode_tuning_sweep.py --out "$OUT/decode_sweep.md"; } 2>&1 | tail -20 \
       > "$OUT/decode_sweep_log.txt" ;;
@@ -63,7 +67,7 @@ for what in ${@:-serve speculative gpu-tests}; do
       DSV3_PDL=$on timeout 170 python3 -m dsv3.commands.main bench --part e2e --batches ${PDL_BATCHES:-1,8,64} \
         --contexts 1024 --prefill "" $([[ $on == 0 ]] && echo --no-profile) --out "$OUT/bench_e2e_pdl$on.md"
       } 2>&1 | tail -60 > "$OUT/bench_e2e_pdl${on}_log.txt"; done ;;
-    *) echo "unknown step $what (serve speculative speculative-default gpu-tests pdl-tests pdl-bench probe sweep)"; exit 2 ;;
+    *) echo "unknown step $what (serve speculative speculative-default gpu-tests pdl-tests pdl-bench probe sweep bench-e2e)"; exit 2 ;;
   esac
 done
 stamp done
