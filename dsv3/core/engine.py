@@ -277,7 +277,7 @@ class Engine:
             p = s.params
             if (self.drafter and not s.finished and s.grammar is None and not s.forked
                     and not (p.penalized or p.logit_bias or p.logprobs is not None
-                             or len(s.output_ids) < p.min_tokens)
+                             or s.num_output < p.min_tokens)
                     and s.num_cached + self.drafter.k < self.max_context):
                 drafting.append((s, start, s.num_cached, r.hidden[r.batch.token_rows[i][: s.num_cached - start]]))
         for failed_seq, e in self._draft(drafting, len(r.plan)):   # schedule() reserved the blocks drafting writes
@@ -343,7 +343,7 @@ class Engine:
         `logprobs`: their LogprobEntry each, kept for the tokens that are appended."""
         if not tokens:
             return None
-        before = len(s.output_ids)
+        before = s.num_output
         p = s.params
         for k, token in enumerate(tokens):
             if (not p.ignore_eos and token in self.model.cfg.eos_token_ids) or token in p.stop_token_ids:
@@ -360,13 +360,13 @@ class Engine:
             if s.grammar is not None and s.grammar.terminated:     # complete, and its EOS taken (ignore_eos)
                 s.finish_reason = "stop"
                 break
-            if len(s.output_ids) >= p.max_new_tokens or len(s.token_ids) >= self.max_context:
+            if s.num_output >= p.max_new_tokens or len(s.token_ids) >= self.max_context:
                 s.finish_reason = "length"
                 break
         delta = self._detokenize(s)
         if s.finished:
             self.release(s)
-        return StepOutput(s, delta, s.finished, s.output_ids[before:],
+        return StepOutput(s, delta, s.finished, s.token_ids[s.prompt_len + before:],
                           new_logprobs=s.logprobs[before:] if p.logprobs is not None else [])
 
     def _detokenize(self, s: Sequence) -> str:

@@ -60,6 +60,11 @@ class Sequence:
         return self.token_ids[self.prompt_len:]
 
     @property
+    def num_output(self) -> int:
+        """len(output_ids) without copying them (the step's bookkeeping asks for it per sequence)."""
+        return len(self.token_ids) - self.prompt_len
+
+    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
