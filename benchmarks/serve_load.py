@@ -186,18 +186,21 @@ class EngineProcessServer:
         self.model_name = model_name
         self.thread = ServerThread(None, ServeOptions(model_name), worker=self.engine, model=model).__enter__()
 
-    def run(self, reqs: list[Req], output_len: int) -> float:
+    def run(self, reqs: list[Req], output_len: int) -> tuple[float, tuple[int, float]]:
         """Serve `reqs`; returns the CPU seconds this process (the HTTP side: uvicorn, the event receiver,
-        tokenizing) spent meanwhile."""
+        tokenizing) spent meanwhile, and (engine steps, seconds in them) over the run."""
         import multiprocessing
         import resource
         from concurrent.futures import ProcessPoolExecutor
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             pool.submit(time.sleep, 0).result()
+            steps_before = engine_step_totals(self.thread.url)
             before = resource.getrusage(resource.RUSAGE_SELF)
             reqs[:] = pool.submit(_http_client, self.thread.url, self.model_name, reqs, output_len).result()
             after = resource.getrusage(resource.RUSAGE_SELF)
-        return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+            steps_after = engine_step_totals(self.thread.url)
+        return (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
+                (steps_after[0] - steps_before[0], steps_after[1] - steps_before[1]))
 
     def close(self) -> None:
         self.thread.__exit__(None, None, None)
@@ -219,16 +222,37 @@ def build_for_engine_process(full_width_layers, backend, max_cache_tokens, max_b
     return llm
 
 
-def summarize(reqs: list[Req], steps: list[float]) -> dict:
+def summarize(reqs: list[Req], steps: list[float], step_totals: tuple[int, float] | None = None) -> dict:
+    """`steps`: every engine step's seconds (in-process modes); `step_totals`: (steps, their seconds) as the
+    engine process's dsv3_engine_step_seconds counted them over the run (http-process)."""
     ok = [r for r in reqs if r.done is not None and not r.errors]
     ttft = sorted(r.first - r.arrival for r in ok)
     span = max(r.done for r in ok) - min(r.arrival for r in reqs)
+    if steps:
+        step_totals = (len(steps), sum(steps))
 
     def pct(q):
         return ttft[min(len(ttft) - 1, int(q * len(ttft)))] * 1000
+    busy = "-"
+    if step_totals and step_totals[0]:
+        n, total = step_totals
+        busy = f"{n}, {total / n * 1000:.2f} ms, {100 * total / span:.0f}%"
     return {"tok_s": sum(r.tokens for r in ok) / span, "ttft_mean": statistics.mean(ttft) * 1000,
             "ttft_p50": pct(0.5), "ttft_p90": pct(0.9), "errors": len(reqs) - len(ok),
-            "steps": f"{statistics.median(steps) * 1000:.1f} / {max(steps) * 1000:.0f}" if steps else "-"}
+            "steps": f"{statistics.median(steps) * 1000:.1f} / {max(steps) * 1000:.0f}" if steps else "-",
+            "busy": busy}
+
+
+def engine_step_totals(url: str) -> tuple[int, float]:
+    """(steps, seconds in them) so far, from the server's /metrics (dsv3_engine_step_seconds)."""
+    import urllib.request
+    count = total = 0.0
+    for line in urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode().splitlines():
+        if line.startswith("dsv3_engine_step_seconds_count"):
+            count = float(line.split()[-1])
+        elif line.startswith("dsv3_engine_step_seconds_sum"):
+            total = float(line.split()[-1])
+    return int(count), total
 
 
 def tiny_llm(max_cache_tokens: int | None):
@@ -420,8 +444,8 @@ def main(argv=None) -> int:
               f"max_batch_tokens {args.max_batch_tokens}; cache {llm.engine.capacity_tokens} tokens; "
               f"prefix caching off."), "",
              ("| rate (req/s) | mode | output tok/s | TTFT mean (ms) | TTFT p50 (ms) | TTFT p90 (ms) | "
-              "engine step p50 / max (ms) | HTTP process CPU (µs/token) | errors |"),
-             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "engine step p50 / max (ms) | engine steps, mean step, busy | HTTP process CPU (µs/token) | errors |"),
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     separate = (EngineProcessServer(build_for_engine_process, (args.full_width_layers, args.backend,
                                                                args.max_cache_tokens, args.max_batch_tokens,
                                                                args.threads, stub), llm.path.name)
@@ -433,21 +457,22 @@ def main(argv=None) -> int:
         rate = float(rate_s)
         for mode in modes:
             reqs = make_requests(args.num_requests, rate, args.prompt_len, args.output_len, vocab, args.seed)
-            steps, cpu = [], "-"
+            steps, cpu, totals = [], "-", None
             if mode == "http-process":
-                seconds = separate.run(reqs, args.output_len)
+                seconds, totals = separate.run(reqs, args.output_len)
                 cpu = f"{seconds * 1e6 / max(1, sum(r.tokens for r in reqs)):.1f}"
             elif mode == "http":
                 run_http(llm, reqs, args.output_len, llm.path.name)
             else:
                 steps = run_in_process(llm.engine, reqs, args.output_len,
                                        args.static_batch if mode == "static" else None, stalls)
-            s = summarize(reqs, steps)
+            s = summarize(reqs, steps, totals)
             print(f"rate {rate_s:>5} {mode:>10}: {s['tok_s']:8.1f} tok/s  TTFT mean {s['ttft_mean']:8.1f} ms  "
-                  f"p50 {s['ttft_p50']:8.1f}  p90 {s['ttft_p90']:8.1f}  step p50/max {s['steps']} ms  HTTP CPU {cpu} µs/token  errors {s['errors']}", file=sys.stderr,
+                  f"p50 {s['ttft_p50']:8.1f}  p90 {s['ttft_p90']:8.1f}  step p50/max {s['steps']} ms  engine steps, mean, "
+                  f"busy {s['busy']}  HTTP CPU {cpu} µs/token  errors {s['errors']}", file=sys.stderr,
                   flush=True)
             table.append(f"| {rate_s} | {mode} | {s['tok_s']:.1f} | {s['ttft_mean']:.1f} | {s['ttft_p50']:.1f} | "
-                         f"{s['ttft_p90']:.1f} | {s['steps']} | {cpu} | {s['errors']} |")
+                         f"{s['ttft_p90']:.1f} | {s['steps']} | {s['busy']} | {cpu} | {s['errors']} |")
             if args.out:      # after every row: a run cut short by a time limit keeps what it measured
                 Path(args.out).write_text("\n".join(table) + "\n")
             reset(llm.engine)

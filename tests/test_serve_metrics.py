@@ -82,6 +82,8 @@ def test_k_token_step_records_its_gap_once_and_zeros_for_the_rest(monkeypatch):
     assert samples["dsv3_inter_token_latency_seconds_bucket0.01"] == (steps - 1) * (k - 1)
     assert samples["dsv3_inter_token_latency_seconds_bucket0.025"] == (steps - 1) * k
     assert w.metrics.tokens_per_s.collect()[0].samples[0].value > 0
+    steps_seen = {s.name: s.value for s in next(iter(w.metrics.step_seconds.collect())).samples}
+    assert steps_seen["dsv3_engine_step_seconds_count"] == steps      # one observation per engine step
 
 
 def test_tokens_per_second_counts_only_the_window(monkeypatch):

@@ -12,6 +12,8 @@ from collections import deque
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_STEP = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0,
+         2.5, 10.0)
 
 
 class StepHistogram:
@@ -71,6 +73,10 @@ class Metrics:
             "(speculative decoding delivers them together); sum / count is the time per output token",
             buckets=_LATENCY, registry=r)
         self.step_itl = StepHistogram(self.itl)     # the engine thread observes here; after_step flushes
+        self.step_seconds = Histogram(
+            "dsv3_engine_step_seconds", "Wall time of one engine step (schedule, forward, sampling, detokenising), "
+            "as the engine thread measures it; sum / count over a run against its length is how busy the engine was",
+            buckets=_STEP, registry=r)
         self.e2e = Histogram("dsv3_request_latency_seconds", "Arrival to last output token", buckets=_LATENCY,
                              registry=r)
         self._window_s = window_s

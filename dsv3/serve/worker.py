@@ -33,11 +33,6 @@ from dsv3.serve.metrics import Metrics
 
 log = logging.getLogger("dsv3.serve")
 HEARTBEAT_S = 5.0      # idle rank 0 broadcasts this often (well under DSV3_DIST_TIMEOUT)
-# An idle engine that receives a request waits for the requests arriving right behind it (each within
-# GATHER_GAP_S of the last, GATHER_MAX_S at most) so that a burst starts in one prefill step, not the first
-# request alone in a step the others then wait behind. A lone request pays GATHER_GAP_S.
-GATHER_GAP_S = 0.001
-GATHER_MAX_S = 0.004
 
 
 @dataclass(frozen=True)
@@ -136,15 +131,9 @@ class EngineWorker:
         self._active: dict[int, Handle] = {}          # sequence id -> handle
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="dsv3-engine", daemon=True)
-        # A step's events are built and sent (`_deliver`) on a thread of their own while the engine runs
-        # the next step: a GPU step waits on the device with the GIL released, so the serving layer's
-        # per-step cost (~0.4 ms at 96 streams) is no longer added to every step. One thread, in step order.
-        self._published: queue.SimpleQueue = queue.SimpleQueue()
-        self._publisher = threading.Thread(target=self._publish_loop, name="dsv3-events", daemon=True)
 
     # -- event-loop side ----------------------------------------------------------------------------
     def start(self) -> None:
-        self._publisher.start()
         self._thread.start()
 
     @property
@@ -184,20 +173,6 @@ class EngineWorker:
 
     # -- engine thread ------------------------------------------------------------------------------
     def _run(self) -> None:
-        try:
-            self._serve()
-        finally:
-            self._published.put(None)        # the events of the last steps go out before the thread ends
-            self._publisher.join()
-
-    def _publish_loop(self) -> None:
-        while (progress := self._published.get()) is not None:
-            try:
-                self._deliver(progress)
-            except Exception:  # noqa: BLE001 - a bug in building events must not stop the next steps'
-                log.exception("delivering a step's events failed")
-
-    def _serve(self) -> None:
         while True:
             try:
                 self._loop()
@@ -225,20 +200,16 @@ class EngineWorker:
                 replay, self._replay = self._replay, []
                 broadcast(self.mesh, replay)
             if eng.has_work():
-                self._step(self._published.put)
+                self._step()
             else:
                 self.metrics.observe_queues(eng)
 
     def _apply_commands(self, wait: bool, timeout: float | None = None) -> None:
         """Apply the commands queued by now; with `wait`, first wait for one up to `timeout` seconds
-        (None: for ever), then for those right behind it (GATHER_GAP_S apart, GATHER_MAX_S in all)."""
+        (None: for ever)."""
         try:
             command = self._commands.get(timeout=timeout) if wait else self._commands.get_nowait()
             self._apply(command)
-            if wait:
-                until = time.monotonic() + GATHER_MAX_S
-                while (left := until - time.monotonic()) > 0:
-                    self._apply(self._commands.get(timeout=min(GATHER_GAP_S, left)))
             while True:
                 self._apply(self._commands.get_nowait())
         except queue.Empty:
@@ -296,16 +267,16 @@ class EngineWorker:
             if self.mesh is not None and not x.params.greedy and x.params.seed is None:
                 x.params = dataclasses.replace(x.params, seed=secrets.randbits(62))
 
-    def _step(self, deliver=None) -> None:
-        """One engine step; its progress goes to `deliver` (the publisher thread's queue), or is delivered here."""
-        self.step_clock.value = time.time()
+    def _step(self) -> None:
+        self.step_clock.value = began = time.time()
         try:
             # Alone, a failing sequence comes back as an output with .error (Engine.isolate_failures);
             # what still raises is a bug outside any one sequence, which _run handles.
             outputs = self.engine.step()
         finally:
             self.step_clock.value = 0.0
-        (deliver or self._deliver)([(out.seq.id, Progress.of(out)) for out in outputs])
+        self.metrics.step_seconds.observe(time.time() - began)
+        self._deliver([(out.seq.id, Progress.of(out)) for out in outputs])
 
     def _deliver(self, progress: list[tuple[int, "Progress"]]) -> None:
         """Turn one step's progress (request key -> Progress) into the handles' events, sent once."""
@@ -313,7 +284,7 @@ class EngineWorker:
         itl = self.metrics.step_itl             # flushed into the histogram by after_step
         new_tokens, sends = 0, []             # [(handle, event)], handed over once per step
         for key, out in progress:
-            h = self._active.get(key)     # None: aborted meanwhile (the publisher runs a step behind)
+            h = self._active.get(key)
             if h is None:
                 continue
             n = len(out.new_tokens)
@@ -328,7 +299,7 @@ class EngineWorker:
                         itl.observe(0.0, n - 1)     # arrive with the first: no gap
                 h.last_token_at = now
             if out.error is not None:
-                self._active.pop(key, None)
+                del self._active[key]
                 self._finished(h)
                 self.metrics.requests.labels("error").inc()
                 sends.append((h, Failed(
@@ -341,7 +312,7 @@ class EngineWorker:
             if h.sent_prompt_logprobs:
                 prompt_logprobs = None
             if out.finished:
-                self._active.pop(key, None)
+                del self._active[key]
                 self.metrics.requests.labels(out.finish_reason).inc()
                 self.metrics.e2e.observe(now - h.arrival)
                 self._finished(h)
@@ -508,12 +479,13 @@ class DataParallelWorker(EngineWorker):
         self._load[group] -= blocks
 
     def _step(self) -> None:
-        self.step_clock.value = time.time()
+        self.step_clock.value = began = time.time()
         try:
             outputs = self.engine.step()
             reports = self.mesh.comm.gather_json({})      # every other group's progress this step
         finally:
             self.step_clock.value = 0.0
+        self.metrics.step_seconds.observe(time.time() - began)
         progress = [(self._local.get(out.seq.id, -1), Progress.of(out)) for out in outputs]
         for out in outputs:
             if out.finished:
