@@ -186,9 +186,9 @@ class EngineProcessServer:
         self.model_name = model_name
         self.thread = ServerThread(None, ServeOptions(model_name), worker=self.engine, model=model).__enter__()
 
-    def run(self, reqs: list[Req], output_len: int) -> tuple[float, tuple[int, float]]:
+    def run(self, reqs: list[Req], output_len: int) -> tuple[float, tuple[int, float, dict]]:
         """Serve `reqs`; returns the CPU seconds this process (the HTTP side: uvicorn, the event receiver,
-        tokenizing) spent meanwhile, and (engine steps, seconds in them) over the run."""
+        tokenizing) spent meanwhile, and (engine steps, seconds in them, {phase: seconds}) over the run."""
         import multiprocessing
         import resource
         from concurrent.futures import ProcessPoolExecutor
@@ -200,7 +200,8 @@ class EngineProcessServer:
             after = resource.getrusage(resource.RUSAGE_SELF)
             steps_after = engine_step_totals(self.thread.url)
         return (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
-                (steps_after[0] - steps_before[0], steps_after[1] - steps_before[1]))
+                (steps_after[0] - steps_before[0], steps_after[1] - steps_before[1],
+                 {p: v - steps_before[2].get(p, 0.0) for p, v in steps_after[2].items()}))
 
     def close(self) -> None:
         self.thread.__exit__(None, None, None)
@@ -222,7 +223,7 @@ def build_for_engine_process(full_width_layers, backend, max_cache_tokens, max_b
     return llm
 
 
-def summarize(reqs: list[Req], steps: list[float], step_totals: tuple[int, float] | None = None) -> dict:
+def summarize(reqs: list[Req], steps: list[float], step_totals: tuple | None = None) -> dict:
     """`steps`: every engine step's seconds (in-process modes); `step_totals`: (steps, their seconds) as the
     engine process's dsv3_engine_step_seconds counted them over the run (http-process)."""
     ok = [r for r in reqs if r.done is not None and not r.errors]
@@ -235,7 +236,7 @@ def summarize(reqs: list[Req], steps: list[float], step_totals: tuple[int, float
         return ttft[min(len(ttft) - 1, int(q * len(ttft)))] * 1000
     busy = "-"
     if step_totals and step_totals[0]:
-        n, total = step_totals
+        n, total = step_totals[:2]
         busy = f"{n}, {total / n * 1000:.2f} ms, {100 * total / span:.0f}%"
     return {"tok_s": sum(r.tokens for r in ok) / span, "ttft_mean": statistics.mean(ttft) * 1000,
             "ttft_p50": pct(0.5), "ttft_p90": pct(0.9), "errors": len(reqs) - len(ok),
@@ -243,16 +244,29 @@ def summarize(reqs: list[Req], steps: list[float], step_totals: tuple[int, float
             "busy": busy}
 
 
-def engine_step_totals(url: str) -> tuple[int, float]:
-    """(steps, seconds in them) so far, from the server's /metrics (dsv3_engine_step_seconds)."""
+def engine_step_totals(url: str) -> tuple[int, float, dict]:
+    """(steps, seconds in them, {phase: host seconds}) so far, from the server's /metrics
+    (dsv3_engine_step_seconds, dsv3_engine_phase_seconds_total)."""
     import urllib.request
     count = total = 0.0
+    phases = {}
     for line in urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode().splitlines():
         if line.startswith("dsv3_engine_step_seconds_count"):
             count = float(line.split()[-1])
         elif line.startswith("dsv3_engine_step_seconds_sum"):
             total = float(line.split()[-1])
-    return int(count), total
+        elif line.startswith('dsv3_engine_phase_seconds_total{phase="'):
+            phases[line.split('"')[1]] = float(line.split()[-1])
+    return int(count), total, phases
+
+
+def phase_row(rate: str, mode: str, steps: int, phases: dict) -> str:
+    """Mean host ms per step in each phase of Engine.step (dsv3.core.engine.STEP_PHASES)."""
+    from dsv3.core.engine import STEP_PHASES
+    if not any(phases.values()):          # the stub engine has no phases
+        return f"| {rate} | {mode} | {steps} |" + " - |" * len(STEP_PHASES)
+    cells = " | ".join(f"{phases.get(p, 0.0) / max(1, steps) * 1000:.2f}" for p in STEP_PHASES)
+    return f"| {rate} | {mode} | {steps} | {cells} |"
 
 
 def tiny_llm(max_cache_tokens: int | None):
@@ -453,6 +467,10 @@ def main(argv=None) -> int:
     if separate is not None:                       # its first requests meet first calls too
         separate.run(make_requests(args.num_requests, float("inf"), args.prompt_len, args.output_len, vocab, 1),
                      args.output_len)
+    phase_table = ["", "Engine step phases, mean host ms per step (schedule; prepare: build the batch; launch: "
+                   "enqueue forward and sampling; wait: the device->host read; post: detokenise, stops, draft):", "",
+                   "| rate (req/s) | mode | steps | schedule | prepare | launch | wait | post |",
+                   "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for rate_s in args.rates.split(","):
         rate = float(rate_s)
         for mode in modes:
@@ -467,6 +485,10 @@ def main(argv=None) -> int:
                 steps = run_in_process(llm.engine, reqs, args.output_len,
                                        args.static_batch if mode == "static" else None, stalls)
             s = summarize(reqs, steps, totals)
+            if totals is not None:
+                phase_table.append(phase_row(rate_s, mode, totals[0], totals[2]))
+            elif mode != "http":
+                phase_table.append(phase_row(rate_s, mode, len(steps), llm.engine.stats.phases))
             print(f"rate {rate_s:>5} {mode:>10}: {s['tok_s']:8.1f} tok/s  TTFT mean {s['ttft_mean']:8.1f} ms  "
                   f"p50 {s['ttft_p50']:8.1f}  p90 {s['ttft_p90']:8.1f}  step p50/max {s['steps']} ms  engine steps, mean, "
                   f"busy {s['busy']}  HTTP CPU {cpu} µs/token  errors {s['errors']}", file=sys.stderr,
@@ -476,6 +498,9 @@ def main(argv=None) -> int:
             if args.out:      # after every row: a run cut short by a time limit keeps what it measured
                 Path(args.out).write_text("\n".join(table) + "\n")
             reset(llm.engine)
+    table += phase_table
+    if args.out:
+        Path(args.out).write_text("\n".join(table) + "\n")
     if args.full_width_layers and llm.runner is not None and len(llm.runner.graphs) != captured:
         table.append(f"\nNote: buckets {sorted(llm.runner.graphs)} by the end: some were captured during the "
                      f"measured runs, whose TTFT includes that capture.")

@@ -219,3 +219,15 @@ def test_incremental_detokenisation_equals_a_whole_decode():
                 assert text == whole, (trial, text, whole)
         s.finish_reason = "length"
         assert decoded(probe, s) == tok.decode(ids)
+
+
+def test_step_phases_account_for_the_step_time(llm):
+    """EngineStats.phases (schedule / prepare / launch / wait / post, what serve_load and /metrics report)
+    add up to the steps' own time, and a generating step spends time in preparing, launching and post."""
+    from dsv3.core.engine import STEP_PHASES, EngineStats
+    llm.engine.stats = EngineStats()
+    llm.generate(["hello", "def add(a, b):", "import json"], max_new_tokens=10)
+    st = llm.engine.stats
+    assert set(st.phases) == set(STEP_PHASES) and all(v >= 0 for v in st.phases.values())
+    assert st.phases["prepare"] > 0 and st.phases["launch"] > 0 and st.phases["post"] > 0
+    assert abs(sum(st.phases.values()) - st.seconds) <= 1e-3 * st.steps + 1e-6 * st.seconds

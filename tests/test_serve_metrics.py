@@ -99,3 +99,15 @@ def test_tokens_per_second_counts_only_the_window(monkeypatch):
     clock[0] = 10.0
     m.after_step(eng, 0)
     assert rate() == 0.0
+
+
+def test_engine_phase_seconds_follow_the_engine_stats():
+    m = Metrics()
+    eng = _Engine(1, [0.0], 0.0)
+    value = lambda phase: m.phase_seconds.labels(phase)._value.get()  # noqa: E731
+    eng.stats.phases["wait"], eng.stats.phases["post"] = 0.5, 0.125
+    m.after_step(eng, 1)
+    eng.stats.phases["wait"] += 0.25
+    m.after_step(eng, 1)
+    assert value("wait") == 0.75 and value("post") == 0.125 and value("schedule") == 0.0
+    assert b'dsv3_engine_phase_seconds_total{phase="wait"} 0.75' in m.render()

@@ -55,6 +55,9 @@ def _stop_prefix_at_end(text: str, stop: str) -> int:
 
 
 
+STEP_PHASES = ("schedule", "prepare", "launch", "wait", "post")
+
+
 @dataclass
 class EngineStats:
     steps: int = 0
@@ -63,6 +66,9 @@ class EngineStats:
     seconds: float = 0.0
     prefix_cached_tokens: int = 0      # prompt tokens served from shared blocks instead of computed
     preemptions: int = 0
+    # host seconds of the steps by phase: scheduling, building the batch, enqueueing forward and sampling,
+    # waiting for the device (the step's device->host read), post-processing (detokenising, stops, drafting)
+    phases: dict = field(default_factory=lambda: dict.fromkeys(STEP_PHASES, 0.0))
 
     spec: SpecStats = field(default_factory=SpecStats)
 
@@ -205,9 +211,17 @@ class Engine:
         outputs = [self._finish(s, "length") for s in outgrown]
         if plan:
             verified, self._drafted = any(s.drafts for s, _ in plan), False
+            t1 = time.perf_counter()
             results, failed = self._run(plan)
+            t2 = time.perf_counter()
             outputs += failed + [out for r in results for out in self._post_process(r)]
             seconds = time.perf_counter() - t0
+            phases = self.stats.phases
+            phases["schedule"] += t1 - t0
+            for r in results:
+                for name, dt in zip(("prepare", "launch", "wait"), r.phases):
+                    phases[name] += dt
+            phases["post"] += t0 + seconds - t2
             self._account(plan, outputs, seconds)
             # the policy times decode-only steps that verified and drafted, or did neither
             if self.drafter and self.policy.adaptive and verified == self._drafted and all(c.decode for _, c in plan):

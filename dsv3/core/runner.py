@@ -16,6 +16,7 @@ last row in the step that completes its prompt, each with its own seed.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +40,9 @@ class StepResult:
     logprobs: list[list | None] = field(default_factory=list)         # per planned sequence: a LogprobEntry per token
     prompt_logprobs: list[list | None] = field(default_factory=list)  # per planned sequence: entries of prompt tokens
     forks: list[tuple] = field(default_factory=list)   # (plan index of the leader, follower, tokens, logprob entries)
+    # host seconds in: building the batch, enqueueing forward + sampling, the device->host read (the wait for
+    # the device); EngineStats.phases sums them per step
+    phases: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 class ModelRunner:
@@ -48,7 +52,9 @@ class ModelRunner:
         self.device = cache.layers[0].device
 
     def run(self, plan: list[tuple]) -> StepResult:
+        t0 = time.perf_counter()
         batch = Batch.build([c for _, c in plan], self.cache.block_size, self.device)
+        t1 = time.perf_counter()
         hidden = self.forward(batch, self.cache.layers)
         # rows whose logits are needed: the last row of a finished prompt or a decode, every row of a
         # verify chunk [last, d_1..d_k]; a prompt chunk that does not finish the prompt needs none
@@ -72,7 +78,8 @@ class ModelRunner:
         tokens: list[list[int]] = [[] for _ in plan]
         accepted: list[int | None] = [None] * len(plan)
         if not rows:
-            return StepResult(plan, batch, hidden, tokens, accepted, [None] * len(plan), [None] * len(plan))
+            return StepResult(plan, batch, hidden, tokens, accepted, [None] * len(plan), [None] * len(plan),
+                              phases=(t1 - t0, time.perf_counter() - t1, 0.0))
         logits = self.model.logits(hidden[rows])                                 # [R, V] float32
         picks, floats, lp_rows, lp_width = [], [], [], 0
         if sampled:
@@ -117,11 +124,13 @@ class ModelRunner:
                 top = lp.topk(sc_width, dim=-1)
                 floats += [top.values.flatten(), top.indices.flatten().float()]
         num_ids = sum(p.numel() for p in picks)
+        t2 = time.perf_counter()
         if floats:        # token ids travel as float32 with the logprobs: exact below 2**24
             host = torch.cat([p.float() for p in picks] + floats).tolist()     # the step's one device->host copy
             ids = [int(x) for x in host[:num_ids]]
         else:
             host = ids = torch.cat(picks).tolist()                               # the step's one device->host copy
+        phases = (t1 - t0, t2 - t1, time.perf_counter() - t2)
         for j, i in enumerate(plain):
             tokens[i] = [ids[j]]
         if verifying:
@@ -151,7 +160,7 @@ class ModelRunner:
                 k += len(rs)
         forks = [(i, f, [ids[len(plain) + j]], [entries[len(plain) + j]] if len(plain) + j in entries else None)
                  for j, (i, f) in enumerate(followers)]
-        return StepResult(plan, batch, hidden, tokens, accepted, logprobs, prompt_logprobs, forks)
+        return StepResult(plan, batch, hidden, tokens, accepted, logprobs, prompt_logprobs, forks, phases)
 
     @staticmethod
     def _entries(host: list, off: int, rows: list[int], wanted: list[int], width: int):

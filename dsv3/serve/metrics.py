@@ -77,6 +77,11 @@ class Metrics:
             "dsv3_engine_step_seconds", "Wall time of one engine step (schedule, forward, sampling, detokenising), "
             "as the engine thread measures it; sum / count over a run against its length is how busy the engine was",
             buckets=_STEP, registry=r)
+        self.phase_seconds = Counter(
+            "dsv3_engine_phase_seconds", "Host seconds of the engine's steps by phase: schedule, prepare (build the "
+            "batch), launch (enqueue forward and sampling), wait (the step's device->host read), post (detokenise, "
+            "stops, draft)", ["phase"], registry=r)
+        self._phases = {}                                    # phase -> (its counter, the seconds counted so far)
         self.e2e = Histogram("dsv3_request_latency_seconds", "Arrival to last output token", buckets=_LATENCY,
                              registry=r)
         self._window_s = window_s
@@ -101,6 +106,11 @@ class Metrics:
             if new > old:
                 counter.inc(new - old)
         self._last_stats = stats
+        for phase, total in st.phases.items():
+            counter, seen = self._phases.get(phase) or (self.phase_seconds.labels(phase), 0.0)
+            if total > seen:
+                counter.inc(total - seen)
+            self._phases[phase] = (counter, total)
         self.observe_queues(engine)
 
     def observe_queues(self, engine) -> None:
