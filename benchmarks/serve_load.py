@@ -209,9 +209,8 @@ class EngineProcessServer:
 
 def build_for_engine_process(full_width_layers, backend, max_cache_tokens, max_batch_tokens, threads, stub=None):
     """What the engine process runs: the same model and engine settings as the in-process modes
-    (`stub`: StubEngine's (tokens_per_step, step_ms) instead of a model)."""
-    if threads:
-        torch.set_num_threads(threads)
+    (`stub`: StubEngine's (tokens_per_step, step_ms) instead of a model), and the torch threads
+    `dsv3-run serve` gives its engine (dsv3.commands.options.serving_threads)."""
     if stub is not None:
         return stub_llm(*stub)
     if full_width_layers:
@@ -220,7 +219,16 @@ def build_for_engine_process(full_width_layers, backend, max_cache_tokens, max_b
         llm = tiny_llm(max_cache_tokens)
         llm.engine.max_batch_tokens = max_batch_tokens
     llm.engine.prefix_caching, llm.engine.max_waiting = False, None
+    set_serving_threads(llm, threads)
     return llm
+
+
+def set_serving_threads(llm, threads: int | None) -> int:
+    """The torch threads `dsv3-run serve` would give this engine (--threads when given), set; returns them."""
+    from dsv3.commands.options import serving_threads
+    if (n := serving_threads(llm.engine.device, threads)) is not None:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
 
 
 def summarize(reqs: list[Req], steps: list[float], step_totals: tuple | None = None) -> dict:
@@ -405,12 +413,11 @@ def main(argv=None) -> int:
                         "stream, not a model's")
     p.add_argument("--stub-tokens-per-step", type=int, default=1, help="stub: tokens per request per step")
     p.add_argument("--stub-step-ms", type=float, default=0.0, help="stub: the time one step takes")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, help="torch CPU threads of the engine, in-process and in the engine "
+                   "process (default: what `dsv3-run serve` sets: 1 on a GPU, all cores but one on the CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the markdown table here too")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     stub = (args.stub_tokens_per_step, args.stub_step_ms) if args.engine == "stub" else None
     if stub is not None:
         llm = stub_llm(*stub)
@@ -424,8 +431,9 @@ def main(argv=None) -> int:
     else:
         llm = tiny_llm(args.max_cache_tokens)
         llm.engine.max_batch_tokens = args.max_batch_tokens
-        what = (f"tiny random DeepSeek-V3 (hidden 64, 3 layers, vocab 512), reference backend on the CPU, "
-                f"{torch.get_num_threads()} torch threads")
+        what = "tiny random DeepSeek-V3 (hidden 64, 3 layers, vocab 512), reference backend on the CPU"
+    if stub is None:      # the in-process engine gets the threads the engine process gets: like with like
+        what += f", {set_serving_threads(llm, args.threads)} torch threads (as `dsv3-run serve` sets them)"
     llm.engine.prefix_caching = False          # random prompts share nothing; keep the modes comparable
     vocab = llm.config.vocab_size
     modes = args.modes.split(",")

@@ -30,6 +30,23 @@ def cpu_threads(args) -> int | None:
     return 1 if 0 < size < SMALL_MODEL_BYTES else None
 
 
+def serving_threads(device, threads: int | None) -> int | None:
+    """Torch threads of a serving engine, whose machine also runs the HTTP process and, often, clients:
+    `threads` when given (--threads, or cpu_threads' rule), None under OMP_NUM_THREADS (torch's own); else 1
+    on a GPU backend (its host side is Python and small tensors; vLLM's GPU workers take 1 too) and all
+    cores but one on the CPU. A thread pool as wide as the machine stalls at every parallel region whenever
+    another process holds a core: on 2 cores, serve_load's tiny model stepped at 206 ms in the engine process
+    with 2 torch threads against 25 ms with 1 (benchmarks/results/h200-session5.md)."""
+    if threads:
+        return threads
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    if getattr(device, "type", device) != "cpu":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)
+
+
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by every command that builds a model: model, backend, profile, plugins, overrides."""
     g = p.add_argument_group("model and runtime")
