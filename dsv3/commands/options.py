@@ -70,7 +70,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                    "dp x tp = the number of processes); under torchrun")
     g.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: OMP_NUM_THREADS if set; "
                    f"else 1 for a model under {SMALL_MODEL_BYTES >> 20} MiB, such as the demo, and torch's default "
-                   "above)")
+                   "above; `serve` then gives its engine 1 on a GPU backend, all cores but one on the CPU)")
     add_plugin_args(g)
 
 
