@@ -37,7 +37,8 @@ class Target:
     # alone or in any batch, and MTP verification reproduces plain decoding exactly; large batches
     # and prefill run slower (no cuBLAS, small tiles).
     batch_invariant: bool = False
-    # Programmatic dependent launch for the kernels that support it (dsv3.backends.triton.pdl): sm_90+ only
+    # Programmatic dependent launch for the kernels that support it (dsv3.backends.triton.pdl): sm_90+ only,
+    # opt-in (DSV3_PDL=1: measured no faster)
     pdl: bool = False
 
     @property
@@ -171,7 +172,8 @@ def mla_decode_splits(target: Target, tokens: int, head_blocks: int, max_context
     """KV splits per (token, head block). Few programs (batch <= 8): as many splits as fill one wave,
     down to one key step each (benchmarks/decode_tuning_sweep.py on H200, bf16 cache: batch 1 x 1024 14.4 us
     with 32 splits against 22.1 with 8; 1 x 4096 20.3 with 64 against 24.3 with 32; batch 8 x 4096 68 us
-    with 8 against 79 with 16, where two waves lost). Otherwise enough for ~2 waves, >= 4 key steps each.
+    with 8 against 79 with 16, where two waves lost; caches cold: inside the 61-layer model 1 x 1024 did not
+    gain, its caches partly staying in L2). Otherwise enough for ~2 waves, >= 4 key steps each.
     Batch-invariant: a fixed count, so a token's split points depend on its own context alone."""
     if target.batch_invariant:
         return 16
