@@ -216,13 +216,7 @@ class Engine:
             t2 = time.perf_counter()
             outputs += failed + [out for r in results for out in self._post_process(r)]
             seconds = time.perf_counter() - t0
-            phases = self.stats.phases
-            phases["schedule"] += t1 - t0
-            for r in results:
-                for name, dt in zip(("prepare", "launch", "wait"), r.phases):
-                    phases[name] += dt
-            phases["post"] += t0 + seconds - t2
-            self._account(plan, outputs, seconds)
+            self._account(plan, outputs, seconds, results, schedule_s=t1 - t0, post_s=t0 + seconds - t2)
             # the policy times decode-only steps that verified and drafted, or did neither
             if self.drafter and self.policy.adaptive and verified == self._drafted and all(c.decode for _, c in plan):
                 self.policy.observe_step(verified, len(plan), self._agreed_seconds(seconds))
@@ -328,9 +322,15 @@ class Engine:
                 s.mtp_valid = end
         return failures
 
-    def _account(self, plan, outputs: list[StepOutput], seconds: float) -> None:
+    def _account(self, plan, outputs: list[StepOutput], seconds: float, results: list[StepResult],
+                 schedule_s: float, post_s: float) -> None:
         st = self.stats
         st.steps += 1
+        st.phases["schedule"] += schedule_s
+        for r in results:                          # the runner's own: prepare, launch, wait
+            for name, dt in zip(("prepare", "launch", "wait"), r.phases):
+                st.phases[name] += dt
+        st.phases["post"] += post_s
         st.prefill_tokens += sum(len(c.token_ids) for _, c in plan if not c.decode)
         st.generated_tokens += sum(len(o.new_tokens) for o in outputs)
         st.seconds += seconds
