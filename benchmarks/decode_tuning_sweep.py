@@ -18,29 +18,17 @@ import triton
 
 from dsv3.backends.nvidia.ops import cuda_target
 from dsv3.backends.triton import mla, moe, tuning
-from dsv3.commands.bench import time_calls, time_events
-from dsv3.core.ops import ExpertWeights, GateSpec
-from dsv3.core.weights import QuantWeight
+from dsv3.commands.bench import _random_fp8_experts, time_calls, time_events
+from dsv3.core.ops import GateSpec
 
 D, INTER, E = 7168, 2048, 256
-
-
-def experts_stack(dev):
-    stacks = []
-    for n, k in ((INTER, D), (INTER, D), (D, INTER)):
-        data = torch.empty(E, n, k, dtype=torch.float8_e4m3fn, device=dev)
-        for e0 in range(0, E, 32):
-            data[e0:e0 + 32] = (torch.randn(32, n, k, device=dev, dtype=torch.bfloat16) * 64).to(torch.float8_e4m3fn)
-        stacks.append(QuantWeight(data, (0.02 / 64) * torch.ones(E, -(-n // 128), -(-k // 128), device=dev),
-                                  "fp8-block"))
-    return ExpertWeights(*stacks)
 
 
 def sweep_moe(target, read_bw, out):
     from dsv3.backends.triton.ops import make_ops
     dev = "cuda"
     ops = make_ops(target)
-    experts = experts_stack(dev)
+    experts = _random_fp8_experts(E, D, INTER, dev)
     spec = GateSpec(8, 8, 4, True, 2.5)
     gw, gb = torch.randn(E, D, device=dev, dtype=torch.bfloat16) * 0.02, torch.randn(E, device=dev) * 0.01
     rule = moe.moe_config

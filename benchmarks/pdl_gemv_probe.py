@@ -72,14 +72,17 @@ def main() -> None:
 
     def layer(t, i, x):
         p = t.pdl
+
+        def w(name):                       # layer i's copy of that weight
+            return weights[name][i % len(weights[name])]
         h, res = norm.add_rms_norm(x, x, nw, 1e-6, launch_pdl=p)
-        qa = triton_linear(t, h, weights["q_a"][i % len(weights["q_a"])])
-        triton_linear(t, h, weights["kv_a"][i % len(weights["kv_a"])])
-        q = triton_linear(t, norm.rms_norm(qa, nq, 1e-6, launch_pdl=p), weights["q_b"][i % len(weights["q_b"])])
-        o = triton_linear(t, q[:, :16384], weights["o_proj"][i % len(weights["o_proj"])])
+        qa = triton_linear(t, h, w("q_a"))
+        triton_linear(t, h, w("kv_a"))
+        q = triton_linear(t, norm.rms_norm(qa, nq, 1e-6, launch_pdl=p), w("q_b"))
+        o = triton_linear(t, q[:, :16384], w("o_proj"))
         h, res = norm.add_rms_norm(o, res, nw, 1e-6, launch_pdl=p)
-        g = triton_linear(t, h, weights["shared gate/up"][i % len(weights["shared gate/up"])])
-        return triton_linear(t, torch.cat([g, g], -1)[:, :2048], weights["shared down"][i % len(weights["shared down"])])
+        g = triton_linear(t, h, w("shared gate/up"))
+        return triton_linear(t, torch.cat([g, g], -1)[:, :2048], w("shared down"))
 
     x0 = torch.randn(1, 7168, device="cuda", dtype=torch.bfloat16)
     print(f"\nlayer-like chain ({' -> '.join(chain_names)}, norms between), floor {floor * 1e6:.1f} us per layer")

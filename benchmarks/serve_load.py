@@ -42,6 +42,8 @@ from types import SimpleNamespace
 
 import torch
 
+from dsv3.commands.options import set_serving_threads
+
 
 @dataclass
 class Req:
@@ -219,16 +221,8 @@ def build_for_engine_process(full_width_layers, backend, max_cache_tokens, max_b
         llm = tiny_llm(max_cache_tokens)
         llm.engine.max_batch_tokens = max_batch_tokens
     llm.engine.prefix_caching, llm.engine.max_waiting = False, None
-    set_serving_threads(llm, threads)
+    set_serving_threads(llm.engine.device, threads)
     return llm
-
-
-def set_serving_threads(llm, threads: int | None) -> int:
-    """The torch threads `dsv3-run serve` would give this engine (--threads when given), set; returns them."""
-    from dsv3.commands.options import serving_threads
-    if (n := serving_threads(llm.engine.device, threads)) is not None:
-        torch.set_num_threads(n)
-    return torch.get_num_threads()
 
 
 def summarize(reqs: list[Req], steps: list[float], step_totals: tuple | None = None) -> dict:
@@ -433,7 +427,8 @@ def main(argv=None) -> int:
         llm.engine.max_batch_tokens = args.max_batch_tokens
         what = "tiny random DeepSeek-V3 (hidden 64, 3 layers, vocab 512), reference backend on the CPU"
     if stub is None:      # the in-process engine gets the threads the engine process gets: like with like
-        what += f", {set_serving_threads(llm, args.threads)} torch threads (as `dsv3-run serve` sets them)"
+        threads = set_serving_threads(llm.engine.device, args.threads)
+        what += f", {threads} torch threads (as `dsv3-run serve` sets them)"
     llm.engine.prefix_caching = False          # random prompts share nothing; keep the modes comparable
     vocab = llm.config.vocab_size
     modes = args.modes.split(",")

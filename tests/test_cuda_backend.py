@@ -31,6 +31,12 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def expert_stack(n, k, e, generator=None):
+    """e random FP8 experts [e, n, k], each block-quantised like a checkpoint's."""
+    qs = [quantize_fp8_block(torch.randn(n, k, device=DEV, generator=generator) * 0.05) for _ in range(e)]
+    return QuantWeight(torch.stack([q.data for q in qs]), torch.stack([q.scale for q in qs]), "fp8-block")
+
+
 def quantised_ref(x, w):
     """What an FP8 linear computes: x quantised 1x128 exactly as quantize_act, then exact math."""
     xq, xs = quantize_act_fp8(x)
@@ -114,11 +120,9 @@ def test_moe_gate_and_experts(ops):
     assert same.float().mean() >= 0.95                  # fp32 summation order may flip a near-tie
     torch.testing.assert_close(wts.sort(-1).values[same], rw.sort(-1).values[same], rtol=1e-4, atol=1e-5)
 
-    def stack(n, k, e=32):
-        qs = [quantize_fp8_block(torch.randn(n, k, device=DEV) * 0.05) for _ in range(e)]
-        return QuantWeight(torch.stack([q.data for q in qs]), torch.stack([q.scale for q in qs]), "fp8-block")
     for first in (0, 224):      # 224: this rank holds experts 224..255 only
-        ex = ExpertWeights(stack(2048, 7168), stack(2048, 7168), stack(7168, 2048), first)
+        ex = ExpertWeights(expert_stack(2048, 7168, 32), expert_stack(2048, 7168, 32), expert_stack(7168, 2048, 32),
+                           first)
         for t in (1, 8, 37):
             ids_t = (torch.rand(t, 256, device=DEV).argsort(-1)[:, :8] % 32 + 224) if first else \
                 torch.rand(t, 256, device=DEV).argsort(-1)[:, :8] % 32
@@ -203,10 +207,8 @@ def test_linear_and_moe_inside_a_graph_at_verify_sizes(ops, m):
     rw, rids = ref.moe_gate(x, gw, gb, spec)
     assert ((ids.sort(-1).values != rids.sort(-1).values).any(-1)).sum() <= max(1, 0.05 * m)
 
-    def stack(n, k, e=256):      # all 256 routed experts (the alignment's histogram has 512 bins), narrow I
-        qs = [quantize_fp8_block(torch.randn(n, k, device=DEV) * 0.05) for _ in range(e)]
-        return QuantWeight(torch.stack([q.data for q in qs]), torch.stack([q.scale for q in qs]), "fp8-block")
-    ex = ExpertWeights(stack(256, 7168), stack(256, 7168), stack(7168, 256), 0)
+    # all 256 routed experts (the alignment's histogram has 512 bins), narrow I
+    ex = ExpertWeights(expert_stack(256, 7168, 256), expert_stack(256, 7168, 256), expert_stack(7168, 256, 256), 0)
     out = ops["moe_experts"](x, wts, ids, ex)
     assert rel(out, ref.moe_experts(x, wts, ids, ex)) < 0.1     # activation quantisation ~5%; misrouting >> 0.1
     assert rel(_replayed(ops["moe_experts"], x, wts, ids, ex), out) < 1e-3
@@ -270,7 +272,7 @@ def test_speculative_greedy_with_oracle_drafts_at_every_batch_and_k(invariant_wi
     assert not failures, "\n".join(failures)
 
 
-def test_dependent_launch_chain_equals_stream_order():
+def test_dependent_launch_chain_equals_stream_order(monkeypatch):
     """Programmatic dependent launch (dsv3.backends.triton.pdl, opt-in with DSV3_PDL=1): on sm_90 the op table
     can launch its decode kernels with it. A chain in which every kernel reads the one before it (norm -> split-K GEMM at one
     row -> rope -> the router -> the fused MoE -> ...), replayed in a CUDA graph, gives bit for bit what the
@@ -281,11 +283,8 @@ def test_dependent_launch_chain_equals_stream_order():
     from dsv3.backends.triton import pdl
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm_90")
-    os.environ[pdl.PDL_ENV] = "1"
-    try:
-        assert pdl.available(), "sm_90 with this Triton: DSV3_PDL=1 should turn dependent launch on"
-    finally:
-        del os.environ[pdl.PDL_ENV]
+    monkeypatch.setenv(pdl.PDL_ENV, "1")
+    assert pdl.available(), "sm_90 with this Triton: DSV3_PDL=1 should turn dependent launch on"
     target = cuda_target()
     with_pdl, plain = make_ops(replace(target, pdl=True)), make_ops(replace(target, pdl=False))
     g = torch.Generator(device=DEV).manual_seed(int.from_bytes(os.urandom(4), "little"))
@@ -295,10 +294,7 @@ def test_dependent_launch_chain_equals_stream_order():
     spec = GateSpec(8, 8, 4, True, 2.5)
     gw = torch.randn(256, 7168, device=DEV, dtype=BF, generator=g) * 0.02
     gb = torch.randn(256, device=DEV, generator=g) * 0.01
-    def stack(n, k, e=256):
-        qs = [quantize_fp8_block(torch.randn(n, k, device=DEV, generator=g) * 0.05) for _ in range(e)]
-        return QuantWeight(torch.stack([q.data for q in qs]), torch.stack([q.scale for q in qs]), "fp8-block")
-    ex = ExpertWeights(stack(256, 7168), stack(256, 7168), stack(7168, 256), 0)
+    ex = ExpertWeights(*(expert_stack(n, k, 256, g) for n, k in ((256, 7168), (256, 7168), (7168, 256))), 0)
     pos = torch.arange(1, device=DEV)
     cos, sin = torch.rand(4, 32, device=DEV, generator=g), torch.rand(4, 32, device=DEV, generator=g)
 

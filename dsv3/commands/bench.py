@@ -206,6 +206,23 @@ def _random_fp8_weight(n, k, device, copies=1):
     return out
 
 
+def _random_fp8_experts(num_experts, hidden, inter, device):
+    """ExpertWeights of `num_experts` random FP8 experts (gate, up [inter, hidden]; down [hidden, inter]),
+    filled 32 experts at a time (bounding the bf16 temporary: 7.5 GB for all 256 gate matrices at once)."""
+    import torch
+    from dsv3.core.ops import ExpertWeights
+    from dsv3.core.weights import QuantWeight
+    stacks = []
+    for n, k in ((inter, hidden), (inter, hidden), (hidden, inter)):
+        data = torch.empty(num_experts, n, k, dtype=torch.float8_e4m3fn, device=device)
+        for e0 in range(0, num_experts, 32):
+            e1 = min(e0 + 32, num_experts)
+            data[e0:e1] = (torch.randn(e1 - e0, n, k, device=device, dtype=torch.bfloat16) * 64).to(torch.float8_e4m3fn)
+        stacks.append(QuantWeight(data, (0.02 / 64) * torch.ones(num_experts, -(-n // 128), -(-k // 128),
+                                                                  device=device), "fp8-block"))
+    return ExpertWeights(*stacks)
+
+
 def gemm_table(ops, target, ceil, m_values) -> Table:
     import torch
     from dsv3.backends.nvidia.ops import cublas_takes
@@ -247,9 +264,8 @@ def op_table(ops, ceil) -> Table:
     import torch
     import torch.nn.functional as F
     from dsv3.backends.reference import ops as ref
-    from dsv3.core.ops import ExpertWeights, GateSpec
+    from dsv3.core.ops import GateSpec
     from dsv3.core.quant import quantize_act_fp8
-    from dsv3.core.weights import QuantWeight
     read_bw, fp8_peak, bf16_peak = ceil.read, ceil.fp8, ceil.bf16
     dev, bf = "cuda", torch.bfloat16
     tab = Table("Other ops (ratio = time / floor; baseline: torch)",
@@ -294,14 +310,7 @@ def op_table(ops, ceil) -> Table:
             nbytes=256 * d * 2 + t * d * 2, flops=2 * t * 256 * d, flop_peak=bf16_peak)
     # fused MoE: floor = bytes of the experts the routing actually touches (+ activations)
     ex_bytes = 3 * 2048 * d
-    stacks = []
-    for n, k in ((2048, d), (2048, d), (d, 2048)):
-        data = torch.empty(256, n, k, dtype=torch.float8_e4m3fn, device=dev)
-        for e0 in range(0, 256, 32):
-            data[e0:e0 + 32] = (torch.randn(32, n, k, device=dev, dtype=bf) * 64).to(torch.float8_e4m3fn)
-        stacks.append(QuantWeight(data, (0.02 / 64) * torch.ones(256, -(-n // 128), -(-k // 128), device=dev),
-                                  "fp8-block"))
-    experts = ExpertWeights(*stacks)
+    experts = _random_fp8_experts(256, d, 2048, dev)
     for t in (1, 8, 64, 4096):
         x = torch.randn(t, d, device=dev, dtype=bf)
         wts, ids = ops["moe_gate"](x, gw, gb, spec)
@@ -309,7 +318,7 @@ def op_table(ops, ceil) -> Table:
         row("moe_experts", f"T={t}, {touched} experts", [lambda: ops["moe_experts"](x, wts, ids, experts)],
             [lambda: ref.moe_experts(x, wts, ids, experts)] if t <= 64 else None,
             nbytes=touched * ex_bytes + 2 * t * d * 2, flops=2 * t * 8 * ex_bytes, graph=True)
-    del experts, stacks
+    del experts
     torch.cuda.empty_cache()
     # MLA decode over the paged cache
     for b, ctx, cdt in ((1, 4096, bf), (8, 4096, bf), (64, 4096, bf), (64, 4096, torch.float8_e4m3fn)):

@@ -47,6 +47,14 @@ def serving_threads(device, threads: int | None) -> int | None:
     return max(1, cores - 1)
 
 
+def set_serving_threads(device, threads: int | None) -> int:
+    """Set serving_threads(device, threads) (left alone when None); returns torch's thread count."""
+    import torch
+    if (n := serving_threads(device, threads)) is not None:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by every command that builds a model: model, backend, profile, plugins, overrides."""
     g = p.add_argument_group("model and runtime")

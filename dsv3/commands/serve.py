@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from dsv3.commands.options import add_runtime_args, build_llm, cpu_threads, serving_threads
+from dsv3.commands.options import add_runtime_args, build_llm, cpu_threads, set_serving_threads
 from dsv3.parallel.launch import world_size
 from dsv3.core.errors import Dsv3Error
 
@@ -135,9 +135,7 @@ def build_serving_llm(args):
     flags. A module-level function, so the engine process can be spawned with it."""
     llm = build_llm(args)
     engine = llm.engine
-    if (threads := serving_threads(engine.device, cpu_threads(args))) is not None:
-        import torch
-        torch.set_num_threads(threads)          # after loading, which may use them all
+    set_serving_threads(engine.device, cpu_threads(args))     # after loading, which may use them all
     engine.prefix_caching = not args.no_prefix_caching
     engine.max_waiting = args.max_waiting
     if args.max_batch_tokens:

@@ -18,6 +18,7 @@ rank steps while any group has work, and the other groups' progress comes back t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import queue
@@ -267,15 +268,21 @@ class EngineWorker:
             if self.mesh is not None and not x.params.greedy and x.params.seed is None:
                 x.params = dataclasses.replace(x.params, seed=secrets.randbits(62))
 
-    def _step(self) -> None:
+    @contextlib.contextmanager
+    def _clocked(self):
+        """A step under the step clock (/health) and, when it returns, into the step-time histogram."""
         self.step_clock.value = began = time.time()
         try:
-            # Alone, a failing sequence comes back as an output with .error (Engine.isolate_failures);
-            # what still raises is a bug outside any one sequence, which _run handles.
-            outputs = self.engine.step()
+            yield
         finally:
             self.step_clock.value = 0.0
         self.metrics.step_seconds.observe(time.time() - began)
+
+    def _step(self) -> None:
+        with self._clocked():
+            # Alone, a failing sequence comes back as an output with .error (Engine.isolate_failures);
+            # what still raises is a bug outside any one sequence, which _run handles.
+            outputs = self.engine.step()
         self._deliver([(out.seq.id, Progress.of(out)) for out in outputs])
 
     def _deliver(self, progress: list[tuple[int, "Progress"]]) -> None:
@@ -479,13 +486,9 @@ class DataParallelWorker(EngineWorker):
         self._load[group] -= blocks
 
     def _step(self) -> None:
-        self.step_clock.value = began = time.time()
-        try:
+        with self._clocked():
             outputs = self.engine.step()
             reports = self.mesh.comm.gather_json({})      # every other group's progress this step
-        finally:
-            self.step_clock.value = 0.0
-        self.metrics.step_seconds.observe(time.time() - began)
         progress = [(self._local.get(out.seq.id, -1), Progress.of(out)) for out in outputs]
         for out in outputs:
             if out.finished:
